@@ -1,0 +1,3 @@
+from sanvisor.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The host agent: one daemon per hypervisor host (dom0's role)."""

@@ -1,0 +1,185 @@
+"""Run the host agent: one per host, serving the API on a unix socket.
+
+The socket is created 0600 in a 0700 directory, and every connection's peer
+credentials (SO_PEERCRED) are checked: only root and the agent's own user may
+talk to it. QEMU processes are started detached (``-daemonize``), so killing
+the agent never kills a guest; a restarted agent finds them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sanvisor.errors import AgentUnavailableError, ConflictError
+from sanvisor.paths import Layout
+
+log = logging.getLogger("sanvisor.agent")
+
+
+def _allowed_uids() -> set[int]:
+    return {0, os.geteuid()}
+
+
+def _peer_checked_protocol() -> type:
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    allowed = _allowed_uids()
+
+    class PeerChecked(H11Protocol):
+        def connection_made(self, transport: Any) -> None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                      struct.calcsize("3i"))
+                _pid, uid, _gid = struct.unpack("3i", raw)
+                if uid not in allowed:
+                    log.warning("refused a connection from uid %d", uid)
+                    transport.close()
+                    return
+            super().connection_made(transport)
+
+    return PeerChecked
+
+
+def _bind(path: Path) -> socket.socket:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(64)
+    return sock
+
+
+def _lock(layout: Layout) -> int:
+    fd = os.open(layout.home / "agent.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        os.close(fd)
+        raise ConflictError(f"an agent already runs for {layout.home}") from exc
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+async def serve(layout: Layout) -> None:
+    import uvicorn
+
+    from sanvisor.agent.manager import Manager
+    from sanvisor.agent.service import HostService
+    from sanvisor.api.app import build_app
+    from sanvisor.drivers.qemu.driver import QemuDriver
+
+    kit_cache: list[tuple[Path, Path]] = []
+
+    def kit() -> tuple[Path, Path]:
+        if not kit_cache:
+            from sanvisor.guestkit import build_kit
+
+            k = build_kit(log=log.info)
+            kit_cache.append((k.kernel, k.initrd))
+        return kit_cache[0]
+
+    manager = Manager(layout, QemuDriver(cache_dir=layout.home), kit=kit)
+    await manager.start()
+    log.info("agent up: %d domain(s) found again", len(manager.domains))
+    sock = _bind(layout.socket)
+    config = uvicorn.Config(build_app(HostService(manager)), fd=sock.fileno(),
+                            http=_peer_checked_protocol(), log_level="warning",
+                            lifespan="off", timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    try:
+        await server.serve()
+    finally:
+        await manager.stop()
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            layout.socket.unlink()
+        log.info("agent stopped; guests keep running")
+
+
+def run_foreground(layout: Layout) -> int:
+    layout.ensure()
+    lock = _lock(layout)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        asyncio.run(serve(layout))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        os.close(lock)
+    return 0
+
+
+def agent_pid(layout: Layout) -> int | None:
+    try:
+        fd = os.open(layout.home / "agent.lock", os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raw = os.pread(fd, 32, 0).decode().strip()
+            return int(raw) if raw.isdigit() else None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def start_background(layout: Layout, timeout: float = 60.0) -> int:
+    """Start the agent detached; return its pid once its socket answers."""
+    from sanvisor.api.client import AgentClient
+
+    layout.ensure()
+    pid = agent_pid(layout)
+    if pid is not None:
+        return pid
+    logf = open(layout.log, "ab")  # noqa: SIM115 - handed to the child
+    env = dict(os.environ, SANVISOR_HOME=str(layout.home))
+    proc = subprocess.Popen([sys.executable, "-m", "sanvisor", "agent", "run"],
+                            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=env,
+                            start_new_session=True)
+    logf.close()
+    client = AgentClient(layout.socket, timeout=5)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = layout.log.read_text(errors="replace").strip().splitlines()[-1:]
+            raise AgentUnavailableError(f"the agent exited at start: {' '.join(tail)}")
+        with contextlib.suppress(AgentUnavailableError):
+            client.host()
+            return proc.pid
+        time.sleep(0.05)
+    proc.kill()
+    raise AgentUnavailableError(f"the agent did not answer within {timeout:.0f}s")
+
+
+def stop(layout: Layout, timeout: float = 30.0) -> bool:
+    pid = agent_pid(layout)
+    if pid is None:
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and agent_pid(layout) is not None:
+        time.sleep(0.05)
+    return True

@@ -1,0 +1,144 @@
+"""What the agent keeps on disk: one record per domain, and the host registry.
+
+Writes are atomic (temp file + rename), so a crash never leaves half a record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import time
+import uuid as uuidlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sanvisor.drivers.base import NicPlan
+from sanvisor.model.domain import XEN_OUI, DomainSpec, State, VifSpec
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class DomainRecord:
+    uuid: str
+    domid: int
+    spec: DomainSpec  # the current configuration (hot-added disks/NICs included)
+    nics: list[NicPlan] = field(default_factory=list)
+    kernel: str = ""
+    initrd: str | None = None
+    cmdline: str = ""
+    pid: int = 0
+    state: State = State.RUNNING
+    reason: str = ""  # why the state is what it is (e.g. "QEMU exited")
+    created: float = field(default_factory=time.time)
+    target_mib: int = 0  # balloon target
+    max_mib: int = 0  # mem-max ceiling
+    dimms_mib: list[int] = field(default_factory=list)
+    vcpus: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["spec"] = self.spec.to_dict()
+        d["state"] = self.state.value
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DomainRecord:
+        d = dict(d)
+        d["spec"] = DomainSpec.from_dict(d["spec"])
+        d["state"] = State(d["state"])
+        d["nics"] = [
+            NicPlan(index=n["index"], vif=VifSpec(**n["vif"]), mac=n["mac"], tap=n["tap"])
+            for n in d.get("nics", [])
+        ]
+        return cls(**d)
+
+    def save(self, dirpath: Path) -> None:
+        dirpath.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_json(dirpath / "domain.json", self.to_dict())
+
+
+def load_records(domains_dir: Path) -> list[DomainRecord]:
+    out: list[DomainRecord] = []
+    if not domains_dir.exists():
+        return out
+    for sub in sorted(domains_dir.iterdir()):
+        f = sub / "domain.json"
+        if f.exists():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                out.append(DomainRecord.from_dict(json.loads(f.read_text())))
+    return out
+
+
+class Registry:
+    """Host-wide memory: next domain id, and the MAC and UUID each name was given.
+
+    A MAC assigned to a domain is kept for that name forever, so a guest that is
+    destroyed and created again keeps its MAC (the seed's udev eth0->eth1 trap).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {"next_domid": 1, "names": {}}
+        if path.exists():
+            with contextlib.suppress(ValueError, OSError):
+                self.data.update(json.loads(path.read_text()))
+
+    def save(self) -> None:
+        write_json(self.path, self.data)
+
+    def next_domid(self) -> int:
+        n = int(self.data["next_domid"])
+        self.data["next_domid"] = n + 1
+        self.save()
+        return n
+
+    def _entry(self, name: str) -> dict[str, Any]:
+        names: dict[str, Any] = self.data["names"]
+        entry: dict[str, Any] = names.setdefault(name, {"macs": {}})
+        return entry
+
+    def uuid_for(self, name: str, given: str | None) -> str:
+        e = self._entry(name)
+        if given:
+            e["uuid"] = given
+        elif "uuid" not in e:
+            e["uuid"] = str(uuidlib.uuid4())
+        self.save()
+        return str(e["uuid"])
+
+    def all_macs(self, except_name: str | None = None) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for name, e in self.data["names"].items():
+            if name == except_name:
+                continue
+            for mac in e.get("macs", {}).values():
+                out[mac] = name
+        return out
+
+    def mac_for(self, name: str, index: int, given: str | None) -> str:
+        """The MAC for NIC ``index`` of ``name``: given, remembered, or new (Xen OUI)."""
+        e = self._entry(name)
+        macs: dict[str, str] = e["macs"]
+        if given:
+            macs[str(index)] = given
+        elif str(index) not in macs:
+            taken = set(self.all_macs())
+            while True:
+                b = secrets.token_bytes(3)
+                mac = f"{XEN_OUI}:{b[0] & 0x7F:02x}:{b[1]:02x}:{b[2]:02x}"
+                if mac not in taken:
+                    break
+            macs[str(index)] = mac
+        self.save()
+        return macs[str(index)]

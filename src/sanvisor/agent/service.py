@@ -1,0 +1,365 @@
+"""The verbs, as the agent runs them: check everything first, then act.
+
+Each verb checks its prerequisites without side effects, then executes; when
+execution fails half-way, what was done is undone, so a failed verb leaves
+nothing behind (no process, no tap, no record).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from typing import Any
+
+from sanvisor.agent import hostinfo
+from sanvisor.agent.manager import Domain, Manager
+from sanvisor.agent.records import DomainRecord
+from sanvisor.drivers.base import NicPlan
+from sanvisor.errors import ConflictError, HypervisorError, UsageError
+from sanvisor.model.domain import DomainSpec, State
+
+
+class HostService:
+    def __init__(self, manager: Manager) -> None:
+        self.m = manager
+
+    # ---- views -----------------------------------------------------------------------
+    def host_row(self) -> dict[str, Any]:
+        return {"name": "Domain-0", "domid": 0, "mem_mib": hostinfo.mem_total_mib(),
+                "vcpus": hostinfo.cpu_count(), "state": "running", "letters": "r-----",
+                "cpu_seconds": round(hostinfo.cpu_seconds(), 1)}
+
+    def info(self, dom: Domain) -> dict[str, Any]:
+        rec = dom.record
+        state = rec.state
+        cpu, busy = procstat.cpu_usage(rec.pid) if state is not State.LOST else (0.0, 0)
+        if state is State.RUNNING and busy == 0:
+            state = State.BLOCKED
+        return {
+            "name": rec.spec.name, "domid": rec.domid, "uuid": rec.uuid,
+            "state": state.value, "letters": state.letters, "reason": rec.reason,
+            "mem_mib": rec.target_mib, "maxmem_mib": rec.max_mib,
+            "vcpus": rec.vcpus, "maxvcpus": rec.spec.maxvcpus,
+            "cpu_seconds": round(cpu, 1), "uptime": round(time.time() - rec.created, 1),
+            "pid": rec.pid,
+            "console_socket": str(self.m.layout.domain_dir(rec.uuid) / "console.sock"),
+            "console_log": str(self.m.layout.domain_dir(rec.uuid) / "console.log"),
+            "disks": [vars(d) for d in rec.spec.disks],
+            "vifs": [{"index": n.index, "mac": n.mac, "tap": n.tap, "bridge": n.vif.bridge,
+                      "type": n.vif.type, "ip": n.vif.ip} for n in rec.nics],
+            "config": rec.spec.to_dict(),
+        }
+
+    def domains(self) -> list[dict[str, Any]]:
+        doms = sorted(self.m.domains.values(), key=lambda d: d.record.domid)
+        return [self.host_row()] + [self.info(d) for d in doms]
+
+    # ---- create / destroy --------------------------------------------------------------
+    async def create(self, spec: DomainSpec, *, paused: bool = False) -> dict[str, Any]:
+        m = self.m
+        spec.validate()
+        if (other := m.by_name(spec.name)) is not None:
+            raise ConflictError(f"domain {spec.name} already exists (id {other.record.domid}, "
+                                f"{other.record.state.value})", domain=spec.name)
+        kernel, initrd = m._boot_files(spec)
+        m.check_disks(spec)
+        m.check_memory(spec.memory)
+        nics = m.plan_nics(spec.name, spec.vifs)
+        spec.uuid = m.registry.uuid_for(spec.name, spec.uuid)
+        if spec.uuid in m.domains:
+            raise ConflictError(f"uuid {spec.uuid} is already used by "
+                                f"{m.domains[spec.uuid].name}", uuid=spec.uuid)
+        rec = DomainRecord(uuid=spec.uuid, domid=m.registry.next_domid(), spec=spec, nics=nics,
+                           kernel=kernel, initrd=initrd, cmdline=m.cmdline(spec, nics),
+                           target_mib=spec.memory, max_mib=spec.maxmem, vcpus=spec.vcpus,
+                           state=State.PAUSED if paused else State.RUNNING)
+        return await self._start(rec, paused=paused)
+
+    async def _start(self, rec: DomainRecord, *, paused: bool = False, incoming_fd: int = -1,
+                     ) -> dict[str, Any]:
+        m = self.m
+        rundir = m.layout.domain_dir(rec.uuid)
+        shutil.rmtree(rundir, ignore_errors=True)
+        dom = Domain(rec)
+        async with dom.lock:
+            try:
+                m.plumb(rec.domid, rec.nics)
+                plan = m._plan(rec, incoming=incoming_fd >= 0, paused=paused)
+                inst = await m.driver.launch(plan, m._sink(dom))
+                dom.inst = inst
+                rec.pid = inst.pid
+                m.domains[rec.uuid] = dom
+                rec.save(rundir)
+                if incoming_fd >= 0:
+                    await inst.restore_from(incoming_fd)
+                    if not paused:
+                        await inst.unpause()
+            except BaseException:
+                await m.teardown(dom)
+                raise
+        return self.info(dom)
+
+    async def destroy(self, ref: str) -> None:
+        dom = self.m.find(ref)
+        async with dom.lock:
+            await self.m.teardown(dom)
+
+    # ---- run state -----------------------------------------------------------------------
+    def _live(self, dom: Domain) -> Any:
+        if dom.inst is None or dom.record.state is State.LOST:
+            raise HypervisorError(f"domain {dom.name} is not running "
+                                  f"({dom.record.reason or dom.record.state.value}); "
+                                  "destroy it to clear it", domain=dom.name)
+        return dom.inst
+
+    async def pause(self, ref: str) -> None:
+        dom = self.m.find(ref)
+        async with dom.lock:
+            await self._live(dom).pause()
+            self.m._set_state(dom, State.PAUSED)
+
+    async def unpause(self, ref: str) -> None:
+        dom = self.m.find(ref)
+        async with dom.lock:
+            if dom.record.state is not State.PAUSED:
+                raise ConflictError(f"domain {dom.name} is not paused "
+                                    f"({dom.record.state.value})", domain=dom.name)
+            await self._live(dom).unpause()
+            self.m._set_state(dom, State.RUNNING)
+
+    async def shutdown(self, ref: str, *, wait: bool, timeout: float) -> None:
+        dom = self.m.find(ref)
+        async with dom.lock:
+            await self._live(dom).powerdown()
+        if wait:
+            await self.m.wait_for(
+                dom, lambda: dom.record.uuid not in self.m.domains
+                or dom.record.state in (State.SHUTDOWN, State.CRASHED, State.LOST),
+                timeout, "the guest did not shut down (it may ignore the ACPI power button)")
+
+    async def reboot(self, ref: str) -> None:
+        """A clean reboot: the guest shuts down on the ACPI power button (running its
+        shutdown scripts), and the agent powers it on again instead of stopping it."""
+        dom = self.m.find(ref)
+        async with dom.lock:
+            inst = self._live(dom)
+            dom.reboot_pending = True
+            await inst.powerdown()
+
+    # ---- memory and vCPUs -------------------------------------------------------------
+    async def mem_set(self, ref: str, mib: int) -> None:
+        dom = self.m.find(ref)
+        rec = dom.record
+        async with dom.lock:
+            inst = self._live(dom)
+            if mib < 64:
+                raise UsageError(f"mem-set: {mib} MiB is too little for a guest (64 MiB min)")
+            if mib > rec.max_mib:
+                raise ConflictError(f"mem-set: {mib} MiB is above the domain's maximum "
+                                    f"({rec.max_mib} MiB; see mem-max)", domain=dom.name)
+            plugged = rec.spec.memory + sum(rec.dimms_mib)
+            if mib > plugged:
+                from sanvisor.drivers.qemu.argv import MEM_BLOCK_MIB, align_up
+
+                grow = align_up(mib - plugged, MEM_BLOCK_MIB)
+                ceiling = rec.spec.memory + align_up(rec.spec.maxmem - rec.spec.memory,
+                                                     MEM_BLOCK_MIB)
+                if plugged + grow > ceiling or rec.spec.maxmem <= rec.spec.memory:
+                    raise ConflictError(f"mem-set: cannot grow {dom.name} to {mib} MiB: it "
+                                        f"booted with maxmem={rec.spec.maxmem} MiB",
+                                        domain=dom.name)
+                self.m.check_memory(grow)
+                await inst.add_memory(grow, len(rec.dimms_mib))
+                rec.dimms_mib.append(grow)
+            await inst.set_balloon(mib)
+            rec.target_mib = mib
+            rec.save(self.m.layout.domain_dir(rec.uuid))
+
+    async def mem_max(self, ref: str, mib: int) -> None:
+        dom = self.m.find(ref)
+        rec = dom.record
+        async with dom.lock:
+            self._live(dom)
+            from sanvisor.drivers.qemu.argv import MEM_BLOCK_MIB, align_up
+
+            ceiling = rec.spec.memory + align_up(max(0, rec.spec.maxmem - rec.spec.memory),
+                                                 MEM_BLOCK_MIB)
+            if mib > ceiling:
+                raise ConflictError(
+                    f"mem-max: {mib} MiB is above what {dom.name} can reach without a restart "
+                    f"({ceiling} MiB: QEMU fixes the hot-pluggable range at boot from maxmem)",
+                    domain=dom.name)
+            if mib < 64:
+                raise UsageError(f"mem-max: {mib} MiB is too little for a guest")
+            rec.max_mib = mib
+            if rec.target_mib > mib:
+                await self._live(dom).set_balloon(mib)
+                rec.target_mib = mib
+            rec.save(self.m.layout.domain_dir(rec.uuid))
+
+    async def vcpu_set(self, ref: str, count: int) -> None:
+        dom = self.m.find(ref)
+        rec = dom.record
+        async with dom.lock:
+            inst = self._live(dom)
+            if not 1 <= count <= rec.spec.maxvcpus:
+                raise ConflictError(f"vcpu-set: {count} is outside 1..{rec.spec.maxvcpus} "
+                                    "(maxvcpus)", domain=dom.name)
+            await inst.set_vcpus(count)
+            rec.vcpus = count
+            rec.save(self.m.layout.domain_dir(rec.uuid))
+
+    # ---- save / restore ---------------------------------------------------------------
+    async def save(self, ref: str, path: str) -> None:
+        from sanvisor.agent import savefile
+
+        dom = self.m.find(ref)
+        async with dom.lock:
+            inst = self._live(dom)
+            tmp = f"{path}.part"
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            dom.busy = "saving"
+            try:
+                os.pwrite(fd, b" " * savefile.HEADER_SIZE, 0)
+                os.lseek(fd, savefile.HEADER_SIZE, os.SEEK_SET)
+                await inst.save_to(fd)
+                savefile.write_header(fd, dom.record.to_dict(), self.m.driver.name)
+                os.close(fd)
+                fd = -1
+                os.replace(tmp, path)
+            except BaseException:
+                if fd >= 0:
+                    os.close(fd)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                dom.busy = ""
+                with contextlib.suppress(Exception):
+                    if dom.record.state is State.RUNNING:
+                        await inst.unpause()
+                raise
+            await self.m.teardown(dom)
+
+    async def restore(self, path: str, *, paused: bool = False) -> dict[str, Any]:
+        from sanvisor.agent import savefile
+
+        fd, hdr = savefile.read_header(__import__("pathlib").Path(path))
+        try:
+            if hdr.get("hypervisor") != self.m.driver.name:
+                raise HypervisorError(f"{path}: saved by the {hdr.get('hypervisor')} driver, "
+                                      f"this host runs {self.m.driver.name}")
+            rec = DomainRecord.from_dict(hdr["record"])
+            if (other := self.m.by_name(rec.spec.name)) is not None:
+                raise ConflictError(f"domain {rec.spec.name} already exists "
+                                    f"(id {other.record.domid})", domain=rec.spec.name)
+            if rec.uuid in self.m.domains:
+                raise ConflictError(f"uuid {rec.uuid} is already in use", uuid=rec.uuid)
+            live = self.m.live_macs()
+            for nic in rec.nics:
+                if nic.mac in live:
+                    raise ConflictError(f"MAC {nic.mac} is in use by {live[nic.mac]}")
+            self.m.check_memory(rec.spec.memory + sum(rec.dimms_mib))
+            for f in (rec.kernel, rec.initrd):
+                if f and not os.path.exists(f):
+                    raise HypervisorError(f"{path}: the domain's boot file {f} is gone")
+            self.m.check_disks(rec.spec)
+            rec.domid = self.m.registry.next_domid()
+            rec.state, rec.reason = (State.PAUSED if paused else State.RUNNING), "restored"
+            rec.created = time.time()
+            for nic in rec.nics:
+                nic.tap = None
+            return await self._start(rec, paused=paused, incoming_fd=fd)
+        finally:
+            os.close(fd)
+
+    # ---- devices ---------------------------------------------------------------------
+    async def block_attach(self, ref: str, spec_text: str) -> None:
+        from sanvisor.model.config import parse_disk
+
+        dom = self.m.find(ref)
+        try:
+            disk = parse_disk(spec_text)
+        except ValueError as exc:
+            raise UsageError(f"block-attach: {exc}") from exc
+        async with dom.lock:
+            inst = self._live(dom)
+            if any(d.target == disk.target for d in dom.record.spec.disks):
+                from sanvisor.errors import DeviceError
+
+                raise DeviceError(f"{dom.name} already has a disk {disk.target}",
+                                  domain=dom.name, target=disk.target)
+            probe = DomainSpec(name=dom.name, disks=[disk], source="block-attach")
+            self.m.check_disks(probe)
+            await inst.attach_disk(disk, len(dom.record.spec.disks))
+            dom.record.spec.disks.append(disk)
+            dom.record.save(self.m.layout.domain_dir(dom.record.uuid))
+
+    async def block_detach(self, ref: str, target: str) -> None:
+        from sanvisor.errors import DeviceError
+
+        dom = self.m.find(ref)
+        name = target.removeprefix("/dev/")
+        async with dom.lock:
+            inst = self._live(dom)
+            disk = next((d for d in dom.record.spec.disks if d.target == name), None)
+            if disk is None:
+                raise DeviceError(f"{dom.name} has no disk {name}", domain=dom.name,
+                                  target=name)
+            await inst.detach_disk(disk)
+            dom.record.spec.disks.remove(disk)
+            dom.record.save(self.m.layout.domain_dir(dom.record.uuid))
+
+    async def network_attach(self, ref: str, spec_text: str) -> dict[str, Any]:
+        from sanvisor.model.config import parse_vif
+
+        dom = self.m.find(ref)
+        try:
+            vif = parse_vif(spec_text)
+        except ValueError as exc:
+            raise UsageError(f"network-attach: {exc}") from exc
+        async with dom.lock:
+            inst = self._live(dom)
+            index = max((n.index for n in dom.record.nics), default=-1) + 1
+            nics = self.m.plan_nics(dom.name, [vif], start=index)
+            self.m.plumb(dom.record.domid, nics)
+            try:
+                await inst.attach_nic(nics[0])
+            except BaseException:
+                self.m.unplumb(nics)
+                raise
+            dom.record.nics.append(nics[0])
+            dom.record.spec.vifs.append(vif)
+            dom.record.save(self.m.layout.domain_dir(dom.record.uuid))
+            return {"index": index, "mac": nics[0].mac, "tap": nics[0].tap}
+
+    async def network_detach(self, ref: str, which: str) -> None:
+        from sanvisor.errors import DeviceError
+
+        dom = self.m.find(ref)
+        async with dom.lock:
+            inst = self._live(dom)
+            nic: NicPlan | None = next(
+                (n for n in dom.record.nics if which in (str(n.index), n.mac)), None)
+            if nic is None:
+                raise DeviceError(f"{dom.name} has no network device {which}",
+                                  domain=dom.name)
+            await inst.detach_nic(nic)
+            self.m.unplumb([nic])
+            dom.record.nics.remove(nic)
+            with contextlib.suppress(ValueError):
+                dom.record.spec.vifs.remove(nic.vif)
+            dom.record.save(self.m.layout.domain_dir(dom.record.uuid))
+
+    async def stats(self) -> list[dict[str, Any]]:
+        out = []
+        for dom in sorted(self.m.domains.values(), key=lambda d: d.record.domid):
+            row = self.info(dom)
+            if dom.inst is not None and dom.record.state is not State.LOST:
+                with contextlib.suppress(Exception):
+                    row["stats"] = vars(await dom.inst.stats())
+            out.append(row)
+        return out
+
+
+from sanvisor.drivers.qemu import procstat  # noqa: E402

@@ -1,0 +1,1 @@
+"""The host agent's HTTP API (served on a unix socket) and its typed client."""

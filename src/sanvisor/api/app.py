@@ -1,0 +1,156 @@
+"""The agent's HTTP API: FastAPI app over the HostService (OpenAPI at /openapi.json)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from sanvisor import __version__
+from sanvisor.agent.service import HostService
+from sanvisor.errors import (
+    ConfigError,
+    ConflictError,
+    DeviceError,
+    NotFoundError,
+    ResourceError,
+    SanvisorError,
+    SaveFileError,
+    TimeoutError_,
+    UsageError,
+)
+from sanvisor.model.domain import DomainSpec
+
+_STATUS = [
+    (NotFoundError, 404), (ConflictError, 409), (ConfigError, 400), (UsageError, 400),
+    (DeviceError, 409), (SaveFileError, 400), (ResourceError, 507), (TimeoutError_, 504),
+]
+
+
+class CreateBody(BaseModel):
+    spec: dict[str, Any] = Field(description="a parsed domain config (DomainSpec)")
+    paused: bool = False
+
+
+class ShutdownBody(BaseModel):
+    wait: bool = False
+    timeout: float = 60.0
+
+
+class PathBody(BaseModel):
+    path: str
+    paused: bool = False
+
+
+class AmountBody(BaseModel):
+    value: int
+
+
+class DeviceBody(BaseModel):
+    spec: str = Field(description="xl disk or vif spec, e.g. 'phy:/dev/sdb,sdc,w'")
+
+
+def build_app(svc: HostService) -> FastAPI:
+    app = FastAPI(title="sanvisor host agent", version=__version__,
+                  description="One agent per hypervisor host; the CLI speaks to it.")
+
+    @app.exception_handler(SanvisorError)
+    async def on_error(_: Request, exc: SanvisorError) -> JSONResponse:
+        status = next((s for cls, s in _STATUS if isinstance(exc, cls)), 500)
+        return JSONResponse(status_code=status, content={"error": exc.to_dict()})
+
+    @app.get("/v1/host")
+    async def host() -> dict[str, Any]:
+        return {"version": __version__, "driver": svc.m.driver.name, **svc.host_row()}
+
+    @app.get("/v1/domains")
+    async def list_domains() -> list[dict[str, Any]]:
+        return svc.domains()
+
+    @app.get("/v1/stats")
+    async def stats() -> list[dict[str, Any]]:
+        return await svc.stats()
+
+    @app.post("/v1/domains")
+    async def create(body: CreateBody) -> dict[str, Any]:
+        try:
+            spec = DomainSpec.from_dict(body.spec)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"malformed domain spec: {exc}") from exc
+        return await svc.create(spec, paused=body.paused)
+
+    @app.get("/v1/domains/{ref}")
+    async def info(ref: str) -> dict[str, Any]:
+        return svc.info(svc.m.find(ref))
+
+    @app.delete("/v1/domains/{ref}")
+    async def destroy(ref: str) -> dict[str, str]:
+        await svc.destroy(ref)
+        return {"ok": ref}
+
+    @app.post("/v1/domains/{ref}/pause")
+    async def pause(ref: str) -> dict[str, str]:
+        await svc.pause(ref)
+        return {"ok": ref}
+
+    @app.post("/v1/domains/{ref}/unpause")
+    async def unpause(ref: str) -> dict[str, str]:
+        await svc.unpause(ref)
+        return {"ok": ref}
+
+    @app.post("/v1/domains/{ref}/shutdown")
+    async def shutdown(ref: str, body: ShutdownBody) -> dict[str, str]:
+        await svc.shutdown(ref, wait=body.wait, timeout=body.timeout)
+        return {"ok": ref}
+
+    @app.post("/v1/domains/{ref}/reboot")
+    async def reboot(ref: str) -> dict[str, str]:
+        await svc.reboot(ref)
+        return {"ok": ref}
+
+    @app.post("/v1/domains/{ref}/save")
+    async def save(ref: str, body: PathBody) -> dict[str, str]:
+        await svc.save(ref, body.path)
+        return {"ok": ref, "path": body.path}
+
+    @app.post("/v1/restore")
+    async def restore(body: PathBody) -> dict[str, Any]:
+        return await svc.restore(body.path, paused=body.paused)
+
+    @app.post("/v1/domains/{ref}/mem-set")
+    async def mem_set(ref: str, body: AmountBody) -> dict[str, str]:
+        await svc.mem_set(ref, body.value)
+        return {"ok": ref}
+
+    @app.post("/v1/domains/{ref}/mem-max")
+    async def mem_max(ref: str, body: AmountBody) -> dict[str, str]:
+        await svc.mem_max(ref, body.value)
+        return {"ok": ref}
+
+    @app.post("/v1/domains/{ref}/vcpu-set")
+    async def vcpu_set(ref: str, body: AmountBody) -> dict[str, str]:
+        await svc.vcpu_set(ref, body.value)
+        return {"ok": ref}
+
+    @app.post("/v1/domains/{ref}/block-attach")
+    async def block_attach(ref: str, body: DeviceBody) -> dict[str, str]:
+        await svc.block_attach(ref, body.spec)
+        return {"ok": ref}
+
+    @app.post("/v1/domains/{ref}/block-detach")
+    async def block_detach(ref: str, body: DeviceBody) -> dict[str, str]:
+        await svc.block_detach(ref, body.spec)
+        return {"ok": ref}
+
+    @app.post("/v1/domains/{ref}/network-attach")
+    async def network_attach(ref: str, body: DeviceBody) -> dict[str, Any]:
+        return await svc.network_attach(ref, body.spec)
+
+    @app.post("/v1/domains/{ref}/network-detach")
+    async def network_detach(ref: str, body: DeviceBody) -> dict[str, str]:
+        await svc.network_detach(ref, body.spec)
+        return {"ok": ref}
+
+    return app

@@ -1,0 +1,1 @@
+"""`sanvisor <verb>`: argument parsing and rendering only."""

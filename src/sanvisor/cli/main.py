@@ -1,0 +1,132 @@
+"""sanvisor's command line: the xm verbs, plus agent and guest-kit management."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from sanvisor.errors import SanvisorError, UsageError
+
+DOMAIN_VERBS_HELP = """\
+domain verbs (xm-compatible):
+  create [-c] [-p] FILE [KEY=VALUE ...]   start a domain from an xm/xl config file
+  list [-l] [DOM ...]                     list domains (Name ID Mem VCPUs State Time(s))
+  pause DOM / unpause DOM                 freeze / thaw a domain
+  save DOM FILE / restore [-p] FILE       save a domain's state to a file and stop it;
+                                          bring it back where it was
+  console DOM                             attach to the serial console (Ctrl-] detaches)
+  top [-b] [-n N] [-d SEC]                live CPU/memory/vCPU/block/network per domain
+  shutdown [-w] [-t SEC] DOM              clean poweroff (ACPI power button)
+  reboot DOM                              clean reboot (Ctrl-Alt-Del to the guest)
+  destroy DOM                             stop at once (pull the plug)
+  mem-set DOM MEM / mem-max DOM MEM       balloon target / ceiling (256, 256m, 1g)
+  vcpu-set DOM N                          hot-plug or unplug vCPUs up to maxvcpus
+  block-attach DOM phy:PATH TARGET MODE   hot-add a disk (e.g. phy:/dev/sdb sdc w)
+  block-detach DOM TARGET                 hot-remove a disk
+  block-list DOM                          the disks of a domain
+  network-attach DOM [KEY=VALUE ...]      hot-add a NIC (mac=, bridge=, ip=, model=)
+  network-detach DOM DEVID|MAC            hot-remove a NIC
+  network-list DOM                        the NICs of a domain
+  domid NAME / domname ID / uptime [DOM] / info
+DOM is a domain name, id or uuid. Every verb takes --json.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sanvisor", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="The xm experience over QEMU/Xen hosts on shared SAN storage.",
+        epilog=DOMAIN_VERBS_HELP)
+    p.add_argument("--home", type=Path, help="agent state directory "
+                   "(default $SANVISOR_HOME, /var/lib/sanvisor as root)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = p.add_subparsers(dest="verb", metavar="VERB")
+
+    def verb(name: str, help_: str, *doms: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="machine-readable output")
+        for d in doms:
+            sp.add_argument(d, help="domain name, id or uuid" if d == "dom" else None)
+        return sp
+
+    c = verb("create", "start a domain from an xm/xl config file")
+    c.add_argument("-c", "--console", action="store_true", help="attach the console after")
+    c.add_argument("-p", "--paused", action="store_true", help="leave the domain paused")
+    c.add_argument("-n", "--dry-run", action="store_true", help="parse and print, start nothing")
+    c.add_argument("config", help="config file (xl.cfg(5) syntax)")
+    c.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys")
+    ls = verb("list", "list domains")
+    ls.add_argument("-l", "--long", action="store_true", help="full details (JSON)")
+    ls.add_argument("doms", nargs="*", metavar="DOM")
+    for name, text in [("pause", "freeze a domain"), ("unpause", "thaw a paused domain"),
+                       ("reboot", "clean reboot of the guest"),
+                       ("destroy", "stop a domain at once"), ("console", "attach to the console"),
+                       ("block-list", "list a domain's disks"),
+                       ("network-list", "list a domain's NICs")]:
+        verb(name, text, "dom")
+    sd = verb("shutdown", "clean poweroff of the guest", "dom")
+    sd.add_argument("-w", "--wait", action="store_true", help="wait until it is down")
+    sd.add_argument("-t", "--timeout", type=float, default=60.0, help="seconds to wait (-w)")
+    sv = verb("save", "save a domain's state to FILE and stop it", "dom")
+    sv.add_argument("file")
+    rs = verb("restore", "restore a domain from a save file")
+    rs.add_argument("-p", "--paused", action="store_true", help="leave it paused")
+    rs.add_argument("file")
+    for name, text in [("mem-set", "set the memory target (balloon; hot-plug up to maxmem)"),
+                       ("mem-max", "set the memory ceiling")]:
+        verb(name, text, "dom").add_argument("mem", help="amount: 256, 256m, 1g")
+    verb("vcpu-set", "set the number of online vCPUs", "dom").add_argument("count", type=int)
+    ba = verb("block-attach", "hot-add a disk", "dom")
+    ba.add_argument("backend", help="phy:PATH or file:PATH")
+    ba.add_argument("target", help="guest-side name, e.g. sdc")
+    ba.add_argument("mode", nargs="?", default="w", help="r or w")
+    verb("block-detach", "hot-remove a disk", "dom").add_argument("target")
+    na = verb("network-attach", "hot-add a NIC", "dom")
+    na.add_argument("items", nargs="*", metavar="KEY=VALUE", help="mac=, bridge=, ip=, model=")
+    verb("network-detach", "hot-remove a NIC", "dom").add_argument("devid", help="index or MAC")
+    verb("domid", "print a domain's id").add_argument("name")
+    verb("domname", "print a domain's name").add_argument("domid")
+    verb("uptime", "how long domains have run").add_argument("doms", nargs="*", metavar="DOM")
+    verb("info", "facts about this host")
+    tp = verb("top", "live per-domain resource use")
+    tp.add_argument("-b", "--batch", action="store_true", help="plain text, for scripts")
+    tp.add_argument("-n", "--iterations", type=int, default=0, help="frames (0 = forever)")
+    tp.add_argument("-d", "--delay", type=float, default=1.0, help="seconds between frames")
+    ag = verb("agent", "run or control this host's agent")
+    ag.add_argument("action", choices=["run", "start", "stop", "status"])
+    gk = verb("guest-kit", "build the tiny Linux guest used by default")
+    gk.add_argument("action", choices=["build"])
+    gk.add_argument("--force", action="store_true", help="rebuild even if cached")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not args.verb:
+        parser.print_help()
+        return 2
+    from sanvisor.paths import Layout, default_home
+
+    layout = Layout(args.home or default_home())
+    if args.home:
+        os.environ["SANVISOR_HOME"] = str(args.home)
+    try:
+        from sanvisor.cli import verbs
+
+        return verbs.dispatch(args, layout)
+    except SanvisorError as exc:
+        print(f"sanvisor: error: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def die(msg: str) -> Any:
+    raise UsageError(msg)

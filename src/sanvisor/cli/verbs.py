@@ -1,0 +1,265 @@
+"""Each verb: parse its arguments, call the agent, render the answer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from sanvisor.api.client import AgentClient
+from sanvisor.cli import render
+from sanvisor.errors import ConfigError, NotFoundError, UsageError
+from sanvisor.paths import Layout
+
+
+def _client(layout: Layout) -> AgentClient:
+    return AgentClient(layout.socket)
+
+
+def _out(args: argparse.Namespace, data: Any, text: str | None = None) -> None:
+    if args.json:
+        render.emit_json(data)
+    elif text is not None:
+        print(text)
+
+
+def _mib(text: str) -> int:
+    try:
+        return render.parse_mib(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def do_create(args: argparse.Namespace, layout: Layout) -> int:
+    from sanvisor.model.config import parse_config
+
+    path = Path(args.config)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("no such file", file=args.config) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not a text file ({exc.reason})", file=args.config) from None
+    except OSError as exc:
+        raise ConfigError(exc.strerror or "cannot read", file=args.config) from None
+    parsed = parse_config(text, filename=args.config, overrides=args.overrides)
+    for w in parsed.warnings:
+        print(f"sanvisor: warning: {w}", file=sys.stderr)
+    spec = parsed.spec
+    base = path.resolve().parent
+    # relative paths in a config are relative to the config file, as a user expects
+    for key in ("kernel", "ramdisk"):
+        val = getattr(spec, key)
+        if val and not Path(val).is_absolute():
+            setattr(spec, key, str(base / val))
+    for d in spec.disks:
+        if d.path and not Path(d.path).is_absolute():
+            d.path = str(base / d.path)
+    spec.source = args.config
+    if args.dry_run:
+        render.emit_json(spec.to_dict())
+        return 0
+    info = _client(layout).create(spec.to_dict(), paused=args.paused)
+    _out(args, info, None)
+    if args.console:
+        from sanvisor.cli.console import attach
+
+        return attach(info["console_socket"], info["name"])
+    return 0
+
+
+def do_list(args: argparse.Namespace, layout: Layout) -> int:
+    rows = _client(layout).domains()
+    if args.doms:
+        want = set(args.doms)
+        rows = [r for r in rows if {r["name"], str(r["domid"]), r.get("uuid")} & want]
+        missing = want - {x for r in rows for x in (r["name"], str(r["domid"]), r.get("uuid"))}
+        if missing:
+            raise NotFoundError(f"domain {sorted(missing)[0]!r} does not exist")
+    if args.json or args.long:
+        render.emit_json(rows)
+    else:
+        print(render.list_table(rows))
+    return 0
+
+
+def _simple(verb: str) -> Any:
+    def run(args: argparse.Namespace, layout: Layout) -> int:
+        data = _client(layout).verb(args.dom, verb)
+        _out(args, data)
+        return 0
+    return run
+
+
+def do_destroy(args: argparse.Namespace, layout: Layout) -> int:
+    _client(layout).destroy(args.dom)
+    _out(args, {"ok": args.dom})
+    return 0
+
+
+def do_shutdown(args: argparse.Namespace, layout: Layout) -> int:
+    _out(args, _client(layout).verb(args.dom, "shutdown",
+                                    {"wait": args.wait, "timeout": args.timeout}))
+    return 0
+
+
+def do_save(args: argparse.Namespace, layout: Layout) -> int:
+    path = str(Path(args.file).resolve())
+    _out(args, _client(layout).verb(args.dom, "save", {"path": path}))
+    return 0
+
+
+def do_restore(args: argparse.Namespace, layout: Layout) -> int:
+    info = _client(layout).restore(str(Path(args.file).resolve()), paused=args.paused)
+    _out(args, info)
+    return 0
+
+
+def do_console(args: argparse.Namespace, layout: Layout) -> int:
+    from sanvisor.cli.console import attach
+
+    info = _client(layout).info(args.dom)
+    return attach(info["console_socket"], info["name"])
+
+
+def _amount(verb: str) -> Any:
+    def run(args: argparse.Namespace, layout: Layout) -> int:
+        value = _mib(args.mem) if hasattr(args, "mem") else args.count
+        _out(args, _client(layout).verb(args.dom, verb, {"value": value}))
+        return 0
+    return run
+
+
+def do_block_attach(args: argparse.Namespace, layout: Layout) -> int:
+    spec = f"{args.backend},{args.target},{args.mode}"
+    _out(args, _client(layout).verb(args.dom, "block-attach", {"spec": spec}))
+    return 0
+
+
+def do_block_detach(args: argparse.Namespace, layout: Layout) -> int:
+    _out(args, _client(layout).verb(args.dom, "block-detach", {"spec": args.target}))
+    return 0
+
+
+def do_block_list(args: argparse.Namespace, layout: Layout) -> int:
+    disks = _client(layout).info(args.dom)["disks"]
+    lines = [f"{'Vdev':<8} {'Mode':<5} {'Type':<6} Backend"]
+    lines += [f"{d['target']:<8} {d['mode']:<5} {d['devtype']:<6} {d['backend']}:{d['path']}"
+              for d in disks]
+    _out(args, disks, "\n".join(lines))
+    return 0
+
+
+def do_network_attach(args: argparse.Namespace, layout: Layout) -> int:
+    spec = ",".join(args.items)
+    _out(args, _client(layout).verb(args.dom, "network-attach", {"spec": spec}))
+    return 0
+
+
+def do_network_detach(args: argparse.Namespace, layout: Layout) -> int:
+    _out(args, _client(layout).verb(args.dom, "network-detach", {"spec": args.devid}))
+    return 0
+
+
+def do_network_list(args: argparse.Namespace, layout: Layout) -> int:
+    vifs = _client(layout).info(args.dom)["vifs"]
+    lines = [f"{'Idx':<4} {'MAC':<18} {'Type':<7} {'Tap':<12} {'Bridge':<10} IP"]
+    lines += [f"{v['index']:<4} {v['mac']:<18} {v['type']:<7} {v['tap'] or '-':<12} "
+              f"{v['bridge'] or '-':<10} {v['ip'] or '-'}" for v in vifs]
+    _out(args, vifs, "\n".join(lines))
+    return 0
+
+
+def do_domid(args: argparse.Namespace, layout: Layout) -> int:
+    info = _client(layout).info(args.name)
+    _out(args, {"domid": info["domid"]}, str(info["domid"]))
+    return 0
+
+
+def do_domname(args: argparse.Namespace, layout: Layout) -> int:
+    info = _client(layout).info(args.domid)
+    _out(args, {"name": info["name"]}, info["name"])
+    return 0
+
+
+def do_uptime(args: argparse.Namespace, layout: Layout) -> int:
+    rows = [r for r in _client(layout).domains() if r["domid"] != 0]
+    if args.doms:
+        rows = [r for r in rows if {r["name"], str(r["domid"])} & set(args.doms)]
+    _out(args, rows, render.uptime_table(rows))
+    return 0
+
+
+def do_info(args: argparse.Namespace, layout: Layout) -> int:
+    from sanvisor.agent import hostinfo
+
+    host = _client(layout).host()
+    mi = hostinfo.meminfo()
+    data = {**host, "total_memory": mi.get("MemTotal", 0) // 1024,
+            "free_memory": mi.get("MemAvailable", 0) // 1024, "nr_cpus": hostinfo.cpu_count(),
+            "home": str(layout.home)}
+    text = "\n".join(f"{k:<20}: {v}" for k, v in data.items())
+    _out(args, data, text)
+    return 0
+
+
+def do_top(args: argparse.Namespace, layout: Layout) -> int:
+    from sanvisor.cli import top
+
+    client = _client(layout)
+    return top.run(client.stats, batch=args.batch, iterations=args.iterations,
+                   delay=args.delay)
+
+
+def do_agent(args: argparse.Namespace, layout: Layout) -> int:
+    from sanvisor.agent import daemon
+
+    if args.action == "run":
+        return daemon.run_foreground(layout)
+    if args.action == "start":
+        pid = daemon.start_background(layout)
+        _out(args, {"pid": pid, "socket": str(layout.socket)}, f"agent running (pid {pid})")
+        return 0
+    if args.action == "stop":
+        stopped = daemon.stop(layout)
+        _out(args, {"stopped": stopped}, "agent stopped" if stopped else "no agent running")
+        return 0
+    running = daemon.agent_pid(layout)
+    _out(args, {"pid": running, "running": running is not None},
+         f"agent running (pid {running})" if running else "no agent running")
+    return 0 if running else 3
+
+
+def do_guest_kit(args: argparse.Namespace, layout: Layout) -> int:
+    from sanvisor.guestkit import build_kit
+
+    def say(msg: str) -> None:
+        print(f"guest-kit: {msg}", file=sys.stderr)
+
+    kit = build_kit(force=args.force, log=say)
+    if args.json:
+        print(json.dumps(kit.to_dict()))
+    else:
+        print(f"kernel: {kit.kernel}\ninitrd: {kit.initrd}")
+    return 0
+
+
+HANDLERS: dict[str, Any] = {
+    "create": do_create, "list": do_list, "pause": _simple("pause"),
+    "unpause": _simple("unpause"), "reboot": _simple("reboot"), "destroy": do_destroy,
+    "shutdown": do_shutdown, "save": do_save, "restore": do_restore, "console": do_console,
+    "mem-set": _amount("mem-set"), "mem-max": _amount("mem-max"),
+    "vcpu-set": _amount("vcpu-set"), "block-attach": do_block_attach,
+    "block-detach": do_block_detach, "block-list": do_block_list,
+    "network-attach": do_network_attach, "network-detach": do_network_detach,
+    "network-list": do_network_list, "domid": do_domid, "domname": do_domname,
+    "uptime": do_uptime, "info": do_info, "top": do_top, "agent": do_agent,
+    "guest-kit": do_guest_kit,
+}
+
+
+def dispatch(args: argparse.Namespace, layout: Layout) -> int:
+    result: int = HANDLERS[args.verb](args, layout)
+    return result

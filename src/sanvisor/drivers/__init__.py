@@ -1,0 +1,1 @@
+"""Hypervisor drivers behind one small interface (see base.py)."""

@@ -1,0 +1,127 @@
+"""The hypervisor driver interface (Ganeti hv_base idea: small, paired hooks).
+
+A driver launches and re-finds *instances*; an instance is one running domain
+on this host. Everything the agent does to a guest goes through these methods,
+so a Xen driver (xl) and the QEMU driver (QMP) are interchangeable.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sanvisor.model.domain import DiskSpec, DomainSpec, VifSpec
+
+EventSink = Callable[[str, dict[str, Any]], Coroutine[Any, Any, None]]
+
+
+@dataclass
+class NicPlan:
+    """A vif resolved on this host: its MAC is final, its tap exists (or user mode)."""
+
+    index: int
+    vif: VifSpec
+    mac: str
+    tap: str | None  # None = user-mode networking
+
+
+@dataclass
+class LaunchPlan:
+    """Everything needed to start a domain here, resolved and checked."""
+
+    spec: DomainSpec
+    rundir: Path
+    kernel: Path
+    initrd: Path | None
+    cmdline: str
+    nics: list[NicPlan] = field(default_factory=list)
+    dimms_mib: list[int] = field(default_factory=list)  # hot-added memory to recreate
+    vcpus_now: int = 0  # 0 = spec.vcpus
+    incoming: bool = False  # start waiting for a migration stream
+    paused: bool = False
+
+
+@dataclass
+class RunStatus:
+    running: bool
+    status: str  # the hypervisor's own word (QEMU: running, paused, shutdown, ...)
+
+
+@dataclass
+class Stats:
+    cpu_seconds: float
+    vcpus_busy: int
+    mem_kib: int
+    vcpus: int
+    blk_rd_bytes: int = 0
+    blk_wr_bytes: int = 0
+    blk_rd_ops: int = 0
+    blk_wr_ops: int = 0
+    net_rx_bytes: int = 0
+    net_tx_bytes: int = 0
+
+
+class Instance(abc.ABC):
+    """One domain running under a hypervisor on this host."""
+
+    pid: int
+
+    @abc.abstractmethod
+    async def status(self) -> RunStatus: ...
+    @abc.abstractmethod
+    async def pause(self) -> None: ...
+    @abc.abstractmethod
+    async def unpause(self) -> None: ...
+    @abc.abstractmethod
+    async def powerdown(self) -> None: ...
+    @abc.abstractmethod
+    async def reset(self) -> None: ...
+    @abc.abstractmethod
+    async def destroy(self) -> None: ...
+    @abc.abstractmethod
+    async def save_to(self, fd: int) -> None: ...
+    @abc.abstractmethod
+    async def restore_from(self, fd: int) -> None: ...
+    @abc.abstractmethod
+    async def set_balloon(self, mib: int) -> None: ...
+    @abc.abstractmethod
+    async def balloon_mib(self) -> int: ...
+    @abc.abstractmethod
+    async def add_memory(self, mib: int, index: int) -> None: ...
+    @abc.abstractmethod
+    async def set_vcpus(self, count: int) -> None: ...
+    @abc.abstractmethod
+    async def attach_disk(self, disk: DiskSpec, index: int) -> None: ...
+    @abc.abstractmethod
+    async def detach_disk(self, disk: DiskSpec) -> None: ...
+    @abc.abstractmethod
+    async def attach_nic(self, nic: NicPlan) -> None: ...
+    @abc.abstractmethod
+    async def detach_nic(self, nic: NicPlan) -> None: ...
+    @abc.abstractmethod
+    async def stats(self) -> Stats: ...
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Let go of the instance without stopping it (agent shutdown)."""
+
+    @property
+    @abc.abstractmethod
+    def console_socket(self) -> Path: ...
+
+    @property
+    @abc.abstractmethod
+    def console_log(self) -> Path: ...
+
+
+class Driver(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    async def launch(self, plan: LaunchPlan, events: EventSink) -> Instance: ...
+
+    @abc.abstractmethod
+    async def reattach(self, plan: LaunchPlan, pid: int, events: EventSink) -> Instance | None:
+        """Find a running instance again after an agent restart; None if it is gone."""

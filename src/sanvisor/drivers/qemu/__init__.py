@@ -1,0 +1,1 @@
+"""The QEMU driver: argv building, accelerator probe, QMP-driven instances."""

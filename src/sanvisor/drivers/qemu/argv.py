@@ -1,0 +1,167 @@
+"""Build QEMU's command line from a LaunchPlan. Pure: no I/O.
+
+Disks sit on one virtio-scsi controller (hot-add/remove without the four-IDE
+limit the seed hits under full virtualisation); the target letter gives the
+SCSI LUN, so the guest enumerates sda, sdb... in the config's order, and the
+target name is the disk's serial (visible in the guest's VPD page 0x80).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sanvisor.drivers.base import LaunchPlan, NicPlan
+from sanvisor.model.domain import DiskSpec
+
+MEM_BLOCK_MIB = 128  # Linux x86_64 memory block: hot-added DIMMs come in these
+MAX_DIMM_SLOTS = 8
+
+
+def align_up(value: int, step: int) -> int:
+    return -(-value // step) * step
+
+
+def disk_lun(target: str) -> int:
+    """sda -> 0, sdb -> 1, ..., sdz -> 25, sdaa -> 26 (same for xvd/hd/vd)."""
+    letters = target.removeprefix("/dev/")
+    for prefix in ("xvd", "sd", "hd", "vd"):
+        if letters.startswith(prefix):
+            letters = letters[len(prefix):]
+            break
+    n = 0
+    for ch in letters:
+        n = n * 26 + (ord(ch) - ord("a") + 1)
+    return n - 1
+
+
+def disk_node(disk: DiskSpec) -> str:
+    return f"disk-{disk.target}"
+
+
+def disk_blockdev(disk: DiskSpec) -> dict[str, object]:
+    """The blockdev-add argument for a disk (also used on the command line)."""
+    path = disk.path
+    is_dev = path.startswith("/dev/")
+    proto: dict[str, object] = {
+        "driver": "host_device" if is_dev else "file",
+        "filename": path,
+        "node-name": f"proto-{disk.target}",
+        "read-only": disk.readonly,
+        "auto-read-only": False,
+        "discard": "unmap",
+    }
+    return {
+        "driver": "raw",
+        "node-name": disk_node(disk),
+        "file": proto,
+        "read-only": disk.readonly,
+        "discard": "unmap",
+    }
+
+
+def disk_device(disk: DiskSpec) -> dict[str, object]:
+    """The device_add argument for a disk."""
+    dev: dict[str, object] = {
+        "driver": "scsi-cd" if disk.devtype == "cdrom" else "scsi-hd",
+        "id": f"dev-{disk.target}",
+        "bus": "scsi0.0",
+        "channel": 0,
+        "scsi-id": 0,
+        "lun": disk_lun(disk.target),
+    }
+    if disk.path:
+        dev["drive"] = disk_node(disk)
+    if disk.devtype != "cdrom":
+        dev["serial"] = disk.target
+    return dev
+
+
+def nic_netdev(nic: NicPlan) -> dict[str, object]:
+    if nic.tap is None:
+        return {"type": "user", "id": f"net{nic.index}", "restrict": False}
+    return {"type": "tap", "id": f"net{nic.index}", "ifname": nic.tap,
+            "script": "no", "downscript": "no"}
+
+
+def nic_device(nic: NicPlan) -> dict[str, object]:
+    return {"driver": nic.vif.model, "id": f"nic{nic.index}", "netdev": f"net{nic.index}",
+            "mac": nic.mac}
+
+
+def _opts(d: dict[str, object], first: str | None = None) -> str:
+    """Render a flat dict as QEMU's key=value,... (first key's value bare)."""
+    parts: list[str] = []
+    items = dict(d)
+    if first is not None:
+        parts.append(str(items.pop(first)))
+    for k, v in items.items():
+        if isinstance(v, bool):
+            v = "on" if v else "off"
+        parts.append(f"{k}={str(v).replace(',', ',,')}")
+    return ",".join(parts)
+
+
+def _blockdev_opts(bd: dict[str, object]) -> str:
+    flat: dict[str, object] = {}
+    for k, v in bd.items():
+        if isinstance(v, dict):
+            for k2, v2 in v.items():
+                flat[f"{k}.{k2}"] = v2
+        else:
+            flat[k] = v
+    return _opts(flat)
+
+
+def memory_arg(memory: int, maxmem: int) -> str:
+    if maxmem <= memory:
+        return f"{memory}M"
+    top = memory + align_up(maxmem - memory, MEM_BLOCK_MIB)
+    return f"{memory}M,slots={MAX_DIMM_SLOTS},maxmem={top}M"
+
+
+def build_argv(plan: LaunchPlan, *, qemu: str, accel: str) -> list[str]:
+    spec = plan.spec
+    rd: Path = plan.rundir
+    vcpus = plan.vcpus_now or spec.vcpus
+    argv = [
+        qemu,
+        "-name", f"guest={spec.name},debug-threads=on",
+        "-accel", "tcg,thread=multi" if accel == "tcg" else accel,
+        "-M", "pc",
+        "-cpu", "host" if accel == "kvm" else "qemu64",
+        "-m", memory_arg(spec.memory, spec.maxmem),
+        "-smp", f"{vcpus},maxcpus={spec.maxvcpus}",
+        "-nodefaults", "-no-user-config", "-display", "none",
+        "-daemonize", "-pidfile", str(rd / "qemu.pid"),
+        "-qmp", f"unix:{rd / 'qmp.sock'},server=on,wait=off",
+        "-chardev", f"socket,id=con0,path={rd / 'console.sock'},server=on,wait=off,"
+                    f"logfile={rd / 'console.log'},logappend=on",
+        "-serial", "chardev:con0",
+        "-kernel", str(plan.kernel),
+        "-append", plan.cmdline,
+        "-device", "virtio-scsi-pci,id=scsi0",
+        "-device", "virtio-balloon-pci,id=balloon0",
+        "-device", "pvpanic",
+        "-no-shutdown",
+    ]
+    if spec.uuid:
+        argv += ["-uuid", spec.uuid]
+    if plan.initrd is not None:
+        argv += ["-initrd", str(plan.initrd)]
+    if spec.on_reboot.value != "restart":
+        argv.append("-no-reboot")
+    for disk in spec.disks:
+        if disk.path:
+            argv += ["-blockdev", _blockdev_opts(disk_blockdev(disk))]
+        argv += ["-device", _opts(disk_device(disk), first="driver")]
+    for nic in plan.nics:
+        argv += ["-netdev", _opts(nic_netdev(nic), first="type")]
+        argv += ["-device", _opts(nic_device(nic), first="driver")]
+    for i, mib in enumerate(plan.dimms_mib):
+        argv += ["-object", f"memory-backend-ram,id=mem{i},size={mib}M",
+                 "-device", f"pc-dimm,id=dimm{i},memdev=mem{i}"]
+    if plan.incoming:
+        argv += ["-incoming", "defer"]
+    if plan.paused or plan.incoming:
+        argv.append("-S")
+    return argv

@@ -1,0 +1,311 @@
+"""A running QEMU domain, driven over QMP with the qemu.qmp library."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError
+
+from sanvisor.drivers.base import EventSink, Instance, LaunchPlan, NicPlan, RunStatus, Stats
+from sanvisor.drivers.qemu import argv as qargv
+from sanvisor.drivers.qemu import procstat
+from sanvisor.errors import DeviceError, HypervisorError, TimeoutError_
+from sanvisor.model.domain import DiskSpec
+
+log = logging.getLogger(__name__)
+QMP_TIMEOUT = 30.0
+Pred = Callable[[dict[str, Any]], bool]
+
+
+def _path_is(path: str) -> Pred:
+    def pred(data: dict[str, Any]) -> bool:
+        return data.get("path") == path
+    return pred
+
+
+def _data(ev: Any) -> dict[str, Any]:
+    raw = ev.get("data", {})
+    return dict(raw) if isinstance(raw, dict) else {}
+
+
+class QemuInstance(Instance):
+    def __init__(self, plan: LaunchPlan, pid: int, qmp: QMPClient, events: EventSink) -> None:
+        self.plan = plan
+        self.pid = pid
+        self._qmp = qmp
+        self._sink = events
+        self._pump: asyncio.Task[None] | None = None
+        self._exit_fd: int | None = None
+        self._exited = asyncio.Event()
+        self._exit_task: asyncio.Task[None] | None = None
+
+    # ---- lifecycle of the connection -------------------------------------------------
+    @classmethod
+    async def connect(cls, plan: LaunchPlan, pid: int, events: EventSink) -> QemuInstance:
+        qmp = QMPClient(plan.spec.name)
+        try:
+            await asyncio.wait_for(qmp.connect(str(plan.rundir / "qmp.sock")), QMP_TIMEOUT)
+        except (TimeoutError, ConnectError, OSError) as exc:
+            raise HypervisorError(
+                f"cannot reach QEMU's monitor for {plan.spec.name}: {exc}", domain=plan.spec.name
+            ) from exc
+        inst = cls(plan, pid, qmp, events)
+        inst._start_watch()
+        return inst
+
+    def _start_watch(self) -> None:
+        self._pump = asyncio.create_task(self._pump_events(), name=f"qmp-{self.plan.spec.name}")
+        try:
+            self._exit_fd = os.pidfd_open(self.pid)
+        except OSError:
+            self._exited.set()
+            return
+        asyncio.get_running_loop().add_reader(self._exit_fd, self._on_exit)
+
+    def _on_exit(self) -> None:
+        if self._exit_fd is not None:
+            asyncio.get_running_loop().remove_reader(self._exit_fd)
+            os.close(self._exit_fd)
+            self._exit_fd = None
+        self._exited.set()
+        self._exit_task = asyncio.ensure_future(self._sink("PROCESS_EXITED", {"pid": self.pid}))
+
+    async def _pump_events(self) -> None:
+        try:
+            async for ev in self._qmp.events:
+                try:
+                    await self._sink(str(ev["event"]), _data(ev))
+                except Exception:
+                    log.exception("event handler failed for %s", ev.get("event"))
+        except asyncio.CancelledError:
+            pass
+
+    async def close(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._pump
+        if self._exit_fd is not None:
+            asyncio.get_running_loop().remove_reader(self._exit_fd)
+            os.close(self._exit_fd)
+            self._exit_fd = None
+        with contextlib.suppress(Exception):
+            await self._qmp.disconnect()
+
+    @property
+    def exited(self) -> bool:
+        return self._exited.is_set()
+
+    async def wait_exit(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._exited.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    # ---- QMP helpers -------------------------------------------------------------------
+    async def qmp(self, cmd: str, args: dict[str, Any] | None = None,
+                  timeout: float = QMP_TIMEOUT) -> Any:
+        try:
+            return await asyncio.wait_for(self._qmp.execute(cmd, args), timeout)
+        except ExecuteError as exc:
+            raise HypervisorError(f"QEMU refused {cmd}: {exc}", command=cmd,
+                                  qemu_class=exc.error_class) from exc
+        except TimeoutError as exc:
+            raise TimeoutError_(f"QEMU did not answer {cmd} within {timeout:.0f}s",
+                                command=cmd) from exc
+        except QMPError as exc:
+            raise HypervisorError(f"QMP {cmd} failed: {exc}", command=cmd) from exc
+
+    async def _run_until_event(self, cmd: str, args: dict[str, Any], name: str,
+                               done: Pred, timeout: float) -> dict[str, Any]:
+        listener = EventListener(name)
+        with self._qmp.listen(listener):
+            await self.qmp(cmd, args)
+            try:
+                async with asyncio.timeout(timeout):
+                    while True:
+                        ev = await listener.get()
+                        data = _data(ev)
+                        if done(data):
+                            return data
+            except TimeoutError as exc:
+                raise TimeoutError_(f"no {name} event after {cmd} within {timeout:.0f}s",
+                                    command=cmd) from exc
+
+    # ---- verbs ----------------------------------------------------------------------
+    async def status(self) -> RunStatus:
+        st = await self.qmp("query-status")
+        return RunStatus(running=bool(st["running"]), status=str(st["status"]))
+
+    async def pause(self) -> None:
+        await self.qmp("stop")
+
+    async def unpause(self) -> None:
+        await self.qmp("cont")
+
+    async def powerdown(self) -> None:
+        await self.qmp("system_powerdown")
+
+    async def reset(self) -> None:
+        await self.qmp("system_reset")
+
+    async def destroy(self) -> None:
+        if self.exited:
+            return
+        with contextlib.suppress(HypervisorError, TimeoutError_):
+            await self.qmp("quit", timeout=5)
+        if not await self.wait_exit(5):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, 9)
+            await self.wait_exit(5)
+
+    async def _migration(self, cmd: str, args: dict[str, Any], timeout: float) -> str:
+        """Run a migration command; wait for its end by MIGRATION events (and polls)."""
+        await self.qmp("migrate-set-capabilities",
+                       {"capabilities": [{"capability": "events", "state": True}]})
+        final = ("completed", "failed", "cancelled")
+        listener = EventListener("MIGRATION")
+        with self._qmp.listen(listener):
+            await self.qmp(cmd, args)
+            deadline = asyncio.get_running_loop().time() + timeout
+            while asyncio.get_running_loop().time() < deadline:
+                try:
+                    ev = await asyncio.wait_for(listener.get(), 0.5)
+                    status = str(_data(ev).get("status"))
+                except TimeoutError:
+                    info = await self.qmp("query-migrate")
+                    status = str(info.get("status"))
+                    # 'completed' with total-time 0 is seen on QEMU 7.2: ask again
+                    if status == "completed" and not info.get("total-time", 1):
+                        continue
+                if status in final:
+                    return status
+        raise TimeoutError_(f"{cmd} did not finish within {timeout:.0f}s", command=cmd)
+
+    async def save_to(self, fd: int) -> None:
+        self._qmp.send_fd_scm(fd)
+        await self.qmp("getfd", {"fdname": "svsave"})
+        await self.qmp("migrate-set-parameters", {"max-bandwidth": 8 << 30})
+        status = await self._migration("migrate", {"uri": "fd:svsave"}, timeout=600)
+        if status != "completed":
+            info = await self.qmp("query-migrate")
+            raise HypervisorError(f"save failed: {info.get('error-desc', status)}")
+
+    async def restore_from(self, fd: int) -> None:
+        self._qmp.send_fd_scm(fd)
+        await self.qmp("getfd", {"fdname": "svrestore"})
+        status = await self._migration("migrate-incoming", {"uri": "fd:svrestore"}, 600)
+        if status != "completed":
+            raise HypervisorError(f"restore failed: QEMU reported {status}")
+
+    async def set_balloon(self, mib: int) -> None:
+        await self.qmp("balloon", {"value": mib << 20})
+
+    async def balloon_mib(self) -> int:
+        info = await self.qmp("query-balloon")
+        return int(info["actual"]) >> 20
+
+    async def add_memory(self, mib: int, index: int) -> None:
+        mem_id, dimm_id = f"mem{index}", f"dimm{index}"
+        await self.qmp("object-add", {"qom-type": "memory-backend-ram", "id": mem_id,
+                                      "size": mib << 20})
+        try:
+            await self.qmp("device_add", {"driver": "pc-dimm", "id": dimm_id, "memdev": mem_id})
+        except HypervisorError:
+            with contextlib.suppress(HypervisorError):
+                await self.qmp("object-del", {"id": mem_id})
+            raise
+
+    async def _cpus(self) -> list[dict[str, Any]]:
+        return list(await self.qmp("query-hotpluggable-cpus"))
+
+    async def set_vcpus(self, count: int) -> None:
+        slots = sorted(await self._cpus(), key=lambda c: int(c["props"].get("socket-id", 0)))
+        present = [c for c in slots if c.get("qom-path")]
+        if count > len(present):
+            for slot in [c for c in slots if not c.get("qom-path")][: count - len(present)]:
+                sock = int(slot["props"]["socket-id"])
+                await self.qmp("device_add", {"driver": slot["type"], "id": f"cpu{sock}",
+                                              **slot["props"]})
+        elif count < len(present):
+            for slot in list(reversed(present))[: len(present) - count]:
+                sock = int(slot["props"]["socket-id"])
+                if sock == 0:
+                    break
+                dev = f"cpu{sock}"
+                path = str(slot["qom-path"])
+                if not path.endswith(dev):
+                    dev = path  # a CPU from the command line: address it by path
+                await self._run_until_event(
+                    "device_del", {"id": dev}, "DEVICE_DELETED", _path_is(path), timeout=30)
+
+    async def attach_disk(self, disk: DiskSpec, index: int) -> None:
+        if disk.path:
+            await self.qmp("blockdev-add", qargv.disk_blockdev(disk))
+        try:
+            await self.qmp("device_add", qargv.disk_device(disk))
+        except HypervisorError:
+            if disk.path:
+                with contextlib.suppress(HypervisorError):
+                    await self.qmp("blockdev-del", {"node-name": qargv.disk_node(disk)})
+            raise
+
+    async def detach_disk(self, disk: DiskSpec) -> None:
+        dev = f"dev-{disk.target}"
+        await self._run_until_event("device_del", {"id": dev}, "DEVICE_DELETED",
+                                    lambda d: d.get("device") == dev, timeout=30)
+        if disk.path:
+            try:
+                await self.qmp("blockdev-del", {"node-name": qargv.disk_node(disk)})
+            except HypervisorError as exc:
+                raise DeviceError(f"disk {disk.target} left the guest but its backend "
+                                  f"could not be closed: {exc}") from exc
+
+    async def attach_nic(self, nic: NicPlan) -> None:
+        await self.qmp("netdev_add", qargv.nic_netdev(nic))
+        try:
+            await self.qmp("device_add", qargv.nic_device(nic))
+        except HypervisorError:
+            with contextlib.suppress(HypervisorError):
+                await self.qmp("netdev_del", {"id": f"net{nic.index}"})
+            raise
+
+    async def detach_nic(self, nic: NicPlan) -> None:
+        dev = f"nic{nic.index}"
+        await self._run_until_event("device_del", {"id": dev}, "DEVICE_DELETED",
+                                    lambda d: d.get("device") == dev, timeout=30)
+        await self.qmp("netdev_del", {"id": f"net{nic.index}"})
+
+    async def stats(self) -> Stats:
+        cpu, busy = procstat.cpu_usage(self.pid)
+        mem_kib = (await self.balloon_mib()) << 10
+        vcpus = len([c for c in await self._cpus() if c.get("qom-path")])
+        st = Stats(cpu_seconds=cpu, vcpus_busy=busy, mem_kib=mem_kib, vcpus=vcpus)
+        for dev in await self.qmp("query-blockstats"):
+            s = dev.get("stats", {})
+            st.blk_rd_bytes += int(s.get("rd_bytes", 0))
+            st.blk_wr_bytes += int(s.get("wr_bytes", 0))
+            st.blk_rd_ops += int(s.get("rd_operations", 0))
+            st.blk_wr_ops += int(s.get("wr_operations", 0))
+        for nic in self.plan.nics:
+            if nic.tap:
+                rx, tx = procstat.tap_bytes(nic.tap)
+                # the tap's tx is what the guest received
+                st.net_rx_bytes += tx
+                st.net_tx_bytes += rx
+        return st
+
+    @property
+    def console_socket(self) -> Path:
+        return self.plan.rundir / "console.sock"
+
+    @property
+    def console_log(self) -> Path:
+        return self.plan.rundir / "console.log"

@@ -1,0 +1,1 @@
+"""Typed, I/O-free domain objects."""

@@ -1,0 +1,397 @@
+"""The xm/xl domain config parser (xl.cfg(5) syntax), I/O-free.
+
+``KEY = VALUE`` statements, VALUE a quoted string, a number or a ``[list]`` of those:
+tokenised and parsed by a small grammar, never evaluated as Python (as xm did).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, TypeVar
+
+from sanvisor.errors import ConfigError
+from sanvisor.model.domain import Action, DiskSpec, DomainSpec, VifSpec
+
+Scalar = str | int | float
+Value = Scalar | list[Scalar]
+T = TypeVar("T")
+
+COMMAND_LINE = "command line"
+_TOKEN = re.compile(r"""(?P<nl>\n)|(?P<ws>[^\S\n]+)|(?P<comment>\#[^\n]*)|(?P<punct>[=\[\],;])
+    |(?P<str>'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*")|(?P<quote>['"])
+    |(?P<id>[A-Za-z_][A-Za-z0-9_]*)|(?P<num>-?[0-9][0-9A-Za-z_.+-]*)""", re.VERBOSE)
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_INT = re.compile(r"(-?)(?:0[xX]([0-9a-fA-F]+)|([0-9]+))")
+_FLOAT = re.compile(r"-?[0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?")
+_ESCAPE = re.compile(r"\\(x[0-9A-Fa-f]{2}|[0-7]{1,3}|.)")
+_ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v",
+            "\\": "\\", "'": "'", '"': '"'}
+
+
+@dataclass
+class ParsedConfig:
+    spec: DomainSpec
+    warnings: list[str]  # "vm.cfg:12: unknown key 'foo' (kept)"
+    raw: dict[str, object]  # key -> value after overrides
+
+
+class _Tok(NamedTuple):
+    kind: str  # id str num = [ ] , ; nl eof
+    value: Scalar
+    line: int
+
+
+class _Entry(NamedTuple):
+    value: Value
+    file: str
+    line: int
+    item_lines: list[int]
+
+
+def _int_text(text: str) -> int | None:
+    m = _INT.fullmatch(text.strip())
+    if not m:
+        return None
+    n = int(m.group(2), 16) if m.group(2) else int(m.group(3), 10)
+    return -n if m.group(1) else n
+
+
+def _lex(text: str, file: str, line: int) -> Iterator[_Tok]:
+    def unescape(m: re.Match[str]) -> str:
+        e = m.group(1)
+        if e in _ESCAPES or len(e) > 1 or e in "01234567":
+            return _ESCAPES.get(e) or chr(int(e[1:], 16) if e[0] == "x" else int(e, 8))
+        raise ConfigError(f"invalid escape '\\{e}' in string", file=file, line=line)
+
+    pos = 0
+    while m := _TOKEN.match(text, pos):
+        kind, tok, pos = m.lastgroup or "", m.group(), m.end()
+        if kind == "quote":
+            raise ConfigError(f"string not closed (missing {tok})", file=file, line=line)
+        if kind == "str":
+            yield _Tok("str", _ESCAPE.sub(unescape, tok[1:-1]), line)
+        elif kind == "num":
+            num: int | float | None = _int_text(tok)
+            if num is None and _FLOAT.fullmatch(tok):
+                num = float(tok)
+            if num is None:
+                raise ConfigError(f"invalid number {tok!r}", file=file, line=line)
+            yield _Tok("num", num, line)
+        elif kind in ("nl", "punct", "id"):
+            yield _Tok(kind if kind != "punct" else tok, tok, line)
+            line += kind == "nl"
+    if pos < len(text):
+        raise ConfigError(f"unexpected character {text[pos]!r}", file=file, line=line)
+    yield _Tok("eof", "", line)
+
+
+def _show(tok: _Tok) -> str:
+    named = {"eof": "end of file", "nl": "end of line", "str": f"string {tok.value!r}"}
+    return named.get(tok.kind, repr(tok.value))
+
+
+class _Parser:
+    def __init__(self, text: str, file: str, line: int = 1) -> None:
+        self.file = file
+        self._toks = _lex(text, file, line)
+        self._tok = next(self._toks)
+
+    def _next(self, skip_nl: bool = False) -> _Tok:
+        tok = self._tok
+        self._tok = next(self._toks, tok)  # eof repeats
+        return self._next(skip_nl) if skip_nl and tok.kind == "nl" else tok
+
+    def _err(self, msg: str, line: int) -> ConfigError:
+        return ConfigError(msg, file=self.file, line=line)
+
+    def statements(self) -> dict[str, _Entry]:
+        out: dict[str, _Entry] = {}
+        while (tok := self._next()).kind != "eof":
+            if tok.kind in ("nl", ";"):
+                continue
+            if tok.kind != "id":
+                raise self._err(f"expected a key, got {_show(tok)}", tok.line)
+            key = str(tok.value)
+            if (eq := self._next()).kind != "=":
+                raise self._err(f"expected '=' after {key!r}, got {_show(eq)}", eq.line)
+            if key in out:
+                raise self._err(f"{key}: given twice (first on line {out[key].line})", tok.line)
+            value, lines = self.value()
+            out[key] = _Entry(value, self.file, tok.line, lines)
+            if (end := self._tok).kind not in ("nl", ";", "eof"):
+                raise self._err(f"expected end of line after {key} = ..., got {_show(end)}",
+                                end.line)
+        return out
+
+    def value(self) -> tuple[Value, list[int]]:
+        tok = self._next()
+        if tok.kind in ("str", "num"):
+            return tok.value, [tok.line]
+        if tok.kind != "[":
+            raise self._err("expected a value (a quoted string, a number or a [list]), "
+                            f"got {_show(tok)}", tok.line)
+        items: list[Scalar] = []
+        lines: list[int] = []
+        while (item := self._next(skip_nl=True)).kind != "]":
+            if item.kind not in ("str", "num"):
+                raise self._list_err(tok.line, item, "a string or a number")
+            items.append(item.value)
+            lines.append(item.line)
+            if (sep := self._next(skip_nl=True)).kind == "]":
+                break
+            if sep.kind != ",":
+                raise self._list_err(tok.line, sep, "',' or ']'")
+        return items, lines
+
+    def _list_err(self, opened: int, tok: _Tok, expected: str) -> ConfigError:
+        if tok.kind == "eof":
+            return self._err("list is not closed (missing ']')", opened)
+        if tok.kind == "[":
+            return self._err("lists cannot be nested", tok.line)
+        return self._err(f"expected {expected} in the list opened on line {opened}, "
+                         f"got {_show(tok)}", tok.line)
+
+    def at_end(self) -> bool:
+        return self._next(skip_nl=True).kind == "eof"
+
+
+def _parse_override(text: str, index: int) -> tuple[str, _Entry]:
+    key, sep, rest = text.partition("=")
+    if not sep or not _IDENT.fullmatch(key := key.strip()):
+        raise ConfigError(f"expected KEY=VALUE, got {text!r}", file=COMMAND_LINE, line=index)
+    try:
+        parser = _Parser(rest, COMMAND_LINE, index)
+        value, lines = parser.value()
+        if not parser.at_end():
+            value, lines = rest, [index]
+    except ConfigError:
+        value, lines = rest, [index]  # not a value: take it as a bare string
+    return key, _Entry(value, COMMAND_LINE, index, [index] * len(lines))
+
+
+def _fail(key: str, e: _Entry, msg: str, line: int | None = None) -> ConfigError:
+    return ConfigError(f"{key}: {msg}", file=e.file, line=line or e.line)
+
+
+def _want(key: str, e: _Entry, what: str) -> ConfigError:
+    got = "a list" if isinstance(e.value, list) else repr(e.value)
+    return _fail(key, e, f"expected {what}, got {got}")
+
+
+def _int(key: str, e: _Entry) -> int:
+    n = _int_text(e.value) if isinstance(e.value, str) else e.value
+    if n is None or isinstance(n, (float, list)):
+        raise _want(key, e, "an integer")
+    return n
+
+
+def _str(key: str, e: _Entry) -> str:
+    if not isinstance(e.value, str):
+        raise _want(key, e, "a quoted string")
+    return e.value
+
+
+def _choice(key: str, e: _Entry, table: dict[str, T]) -> T:
+    if (v := _str(key, e)) not in table:
+        raise _fail(key, e, f"invalid value {v!r} (allowed: {', '.join(table)})")
+    return table[v]
+
+
+def _items(key: str, e: _Entry, parse: Callable[[str], T]) -> list[T]:
+    if isinstance(e.value, (int, float)):
+        raise _want(key, e, "a list of strings")
+    out = []
+    values = [e.value] if isinstance(e.value, str) else e.value
+    for item, line in zip(values, e.item_lines, strict=True):
+        if not isinstance(item, str):
+            raise _fail(key, e, f"expected a quoted string, got {item!r}", line)
+        try:
+            out.append(parse(item))
+        except ValueError as exc:
+            raise _fail(key, e, str(exc), line) from exc
+    return out
+
+
+_ACTIONS = {a.value: a for a in Action}
+_BUILDERS = {"linux": "pv", "generic": "pv", "hvm": "hvm"}
+_TYPES = {"pv": "pv", "pvh": "pvh", "hvm": "hvm"}
+_INT_KEYS = ("memory", "maxmem", "vcpus", "maxvcpus")
+_STR_KEYS = ("name", "kernel", "ramdisk", "root", "extra", "cmdline")
+_FALLBACK_KEY = {"vcpus": "maxvcpus", "maxmem": "memory"}
+
+
+def parse_config(
+    text: str, *, filename: str = "<config>", overrides: Sequence[str] = ()
+) -> ParsedConfig:
+    """Parse an xm/xl domain config, apply ``KEY=VALUE`` overrides, build the DomainSpec."""
+    entries = _Parser(text, filename).statements()
+    entries.update(_parse_override(o, i) for i, o in enumerate(overrides, 1))
+    kw: dict[str, Any] = {}
+    unknown: dict[str, Any] = {}
+    warnings: list[str] = []
+    for key, e in entries.items():
+        if key in _INT_KEYS:
+            kw[key] = _int(key, e)
+        elif key in _STR_KEYS:
+            if (field := "extra" if key == "cmdline" else key) in kw:
+                raise _fail(key, e, "'extra' and 'cmdline' are the same setting; give only one")
+            kw[field] = _str(key, e)
+        elif key == "uuid":
+            try:
+                kw["uuid"] = str(uuid.UUID(_str(key, e)))
+            except ValueError:
+                raise _fail(key, e, f"invalid UUID {e.value!r}") from None
+        elif key in ("disk", "vif"):
+            kw[key + "s"] = _items(key, e, parse_disk if key == "disk" else parse_vif)
+        elif key in ("on_poweroff", "on_reboot", "on_crash"):
+            kw[key] = _choice(key, e, _ACTIONS)
+        elif key in ("builder", "type"):
+            builder = _choice(key, e, _BUILDERS if key == "builder" else _TYPES)
+            if kw.setdefault("builder", builder) != builder:
+                other = "type" if key == "builder" else "builder"
+                raise _fail(key, e, f"{e.value!r} contradicts the domain type set by {other}")
+        else:
+            unknown[key] = e.value
+            warnings.append(f"{e.file}:{e.line}: unknown key {key!r} (kept)")
+    if "name" not in kw:
+        raise ConfigError("name: missing (every domain needs a name)", file=filename)
+    spec = DomainSpec(**kw, unknown=unknown)
+    try:
+        spec.validate()  # source is still None: the message carries no location
+    except ConfigError as exc:
+        field = exc.message.split(":", 1)[0]
+        at = entries.get(field) or entries.get(_FALLBACK_KEY.get(field, ""))
+        raise ConfigError(exc.message, file=at.file if at else filename,
+                          line=at.line if at else None) from exc
+    spec.source = filename
+    return ParsedConfig(spec, warnings, {k: e.value for k, e in entries.items()})
+
+
+_MODES = {"r": "r", "ro": "r", "w": "w", "rw": "w", "w!": "w"}
+_PREFIXES = {"phy": "phy", "file": "file", "tap": "file", "tap2": "file", "tapdisk": "file",
+             "aio": "file", "raw": ""}
+_FORMATS = ("qcow", "qcow2", "vhd", "qed")
+_DISK_KEYS = ("target", "vdev", "access", "format", "devtype", "backendtype")
+_DISK_FLAGS = ("discard", "no-discard", "direct-io-safe")  # hints; accepted, ignored
+_PREFIX_RE = re.compile(r"([A-Za-z0-9]+):")
+
+
+def _check_format(fmt: str) -> None:
+    if fmt in _FORMATS:
+        raise ValueError(f"disk format {fmt!r} is not supported (only raw images)")
+    if fmt not in ("", "raw", "empty"):
+        raise ValueError(f"unknown disk format {fmt!r}")
+
+
+def parse_disk(spec: str) -> DiskSpec:
+    """``[prefix:]path,vdev[:devtype|:mode],mode`` or ``key=value`` (xl-disk-configuration)."""
+    pos: list[str] = []
+    kv: dict[str, str] = {}
+    for item in (raw.strip() for raw in spec.split(",")):
+        key, sep, val = (s.strip() for s in item.partition("="))
+        if sep and key in _DISK_KEYS:
+            if key in kv:
+                raise ValueError(f"{key}= given twice in disk {spec!r}")
+            kv[key] = val
+        elif item == "cdrom":
+            kv["devtype"] = "cdrom"
+        elif sep and re.fullmatch(r"[a-z][a-z-]*", key):
+            raise ValueError(f"unknown disk setting {key!r} in {spec!r}")
+        elif item not in _DISK_FLAGS:
+            pos.append(item)
+    while pos and not pos[-1]:
+        pos.pop()  # trailing comma
+    if len(pos) > 4:
+        raise ValueError(f"too many fields in disk {spec!r} (expected path,vdev,mode)")
+    path, fmt, vdev, access = pos if len(pos) == 4 else [*pos[:1], "", *pos[1:], "", "", ""][:4]
+    if "target" in kv and path:
+        raise ValueError(f"disk {spec!r} gives the path twice (positional and target=)")
+    path, vdev = kv.get("target", path), kv.get("vdev", vdev).removeprefix("ioemu:")
+    access, fmt = kv.get("access", access).lower(), kv.get("format", fmt).lower()
+    _check_format(fmt)
+    backend = {"phy": "phy", "qdisk": "", "tap": "", "": ""}.get(kv.get("backendtype", ""))
+    if backend is None:
+        raise ValueError(f"unknown backendtype {kv['backendtype']!r} (use phy, qdisk or tap)")
+    while m := _PREFIX_RE.match(path):
+        if (prefix := m.group(1).lower()) in _FORMATS:
+            _check_format(prefix)
+        if prefix not in _PREFIXES:
+            raise ValueError(f"unknown disk type prefix {prefix + ':'!r} in {spec!r} "
+                             "(use phy:, file: or tap:aio:)")
+        backend, path = backend or _PREFIXES[prefix], path[m.end():]
+    if backend == "phy" and path and not path.startswith("/"):
+        path = "/dev/" + path  # xm: phy:sda1 means /dev/sda1
+    devtype = kv.get("devtype", "disk")
+    vdev, _, suffix = vdev.partition(":")
+    if suffix in ("cdrom", "disk"):
+        devtype = suffix
+    elif suffix in _MODES:
+        access = access or suffix
+    elif suffix:
+        raise ValueError(f"invalid suffix {suffix!r} on disk target in {spec!r}")
+    if devtype not in ("disk", "cdrom"):
+        raise ValueError(f"invalid devtype {devtype!r} (use disk or cdrom)")
+    if not vdev:
+        raise ValueError(f"disk {spec!r} has no guest device (vdev), e.g. 'xvda'")
+    if access and access not in _MODES:
+        raise ValueError(f"invalid access mode {access!r} in {spec!r} (use r, ro, w or rw)")
+    if not path and devtype != "cdrom":
+        raise ValueError(f"disk {spec!r} has no host path")
+    mode = "r" if devtype == "cdrom" else _MODES[access or "w"]
+    backend = backend or ("phy" if path.startswith("/dev/") else "file")
+    return DiskSpec(DiskSpec.normalise_target(vdev), backend, path, mode, devtype)
+
+
+_MODELS = {"virtio": "virtio-net-pci", "virtio-net": "virtio-net-pci",
+           "virtio-net-pci": "virtio-net-pci", "e1000": "e1000", "e1000e": "e1000e",
+           "rtl8139": "rtl8139", "ne2k_pci": "ne2k_pci", "pcnet": "pcnet"}
+_VIF_TYPES = {"vif": "", "ioemu": "", "bridge": "bridge", "nat": "nat", "user": "user"}
+_FLAGS = {"1": True, "yes": True, "true": True, "0": False, "no": False, "false": False}
+
+
+def parse_vif(spec: str) -> VifSpec:
+    """``mac=00:16:3e:00:00:01, bridge=xenbr0, model=e1000`` (xl-network-configuration)."""
+    vif, seen, types = VifSpec(), set[str](), set[str]()
+    for item in filter(None, (raw.strip() for raw in spec.split(","))):
+        key, sep, val = (s.strip() for s in item.partition("="))
+        if not sep or not (key := key.lower()):
+            raise ValueError(f"expected key=value, got {item!r} in vif {spec!r}")
+        if key in seen:
+            raise ValueError(f"{key}= given twice in vif {spec!r}")
+        seen.add(key)
+        if key == "mac":
+            vif.mac = VifSpec.check_mac(val)
+        elif key == "model":
+            if val.lower() not in _MODELS:
+                raise ValueError(f"unknown NIC model {val!r} (known: {', '.join(_MODELS)})")
+            vif.model = _MODELS[val.lower()]
+        elif key in ("bridge", "vifname"):
+            if not val:
+                raise ValueError(f"empty {key}= in vif {spec!r}")
+            setattr(vif, key, val)
+        elif key in ("ip", "gateway"):
+            for part in val.split() or [""]:
+                try:
+                    (ipaddress.ip_interface if key == "ip" else ipaddress.ip_address)(part)
+                except ValueError:
+                    raise ValueError(f"invalid {key} address {part!r} in vif {spec!r}") from None
+            setattr(vif, key, val)
+        elif key == "type":
+            if val not in _VIF_TYPES:
+                raise ValueError(f"invalid vif type {val!r} (use bridge, nat or user)")
+            types.add(_VIF_TYPES[val])
+        elif key in ("nat", "user"):
+            if val.lower() not in _FLAGS:
+                raise ValueError(f"{key}= must be 1 or 0, got {val!r}")
+            types.add(key if _FLAGS[val.lower()] else "")
+        else:
+            vif.extra[key] = val
+            types.add("nat" if key == "script" and "nat" in val else "")
+    if len(types := types - {""}) > 1:
+        raise ValueError(f"vif {spec!r} asks for several network types: {', '.join(sorted(types))}")
+    vif.type = types.pop() if types else vif.type
+    return vif

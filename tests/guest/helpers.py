@@ -1,0 +1,146 @@
+"""Helpers for tests on real guests: the CLI, the serial console, deadlines."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+BOOT_TIMEOUT = 60.0
+
+
+def wait_until(what: str, fn: Callable[[], T | None], timeout: float = 30.0,
+               interval: float = 0.05) -> T:
+    """Poll ``fn`` until it returns a truthy value; fail with ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+class Sanvisor:
+    """Runs the real CLI against one agent home (as a user would)."""
+
+    def __init__(self, home: Path, netns: str | None) -> None:
+        self.home = home
+        self.netns = netns
+
+    def argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "sanvisor", "--home", str(self.home), *args]
+
+    def run(self, *args: str, check: bool = True, timeout: float = 120,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(self.argv(*args), capture_output=True, text=True,
+                              timeout=timeout, input=input)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"sanvisor {' '.join(args)} failed rc={proc.returncode}:\n"
+                                 f"{proc.stderr}{proc.stdout}")
+        return proc
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.run("--json", *args).stdout)
+
+    def fail(self, *args: str) -> str:
+        """Run a command that must fail with a one-line error; return that line."""
+        proc = self.run(*args, check=False)
+        assert proc.returncode != 0, f"sanvisor {' '.join(args)} should have failed"
+        lines = [ln for ln in proc.stderr.splitlines() if not ln.startswith("sanvisor: warn")]
+        assert len(lines) == 1, f"expected a one-line error, got: {proc.stderr!r}"
+        assert lines[0].startswith("sanvisor: error: "), lines[0]
+        return lines[0]
+
+    def domain(self, ref: str) -> dict[str, Any]:
+        rows = self.json("list", ref)
+        return next(r for r in rows if r["domid"] != 0)
+
+    def names(self) -> set[str]:
+        return {r["name"] for r in self.json("list") if r["domid"] != 0}
+
+    def wait_marker(self, ref: str, timeout: float = BOOT_TIMEOUT, count: int = 1) -> None:
+        log = Path(self.domain(ref)["console_log"])
+        wait_until(f"{ref}'s ready marker", lambda: log.exists()
+                   and log.read_bytes().count(b"SANVISOR-READY") >= count, timeout)
+
+    def start_agent(self) -> None:
+        cmd = self.argv("agent", "start")
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+
+    def kill_agent(self) -> None:
+        pid = self.agent_pid()
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            wait_until("the agent to die", lambda: not Path(f"/proc/{pid}").exists()
+                       or "zombie" in Path(f"/proc/{pid}/status").read_text().lower(), 10)
+
+    def agent_pid(self) -> int | None:
+        proc = self.run("--json", "agent", "status", check=False)
+        data = json.loads(proc.stdout)
+        pid = data.get("pid")
+        return int(pid) if pid else None
+
+
+def qemu_pids(home: Path) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError):
+                if str(home).encode() in (d / "cmdline").read_bytes() and \
+                        b"qemu-system" in (d / "cmdline").read_bytes():
+                    out.append(int(d.name))
+    return out
+
+
+class GuestShell:
+    """A root shell on the guest's serial console (connects, runs, disconnects)."""
+
+    def __init__(self, sock_path: str) -> None:
+        self.sock_path = sock_path
+        self.n = 0
+
+    def run(self, cmd: str, timeout: float = 30.0) -> str:
+        self.n += 1
+        n = self.n
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(self.sock_path)
+            s.settimeout(timeout)
+            # the arithmetic keeps the tty's echo of our line from matching the markers
+            line = f"echo @@B$(({n}+0))@@; {cmd}; echo @@E$(({n}+0))@@$?@@\n"
+            s.sendall(line.encode())
+            buf = b""
+            end = re.compile(rb"@@E" + str(n).encode() + rb"@@(\d+)@@")
+            deadline = time.monotonic() + timeout
+            while not end.search(buf):
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"guest did not finish {cmd!r}: {buf[-500:]!r}")
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise AssertionError("console closed")
+                buf += chunk
+        text = buf.decode(errors="replace")
+        start = text.index(f"@@B{n}@@") + len(f"@@B{n}@@")
+        m = end.search(buf)
+        assert m is not None
+        body = text[start:text.index(f"@@E{n}@@")]
+        rc = int(m.group(1))
+        if rc != 0:
+            raise AssertionError(f"guest command {cmd!r} failed rc={rc}: {body!r}")
+        return body.replace("\r", "").strip("\n")
+
+    def counter(self) -> int:
+        return int(self.run("cat /run/counter"))
