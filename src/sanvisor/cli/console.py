@@ -28,8 +28,8 @@ def attach(sock_path: str, name: str) -> int:
     is_tty = os.isatty(stdin)
     saved = termios.tcgetattr(stdin) if is_tty else None
     if is_tty:
+        tty.setraw(stdin, termios.TCSANOW)  # NOW, not FLUSH: keep what was typed ahead
         print(f"Connected to {name}'s console (Ctrl-] to detach)\r", file=sys.stderr)
-        tty.setraw(stdin)
     out = sys.stdout.buffer
     stdin_open = True
     try:

@@ -246,7 +246,14 @@ def do_guest_kit(args: argparse.Namespace, layout: Layout) -> int:
     return 0
 
 
+def do_demo(args: argparse.Namespace, layout: Layout) -> int:
+    from sanvisor.lab import demo
+
+    return demo.main(keep=args.keep)
+
+
 HANDLERS: dict[str, Any] = {
+    "demo": do_demo,
     "create": do_create, "list": do_list, "pause": _simple("pause"),
     "unpause": _simple("unpause"), "reboot": _simple("reboot"), "destroy": do_destroy,
     "shutdown": do_shutdown, "save": do_save, "restore": do_restore, "console": do_console,

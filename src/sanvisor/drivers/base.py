@@ -42,6 +42,7 @@ class LaunchPlan:
     vcpus_now: int = 0  # 0 = spec.vcpus
     incoming: bool = False  # start waiting for a migration stream
     paused: bool = False
+    accel: str = ""  # filled in by the driver: "tcg" or "kvm"
 
 
 @dataclass

@@ -291,7 +291,13 @@ def parse_disk(spec: str) -> DiskSpec:
     """``[prefix:]path,vdev[:devtype|:mode],mode`` or ``key=value`` (xl-disk-configuration)."""
     pos: list[str] = []
     kv: dict[str, str] = {}
-    for item in (raw.strip() for raw in spec.split(",")):
+    head = spec
+    # xl: target= comes last and takes the rest of the spec, commas included
+    # (when key=value items follow it, it was not meant that way: parse as items)
+    m = re.search(r"(?:^|,)\s*target\s*=", spec)
+    if m and not re.search(r",\s*[a-z][a-z-]*\s*=", spec[m.end():]):
+        head, kv["target"] = spec[: m.start()], spec[m.end():].strip()
+    for item in (raw.strip() for raw in head.split(",") if head.strip()):
         key, sep, val = (s.strip() for s in item.partition("="))
         if sep and key in _DISK_KEYS:
             if key in kv:

@@ -132,14 +132,15 @@ def build_argv(plan: LaunchPlan, *, qemu: str, accel: str) -> list[str]:
         "-m", memory_arg(spec.memory, spec.maxmem),
         "-smp", f"{vcpus},maxcpus={spec.maxvcpus}",
         "-nodefaults", "-no-user-config", "-display", "none",
-        "-daemonize", "-pidfile", str(rd / "qemu.pid"),
         "-qmp", f"unix:{rd / 'qmp.sock'},server=on,wait=off",
         "-chardev", f"socket,id=con0,path={rd / 'console.sock'},server=on,wait=off,"
                     f"logfile={rd / 'console.log'},logappend=on",
         "-serial", "chardev:con0",
         "-kernel", str(plan.kernel),
         "-append", plan.cmdline,
-        "-device", "virtio-scsi-pci,id=scsi0",
+        # fixed queue count: QEMU's default follows the vCPU count at start, which
+        # differs after a vCPU hot-plug and breaks restore/migration
+        "-device", f"virtio-scsi-pci,id=scsi0,num_queues={min(spec.maxvcpus, 8)}",
         "-device", "virtio-balloon-pci,id=balloon0",
         "-device", "pvpanic",
         "-no-shutdown",

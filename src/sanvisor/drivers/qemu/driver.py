@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import os
 import shutil
+import subprocess
+import time
 from pathlib import Path
 
 from sanvisor.drivers.base import Driver, EventSink, Instance, LaunchPlan
@@ -15,6 +17,7 @@ from sanvisor.drivers.qemu.instance import QemuInstance
 from sanvisor.errors import HypervisorError
 
 QEMU_BINARY = "qemu-system-x86_64"
+START_TIMEOUT = 60.0
 
 
 def _qemu_reason(stderr: str, rc: int) -> str:
@@ -53,6 +56,7 @@ class QemuDriver(Driver):
         self.qemu = qemu or shutil.which(QEMU_BINARY) or QEMU_BINARY
         self._accel = accel
         self._cache_dir = cache_dir
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
 
     @property
     def accel(self) -> str:
@@ -61,38 +65,56 @@ class QemuDriver(Driver):
         return self._accel
 
     def argv(self, plan: LaunchPlan) -> list[str]:
+        plan.accel = self.accel
         return build_argv(plan, qemu=self.qemu, accel=self.accel)
 
     async def launch(self, plan: LaunchPlan, events: EventSink) -> Instance:
+        """Start QEMU in a session of its own (so the agent's death does not touch it),
+        its output in rundir/qemu.log; return once its monitor answers."""
         plan.rundir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for stale in ("qmp.sock", "console.sock", "qemu.pid"):
+        for stale in ("qmp.sock", "console.sock"):
             with contextlib.suppress(FileNotFoundError):
                 (plan.rundir / stale).unlink()
         argv = self.argv(plan)
         (plan.rundir / "qemu.argv").write_text("\0".join(argv))
+        logpath = plan.rundir / "qemu.log"
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE)
+            with open(logpath, "ab") as log:
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                        stderr=log, start_new_session=True)
         except OSError as exc:
             raise HypervisorError(f"cannot run {self.qemu}: {exc.strerror}") from exc
-        _, err = await proc.communicate()
-        if proc.returncode != 0:
-            reason = _qemu_reason(err.decode(errors="replace"), proc.returncode or 0)
-            raise HypervisorError(f"QEMU could not start {plan.spec.name}: {reason}",
-                                  domain=plan.spec.name, stderr=err.decode(errors="replace"))
+        self._children[proc.pid] = proc
+        deadline = time.monotonic() + START_TIMEOUT
         try:
-            pid = int((plan.rundir / "qemu.pid").read_text().strip())
-        except (OSError, ValueError) as exc:
-            raise HypervisorError(f"QEMU started {plan.spec.name} but wrote no pid file") from exc
-        try:
-            return await QemuInstance.connect(plan, pid, events)
+            while True:
+                if proc.poll() is not None:
+                    text = logpath.read_text(errors="replace")
+                    reason = _qemu_reason(text, proc.returncode or 0)
+                    raise HypervisorError(f"QEMU could not start {plan.spec.name}: {reason}",
+                                          domain=plan.spec.name, log=text[-2000:])
+                if (plan.rundir / "qmp.sock").exists():
+                    with contextlib.suppress(HypervisorError):
+                        return await QemuInstance.connect(plan, proc.pid, events,
+                                                          reap=self._reap)
+                if time.monotonic() > deadline:
+                    raise HypervisorError(f"QEMU did not come up within {START_TIMEOUT:.0f}s",
+                                          domain=plan.spec.name)
+                await asyncio.sleep(0.01)
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 9)
+                proc.kill()
+            proc.wait()
+            self._children.pop(proc.pid, None)
             raise
+
+    def _reap(self, pid: int) -> None:
+        proc = self._children.pop(pid, None)
+        if proc is not None:
+            proc.wait()
 
     async def reattach(self, plan: LaunchPlan, pid: int, events: EventSink) -> Instance | None:
         if not _pid_alive(pid) or not _is_qemu(pid, plan.rundir):
             return None
+        plan.accel = self.accel
         return await QemuInstance.connect(plan, pid, events)

@@ -24,8 +24,11 @@ Pred = Callable[[dict[str, Any]], bool]
 
 
 def _path_is(path: str) -> Pred:
+    """DEVICE_DELETED for ``path`` or a child of it (QEMU 7.2 reports only the
+    CPU's lapic child when a CPU is unplugged)."""
     def pred(data: dict[str, Any]) -> bool:
-        return data.get("path") == path
+        got = str(data.get("path", ""))
+        return got == path or got.startswith(path + "/")
     return pred
 
 
@@ -43,11 +46,13 @@ class QemuInstance(Instance):
         self._pump: asyncio.Task[None] | None = None
         self._exit_fd: int | None = None
         self._exited = asyncio.Event()
-        self._exit_task: asyncio.Task[None] | None = None
+        self._exit_task: asyncio.Future[None] | None = None
+        self._reap: Callable[[int], None] | None = None
 
     # ---- lifecycle of the connection -------------------------------------------------
     @classmethod
-    async def connect(cls, plan: LaunchPlan, pid: int, events: EventSink) -> QemuInstance:
+    async def connect(cls, plan: LaunchPlan, pid: int, events: EventSink,
+                      reap: Callable[[int], None] | None = None) -> QemuInstance:
         qmp = QMPClient(plan.spec.name)
         try:
             await asyncio.wait_for(qmp.connect(str(plan.rundir / "qmp.sock")), QMP_TIMEOUT)
@@ -56,6 +61,7 @@ class QemuInstance(Instance):
                 f"cannot reach QEMU's monitor for {plan.spec.name}: {exc}", domain=plan.spec.name
             ) from exc
         inst = cls(plan, pid, qmp, events)
+        inst._reap = reap
         inst._start_watch()
         return inst
 
@@ -73,6 +79,8 @@ class QemuInstance(Instance):
             asyncio.get_running_loop().remove_reader(self._exit_fd)
             os.close(self._exit_fd)
             self._exit_fd = None
+        if self._reap is not None:
+            self._reap(self.pid)
         self._exited.set()
         self._exit_task = asyncio.ensure_future(self._sink("PROCESS_EXITED", {"pid": self.pid}))
 
@@ -203,7 +211,16 @@ class QemuInstance(Instance):
         await self.qmp("getfd", {"fdname": "svrestore"})
         status = await self._migration("migrate-incoming", {"uri": "fd:svrestore"}, 600)
         if status != "completed":
-            raise HypervisorError(f"restore failed: QEMU reported {status}")
+            raise HypervisorError(f"restore failed: {self.log_tail() or status}")
+
+    def log_tail(self) -> str:
+        """QEMU's last complaint, from its log (it explains failed migrations)."""
+        try:
+            lines = (self.plan.rundir / "qemu.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        lines = [ln.removeprefix("qemu-system-x86_64: ") for ln in lines if ln.strip()]
+        return "; ".join(lines[-2:])
 
     async def set_balloon(self, mib: int) -> None:
         await self.qmp("balloon", {"value": mib << 20})
@@ -227,24 +244,61 @@ class QemuInstance(Instance):
         return list(await self.qmp("query-hotpluggable-cpus"))
 
     async def set_vcpus(self, count: int) -> None:
-        slots = sorted(await self._cpus(), key=lambda c: int(c["props"].get("socket-id", 0)))
-        present = [c for c in slots if c.get("qom-path")]
+        """Plug the lowest free CPU slots, unplug the highest present ones (never CPU 0)."""
+        def topo(c: dict[str, Any]) -> tuple[int, ...]:
+            p = c["props"]
+            return tuple(int(p.get(k, 0)) for k in ("socket-id", "die-id", "core-id",
+                                                     "thread-id"))
+
+        slots = sorted(await self._cpus(), key=topo)
+        present = [i for i, c in enumerate(slots) if c.get("qom-path")]
+        free = [i for i, c in enumerate(slots) if not c.get("qom-path")]
         if count > len(present):
-            for slot in [c for c in slots if not c.get("qom-path")][: count - len(present)]:
-                sock = int(slot["props"]["socket-id"])
-                await self.qmp("device_add", {"driver": slot["type"], "id": f"cpu{sock}",
-                                              **slot["props"]})
+            self._check_tcg_budget(count - len(present))
+            for i in free[: count - len(present)]:
+                self._note_tcg_context()
+                await self.qmp("device_add", {"driver": slots[i]["type"], "id": f"cpu{i}",
+                                              **slots[i]["props"]})
         elif count < len(present):
-            for slot in list(reversed(present))[: len(present) - count]:
-                sock = int(slot["props"]["socket-id"])
-                if sock == 0:
+            for i in list(reversed(present))[: len(present) - count]:
+                if i == 0:
                     break
-                dev = f"cpu{sock}"
-                path = str(slot["qom-path"])
-                if not path.endswith(dev):
-                    dev = path  # a CPU from the command line: address it by path
+                path = str(slots[i]["qom-path"])  # also names CPUs from the command line
                 await self._run_until_event(
-                    "device_del", {"id": dev}, "DEVICE_DELETED", _path_is(path), timeout=30)
+                    "device_del", {"id": path}, "DEVICE_DELETED", _path_is(path), timeout=30)
+                for _ in range(100):  # the slot frees right after the lapic goes
+                    if not any(c.get("qom-path") == path for c in await self._cpus()):
+                        break
+                    await asyncio.sleep(0.05)
+
+    # QEMU 7.2 under multi-threaded TCG gives each vCPU thread a TCG context and never
+    # frees it (at most maxcpus per process): plugging a vCPU again after an unplug
+    # aborts QEMU (tcg_register_thread: n < tcg_max_ctxs). Single-threaded TCG is no
+    # way out: there, unplugging a vCPU crashes QEMU (qemu_thread_join deadlock).
+    # So we count contexts and refuse, clearly, the plug that would kill the guest.
+    def _tcg_file(self) -> Path:
+        return self.plan.rundir / "tcg-contexts"
+
+    def _tcg_used(self) -> int:
+        try:
+            return int(self._tcg_file().read_text())
+        except (OSError, ValueError):
+            return self.plan.vcpus_now or self.plan.spec.vcpus
+
+    def _check_tcg_budget(self, more: int) -> None:
+        if "tcg" not in self.plan.accel:
+            return
+        left = self.plan.spec.maxvcpus - self._tcg_used()
+        if more > left:
+            raise HypervisorError(
+                f"cannot plug {more} more vCPU(s) into {self.plan.spec.name}: under TCG, "
+                "QEMU 7.2 cannot plug a vCPU again after one was unplugged "
+                f"({left} plug(s) left until the domain restarts)",
+                domain=self.plan.spec.name)
+
+    def _note_tcg_context(self) -> None:
+        if "tcg" in self.plan.accel:
+            self._tcg_file().write_text(str(self._tcg_used() + 1))
 
     async def attach_disk(self, disk: DiskSpec, index: int) -> None:
         if disk.path:

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Install what sanvisor needs on a fresh Debian 12 machine (idempotent, fast when done):
+# Debian packages, the Python environment (.venv), and the guest kit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PKGS=(qemu-system-x86 qemu-utils busybox-static iproute2 nftables libnbd-bin iputils-ping)
+missing=()
+for p in "${PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    if [ "$(id -u)" != 0 ]; then
+        echo "setup: missing packages ${missing[*]}; run as root or: sudo apt-get install ${missing[*]}" >&2
+        exit 1
+    fi
+    echo "setup: installing ${missing[*]}" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+stamp=.venv/.sanvisor-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
+    echo "setup: installing the Python environment" >&2
+    .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+    touch "$stamp"
+fi
+
+# The guest kit (Debian kernel + busybox initramfs): built once, cached.
+.venv/bin/sanvisor guest-kit build >/dev/null

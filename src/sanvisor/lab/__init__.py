@@ -1,0 +1,1 @@
+"""The one-machine lab: the demo now; the SAN and the pool as they arrive."""

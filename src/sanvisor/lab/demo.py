@@ -1,0 +1,147 @@
+"""`sanvisor demo`: the seed's xm session, for real, on this machine.
+
+Starts a private agent (inside a network namespace of its own when root, so
+nothing touches the host's network), creates a guest from an xm config file,
+and runs the seed's verbs on it, printing each command as a user would type
+it. Everything it made is removed at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from sanvisor.lab.guestshell import GuestShell
+
+CONFIG = """\
+# A guest in the style of the seed's section V-G (kernel and ramdisk: the guest kit)
+name = "demo1"
+memory = 128
+maxmem = 384
+vcpus = 1
+maxvcpus = 2
+vif = [ 'mac=00:16:3e:00:00:01, bridge=xenbr0, ip=10.213.7.2/24' ]
+disk = [ 'file:{disk},sda,w' ]
+on_poweroff = "destroy"
+on_reboot = "restart"
+"""
+
+
+class Demo:
+    def __init__(self, keep: bool = False) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="svdemo", dir="/tmp"))
+        self.home = self.tmp / "home"
+        self.netns = f"svdemo{os.getpid()}" if os.geteuid() == 0 else None
+        self.keep = keep
+
+    def sv(self, *args: str, show: bool = True, check: bool = True) -> str:
+        if show:
+            print(f"\n$ sanvisor {' '.join(args)}", flush=True)
+        cmd = [sys.executable, "-m", "sanvisor", "--home", str(self.home), *args]
+        if self.netns and args[:2] == ("agent", "start"):
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        out = proc.stdout + proc.stderr
+        if show and out.strip():
+            print(out.rstrip(), flush=True)
+        if check and proc.returncode != 0:
+            raise SystemExit(f"demo: 'sanvisor {' '.join(args)}' failed")
+        return proc.stdout
+
+    def wait_marker(self, log: Path, count: int = 1, timeout: float = 60) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if log.exists() and log.read_bytes().count(b"SANVISOR-READY") >= count:
+                return time.monotonic() - t0
+            time.sleep(0.02)
+        raise SystemExit("demo: the guest did not reach its ready marker")
+
+    def run(self) -> int:
+        if self.netns:
+            subprocess.run(["ip", "netns", "add", self.netns], check=True)
+        try:
+            return self._steps()
+        finally:
+            self.cleanup()
+
+    def _steps(self) -> int:
+        disk = self.tmp / "demo1-sda.img"
+        with open(disk, "wb") as fh:
+            fh.truncate(64 << 20)
+        cfg = self.tmp / "demo1.cfg"
+        cfg.write_text(CONFIG.format(disk=disk))
+        print(f"# the config file ({cfg}):\n{cfg.read_text()}")
+        self.sv("agent", "start")
+        t0 = time.monotonic()
+        self.sv("create", str(cfg))
+        info = self._info()
+        log = Path(info["console_log"])
+        self.wait_marker(log)
+        took = time.monotonic() - t0
+        marker = next(ln for ln in log.read_text(errors="replace").splitlines()
+                      if "SANVISOR-READY" in ln)
+        print(f"\n# console: {marker.strip()!r} ({took:.1f} s after create)")
+        self.sv("list")
+        shell = GuestShell(info["console_socket"])
+        print("\n# in the guest:", shell.run("uname -r; cat /sys/block/sda/size; ip -o -4 addr "
+                                             "show eth0 | awk '{print $4}'").replace("\n", " | "))
+        c1 = shell.counter()
+        self.sv("pause", "demo1")
+        self.sv("list", "demo1")
+        held = time.monotonic()
+        time.sleep(1.0)  # let wall-clock time pass while paused (the point of the demo)
+        self.sv("unpause", "demo1")
+        c2 = shell.counter()
+        print(f"\n# guest counter: {c1} before pause, {c2} after "
+              f"{time.monotonic() - held:.1f} s paused (it ticks 10 times a second)")
+        self.sv("vcpu-set", "demo1", "2")
+        self.sv("mem-set", "demo1", "256")
+        online = self.poll(lambda: shell.run("cat /sys/devices/system/cpu/online") == "0-1")
+        mem = shell.run("grep MemTotal /proc/meminfo")
+        print(f"\n# in the guest: cpus online {online}, {' '.join(mem.split())}")
+        save = self.tmp / "demo1.save"
+        c3 = shell.counter()
+        self.sv("save", "demo1", str(save))
+        self.sv("list")
+        self.sv("restore", str(save))
+        c4 = shell.counter()
+        print(f"\n# guest counter: {c3} before save, {c4} after restore (no reboot)")
+        self.sv("top", "-b", "-n", "1")
+        self.sv("shutdown", "-w", "demo1")
+        self.sv("list")
+        return 0
+
+    @staticmethod
+    def poll(fn: Callable[[], bool], timeout: float = 30) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if fn():
+                return True
+            time.sleep(0.1)
+        return False
+
+    def _info(self) -> dict[str, str]:
+        import json
+
+        rows = json.loads(self.sv("--json", "list", "demo1", show=False))
+        return dict(next(r for r in rows if r["domid"] != 0))
+
+    def cleanup(self) -> None:
+        with contextlib.suppress(Exception):
+            self.sv("destroy", "demo1", show=False, check=False)
+        self.sv("agent", "stop", show=False, check=False)
+        if self.netns:
+            subprocess.run(["ip", "netns", "del", self.netns], check=False)
+        if not self.keep:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def main(keep: bool = False) -> int:
+    return Demo(keep=keep).run()

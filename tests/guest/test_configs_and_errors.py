@@ -1,0 +1,135 @@
+"""Config files on real guests (the seed's V-G file, MAC persistence), and bad input:
+every refusal is one line, a non-zero exit, and leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sanvisor.lab.guestshell import GuestShell
+from tests.guest.conftest import write_config
+from tests.guest.helpers import Sanvisor, qemu_pids
+
+pytestmark = pytest.mark.guest
+SEED = Path(__file__).parent.parent / "unit" / "data" / "seed-vg.cfg"
+
+
+def _snapshot(sv: Sanvisor) -> tuple[set[str], list[int], set[str], set[str]]:
+    taps = set(os.listdir("/sys/class/net")) if not sv.netns else set()
+    return (sv.names(), sorted(qemu_pids(sv.home)), set(os.listdir(sv.home / "dom")), taps)
+
+
+@pytest.fixture(scope="module")
+def seed_guest(sv: Sanvisor, kit: object, tmp_path_factory: pytest.TempPathFactory
+               ) -> Iterator[dict[str, object]]:
+    """The seed's V-G config as is, only its paths substituted."""
+    d = tmp_path_factory.mktemp("seed")
+    disk = d / "lvsysteme.img"
+    disk.write_bytes(b"\0" * (4 << 20))
+    text = SEED.read_text()
+    text = text.replace("/boot/vmlinuz-2.6.18-6-xen-686", str(kit.kernel))  # type: ignore[attr-defined]
+    text = text.replace("/boot/initrd.img-2.6.18-6-xen-686", str(kit.initrd))  # type: ignore[attr-defined]
+    text = text.replace("/dev/vgvirtualdebian/lvsysteme", str(disk))
+    cfg = d / "virtualdebian.cfg"
+    cfg.write_text(text)
+    sv.run("create", str(cfg))
+    try:
+        sv.wait_marker("virtualdebian")
+        yield sv.domain("virtualdebian")
+    finally:
+        sv.run("destroy", "virtualdebian", check=False)
+
+
+def test_the_seed_config_runs(sv: Sanvisor, seed_guest: dict[str, object]) -> None:
+    row = next(ln.split() for ln in sv.run("list").stdout.splitlines()
+               if ln.startswith("virtualdebian "))
+    assert row[2:4] == ["2048", "2"]  # memory = 2048, vcpus = 2, as in the seed
+    assert seed_guest["vifs"][0]["mac"] == "00:16:3e:00:00:01"  # type: ignore[index]
+    shell = GuestShell(str(seed_guest["console_socket"]))
+    assert shell.run("cat /sys/class/net/eth0/address") == "00:16:3e:00:00:01"
+    assert shell.run("cat /sys/devices/system/cpu/online") == "0-1"
+    assert "root=/dev/mapper/VolGroup00-lvroot ro" in shell.run("cat /proc/cmdline")
+
+
+def test_refusals_leave_nothing_behind(sv: Sanvisor, seed_guest: dict[str, object],
+                                      workdir: Path, kit: object) -> None:
+    good = dict(name="bad1", memory=128)
+    cases: list[tuple[list[str], str]] = []
+
+    def cfg(fname: str, **keys: object) -> str:
+        return str(write_config(workdir / fname, **keys))
+
+    broken = workdir / "broken.cfg"
+    broken.write_text('name = "x"\nmemory = 128\nvif = [ "mac=00:16:3e:00:00:09"\n')
+    cases.append((["create", str(broken)], r"broken\.cfg:3: list is not closed"))
+    pyexec = workdir / "exec.cfg"
+    pyexec.write_text("name = 'x'\nmemory = __import__('os').system('true')\n")
+    cases.append((["create", str(pyexec)], r"exec\.cfg:2: "))
+    cases.append((["create", str(workdir / "nope.cfg")], r"nope\.cfg: no such file"))
+    cases.append((["create", cfg("k.cfg", **good, kernel="/nonexistent/vmlinuz")],
+                  r"kernel: /nonexistent/vmlinuz: no such file"))
+    cases.append((["create", cfg("d.cfg", **good, disk=["phy:/dev/nonexistent-lun,sda,w"])],
+                  r"disk sda: /dev/nonexistent-lun: no such file"))
+    cases.append((["create", cfg("dup.cfg", name="virtualdebian", memory=128)],
+                  r"domain virtualdebian already exists"))
+    cases.append((["create", cfg("mem.cfg", name="huge", memory=64 * 1024 * 1024)],
+                  r"not enough memory: 67108864 MiB asked"))
+    cases.append((["create", cfg("mm.cfg", **good, maxmem=64)],
+                  r"mm\.cfg:3: maxmem: 64 MiB is less than memory"))
+    cases.append((["create", cfg("vc.cfg", **good, vcpus=4, maxvcpus=2)],
+                  r"vc\.cfg:\d: .*4 is more than maxvcpus"))
+    cases.append((["create", cfg("mac.cfg", **good, vif=["mac=00:16:3e:00:00:01"])],
+                  r"MAC 00:16:3e:00:00:01 is already used by domain virtualdebian"))
+    cases.append((["create", cfg("ov.cfg", **good), "memory=lots"],
+                  r"command line:1: memory: expected an integer"))
+    cases.append((["pause", "no-such-domain"], r"domain 'no-such-domain' does not exist"))
+    cases.append((["block-detach", "virtualdebian", "sdq"], r"virtualdebian has no disk sdq"))
+    cases.append((["mem-set", "virtualdebian", "lots"], r"invalid memory amount"))
+    garbage = workdir / "garbage.save"
+    garbage.write_bytes(b"\x7fELF" + os.urandom(4096))
+    cases.append((["restore", str(garbage)], r"not a sanvisor save file"))
+    cases.append((["restore", str(workdir / "missing.save")], r"cannot open"))
+    before = _snapshot(sv)
+    for args, pattern in cases:
+        line = sv.fail(*args)
+        assert re.search(pattern, line), (args, line)
+        assert _snapshot(sv) == before, f"{args} left something behind"
+
+
+def test_a_damaged_save_file_is_refused(sv: Sanvisor, seed_guest: dict[str, object],
+                                        workdir: Path) -> None:
+    """Save the seed guest, damage copies of the file, restore the good one."""
+    save = workdir / "vd.save"
+    sv.run("save", "virtualdebian", str(save))
+    data = save.read_bytes()
+    truncated = workdir / "truncated.save"
+    truncated.write_bytes(data[: len(data) // 2])
+    flipped = bytearray(data)
+    flipped[len(data) - 100] ^= 0xFF
+    corrupt = workdir / "corrupt.save"
+    corrupt.write_bytes(bytes(flipped))
+    before = _snapshot(sv)
+    assert "truncated save file" in sv.fail("restore", str(truncated))
+    assert "checksum mismatch" in sv.fail("restore", str(corrupt))
+    assert _snapshot(sv) == before
+    sv.run("restore", str(save))
+    assert "already exists" in sv.fail("restore", str(save))
+    assert sv.domain("virtualdebian")["state"] in ("running", "blocked")
+
+
+def test_mac_is_assigned_once_and_kept(sv: Sanvisor, workdir: Path) -> None:
+    cfg = write_config(workdir / "m.cfg", name="mackeeper", memory=128,
+                       vif=["bridge=svbr1"])
+    macs = []
+    for _ in range(2):
+        info = sv.json("create", str(cfg))
+        try:
+            macs.append(info["vifs"][0]["mac"])
+        finally:
+            sv.run("destroy", "mackeeper")
+    assert macs[0] == macs[1]
+    assert macs[0].startswith("00:16:3e:")

@@ -1,0 +1,253 @@
+"""The xm verbs on one real guest (TCG), shared by the tests of this module in order.
+
+The guest: guest-kit kernel, 128 MiB (maxmem 384), 1 vCPU (maxvcpus 2), a disk
+on sda and a NIC on a bridge inside the test's network namespace.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sanvisor.lab.guestshell import GuestShell
+from tests.guest.conftest import ROOT, write_config
+from tests.guest.helpers import Sanvisor, qemu_pids, wait_until
+
+pytestmark = pytest.mark.guest
+NAME = "lc1"
+GUEST_IP = "10.213.9.2"
+PEER_IP = "10.213.9.1"
+
+
+@pytest.fixture(scope="module")
+def guest(sv: Sanvisor, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuestShell]:
+    d = tmp_path_factory.mktemp("lc")
+    disk = d / "sda.img"
+    disk.write_bytes(b"SANVISOR-DISK-A" + b"\0" * (8 << 20))
+    cfg = write_config(d / "lc1.cfg", name=NAME, memory=128, maxmem=384, vcpus=1,
+                       maxvcpus=2, disk=[f"file:{disk},sda,w"],
+                       vif=[f"bridge=svbr0, ip={GUEST_IP}/24"])
+    sv.run("create", str(cfg))
+    try:
+        sv.wait_marker(NAME)
+        yield GuestShell(sv.domain(NAME)["console_socket"])
+    finally:
+        sv.run("destroy", NAME, check=False)
+
+
+def test_list_shows_the_guest_like_xm(sv: Sanvisor, guest: GuestShell) -> None:
+    out = sv.run("list").stdout.splitlines()
+    assert out[0].split() == ["Name", "ID", "Mem", "VCPUs", "State", "Time(s)"]
+    assert out[1].split()[:2] == ["Domain-0", "0"]
+    row = next(ln.split() for ln in out if ln.startswith(NAME + " "))
+    assert row[2:4] == ["128", "1"]
+    assert row[4] in ("r-----", "-b----")
+    info = sv.domain(NAME)
+    assert sv.run("domid", NAME).stdout.strip() == str(info["domid"])
+    assert sv.run("domname", str(info["domid"])).stdout.strip() == NAME
+    assert NAME in sv.run("uptime").stdout
+    assert guest.run("cat /sys/block/sda/device/model; dd if=/dev/sda bs=15 count=1 "
+                     "2>/dev/null").endswith("SANVISOR-DISK-A")
+
+
+def test_console_attach_detach_many_times(sv: Sanvisor, guest: GuestShell) -> None:
+    for i in range(3):
+        pid, fd = pty.fork()
+        if pid == 0:  # child: the real CLI on a real terminal
+            os.execv(sv.argv("console", NAME)[0], sv.argv("console", NAME))
+        try:
+            buf = b""
+            deadline = time.monotonic() + 30
+
+            def read_until(token: bytes) -> None:
+                nonlocal buf
+                while token not in buf:
+                    assert time.monotonic() < deadline, f"no {token!r} from the console: {buf!r}"
+                    if select.select([fd], [], [], 1)[0]:
+                        buf += os.read(fd, 4096)
+
+            read_until(b"Ctrl-] to detach")  # the terminal is raw from here on
+            os.write(fd, f"echo hello-$(({i}+40))\r".encode())
+            read_until(f"hello-{i + 40}".encode())
+            os.write(fd, b"\x1d")  # Ctrl-]
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+        finally:
+            os.close(fd)
+    assert sv.domain(NAME)["state"] in ("running", "blocked")
+
+
+def test_pause_stops_the_guest_and_unpause_resumes_it(sv: Sanvisor, guest: GuestShell) -> None:
+    c1 = guest.counter()
+    sv.run("pause", NAME)
+    assert sv.domain(NAME)["letters"] == "--p---"
+    t0 = time.monotonic()
+    time.sleep(1.5)  # wall-clock time passing while paused is what is tested
+    sv.run("unpause", NAME)
+    paused_for = time.monotonic() - t0
+    c2 = guest.counter()
+    # the counter ticks 10/s of guest time; had the guest run, it would have gained ~15
+    assert 0 <= c2 - c1 < 10 * (paused_for - 1.5) + 8, (c1, c2, paused_for)
+    c3 = wait_until("the counter to move on", lambda: (v := guest.counter()) > c2 + 5 and v)
+    assert c3 > c2
+    assert sv.fail("unpause", NAME).endswith("is not paused (running)")
+
+
+@pytest.mark.skipif(not ROOT, reason="bridges and namespaces need root")
+def test_guest_answers_on_its_ip_through_the_bridge(sv: Sanvisor, guest: GuestShell) -> None:
+    assert sv.netns
+    peer = f"svpeer{os.getpid()}"
+    veth = f"svv{os.getpid() % 100000}"
+    run = subprocess.run
+    run(["ip", "netns", "add", peer], check=True)
+    try:
+        run(["ip", "link", "add", veth, "netns", sv.netns, "type", "veth", "peer", "name",
+             "eth0", "netns", peer], check=True)
+        run(["ip", "-n", sv.netns, "link", "set", veth, "master", "svbr0", "up"], check=True)
+        run(["ip", "-n", peer, "addr", "add", f"{PEER_IP}/24", "dev", "eth0"], check=True)
+        run(["ip", "-n", peer, "link", "set", "eth0", "up"], check=True)
+        run(["ip", "-n", peer, "link", "set", "lo", "up"], check=True)
+        mac = sv.domain(NAME)["vifs"][0]["mac"]
+        assert guest.run("cat /sys/class/net/eth0/address") == mac
+        probe = ("import socket,sys\n"
+                 f"s=socket.create_connection(('{GUEST_IP}',7),timeout=5)\n"
+                 "s.sendall(b'ping-through-the-bridge\\n')\n"
+                 "print(s.recv(100).decode().strip())\n")
+        out = wait_until("the guest's echo service", lambda: run(
+            ["ip", "netns", "exec", peer, "python3", "-c", probe],
+            capture_output=True, text=True).stdout.strip(), timeout=30, interval=0.5)
+        assert out == "ping-through-the-bridge"
+        ping = run(["ip", "netns", "exec", peer, "ping", "-c", "2", "-W", "5", GUEST_IP],
+                   capture_output=True, text=True)
+        assert ping.returncode == 0, ping.stdout
+    finally:
+        run(["ip", "netns", "del", peer], check=False)
+        run(["ip", "-n", sv.netns, "link", "del", veth], check=False)
+
+
+def test_block_attach_and_detach(sv: Sanvisor, guest: GuestShell, tmp_path: Path) -> None:
+    img = tmp_path / "extra.img"
+    img.write_bytes(b"\0" * (16 << 20))
+    before = set(guest.run("ls /sys/block").split())
+    sv.run("block-attach", NAME, f"file:{img}", "sdc", "w")
+    new = wait_until("the disk in the guest",
+                     lambda: set(guest.run("ls /sys/block").split()) - before)
+    dev = new.pop()
+    assert guest.run(f"cat /sys/block/{dev}/size") == str((16 << 20) // 512)
+    guest.run(f"echo block-attach-works > /tmp/m; dd if=/tmp/m of=/dev/{dev} bs=512 "
+              f"conv=sync,fsync 2>/dev/null")
+    assert guest.run(f"dd if=/dev/{dev} bs=18 count=1 2>/dev/null") == "block-attach-works"
+    assert img.read_bytes().startswith(b"block-attach-works")
+    assert "sdc" in sv.run("block-list", NAME).stdout
+    assert "already has a disk sdc" in sv.fail("block-attach", NAME, f"file:{img}", "sdc", "w")
+    sv.run("block-detach", NAME, "sdc")
+    wait_until("the disk to leave the guest",
+               lambda: set(guest.run("ls /sys/block").split()) == before)
+    assert "has no disk sdc" in sv.fail("block-detach", NAME, "sdc")
+
+
+def _memtotal_mib(guest: GuestShell) -> int:
+    return int(guest.run("grep MemTotal /proc/meminfo").split()[1]) // 1024
+
+
+def test_mem_set_balloons_and_hotplugs(sv: Sanvisor, guest: GuestShell) -> None:
+    start = _memtotal_mib(guest)
+    sv.run("mem-set", NAME, "96")
+    wait_until("the balloon to inflate", lambda: _memtotal_mib(guest) <= start - 24)
+    assert sv.domain(NAME)["mem_mib"] == 96
+    sv.run("mem-set", NAME, "256m")  # above the boot size: hot-plugged DIMM, up to maxmem
+    wait_until("memory to grow", lambda: _memtotal_mib(guest) >= start + 100)
+    assert "above the domain's maximum" in sv.fail("mem-set", NAME, "1g")
+    assert "without a restart" in sv.fail("mem-max", NAME, "2048")
+    sv.run("mem-max", NAME, "200")
+    assert sv.domain(NAME)["mem_mib"] == 200
+
+
+def test_vcpu_set_hotplugs_and_unplugs(sv: Sanvisor, guest: GuestShell) -> None:
+    def online() -> str:
+        return guest.run("cat /sys/devices/system/cpu/online")
+
+    sv.run("vcpu-set", NAME, "2")
+    wait_until("cpu1 online", lambda: online() == "0-1")
+    assert sv.domain(NAME)["vcpus"] == 2
+    assert "outside 1..2" in sv.fail("vcpu-set", NAME, "3")
+    sv.run("vcpu-set", NAME, "1")
+    wait_until("cpu1 gone", lambda: online() == "0")
+    again = sv.run("vcpu-set", NAME, "2", check=False)
+    if again.returncode == 0:  # KVM
+        wait_until("cpu1 back", lambda: online() == "0-1")
+    else:  # TCG on QEMU 7.2: refused before it can abort QEMU, and the guest lives on
+        assert "cannot plug a vCPU again" in again.stderr
+        assert online() == "0"
+        assert sv.domain(NAME)["vcpus"] == 1
+
+
+def test_top_batch_mode(sv: Sanvisor, guest: GuestShell) -> None:
+    out = sv.run("top", "-b", "-n", "2", "-d", "0.5").stdout
+    frames = [f for f in out.split("\n\n") if f.strip()]
+    assert len(frames) == 2
+    header, row = frames[1].splitlines()[:2]
+    assert header.split()[:4] == ["NAME", "STATE", "CPU(sec)", "CPU(%)"]
+    assert row.split()[0] == NAME
+    assert float(row.split()[2]) > 0
+
+
+def test_agent_restart_keeps_the_guest(sv: Sanvisor, guest: GuestShell) -> None:
+    before = sv.domain(NAME)
+    c1 = guest.counter()
+    sv.kill_agent()  # SIGKILL: no goodbye
+    assert before["pid"] in qemu_pids(sv.home)
+    sv.start_agent()
+    after = sv.domain(NAME)
+    assert (after["domid"], after["pid"], after["uuid"]) == \
+        (before["domid"], before["pid"], before["uuid"])
+    assert after["state"] in ("running", "blocked")
+    assert guest.counter() > c1
+    sv.run("pause", NAME)  # the new agent drives it
+    sv.run("unpause", NAME)
+
+
+def test_save_and_restore_continue_the_guest(sv: Sanvisor, guest: GuestShell,
+                                             tmp_path: Path) -> None:
+    guest.run("echo still-here > /run/mark")
+    before = sv.domain(NAME)
+    c1 = guest.counter()
+    save = tmp_path / "lc1.save"
+    sv.run("save", NAME, str(save))
+    assert NAME not in sv.names()
+    assert before["pid"] not in qemu_pids(sv.home)
+    sv.run("restore", str(save))
+    after = sv.domain(NAME)
+    assert after["domid"] != before["domid"]
+    assert after["vifs"][0]["mac"] == before["vifs"][0]["mac"]
+    assert guest.run("cat /run/mark") == "still-here"  # not rebooted: tmpfs kept
+    assert guest.counter() >= c1
+    assert guest.run("cat /sys/devices/system/cpu/online") == "0-1"
+    log = Path(after["console_log"]).read_bytes()
+    assert log.count(b"SANVISOR-READY") == 0  # a new log, and no boot in it
+
+
+def test_reboot_is_clean_and_keeps_the_mac(sv: Sanvisor, guest: GuestShell) -> None:
+    before = sv.domain(NAME)
+    guest.run("echo gone-after-reboot > /run/mark2")
+    sv.run("reboot", NAME)
+    sv.wait_marker(NAME, count=1)
+    wait_until("a fresh boot", lambda: "mark2" not in guest.run("ls /run"))
+    after = sv.domain(NAME)
+    assert after["vifs"][0]["mac"] == before["vifs"][0]["mac"]
+    assert after["pid"] == before["pid"]  # the same QEMU, reset
+
+
+def test_shutdown_is_clean(sv: Sanvisor, guest: GuestShell) -> None:
+    pid = sv.domain(NAME)["pid"]
+    sv.run("shutdown", "-w", "-t", "60", NAME)
+    assert NAME not in sv.names()
+    wait_until("QEMU to exit", lambda: pid not in qemu_pids(sv.home), 10)
+    assert "does not exist" in sv.fail("shutdown", NAME)
