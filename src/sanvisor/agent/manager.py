@@ -118,8 +118,9 @@ class Manager:
         return LaunchPlan(
             spec=rec.spec, rundir=self.layout.domain_dir(rec.uuid), kernel=Path(rec.kernel),
             initrd=Path(rec.initrd) if rec.initrd else None, cmdline=rec.cmdline,
-            nics=rec.nics, dimms_mib=rec.dimms_mib, vcpus_now=rec.vcpus,
-            incoming=incoming, paused=paused)
+            nics=rec.nics, dimms_mib=rec.dimms_mib,
+            vcpus_now=rec.vcpus_present or rec.vcpus,
+            incoming=incoming, paused=paused, guest_channel=rec.spec.kernel is None)
 
     def _boot_files(self, spec: DomainSpec) -> tuple[str, str | None]:
         if spec.kernel:

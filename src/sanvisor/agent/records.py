@@ -44,7 +44,8 @@ class DomainRecord:
     target_mib: int = 0  # balloon target
     max_mib: int = 0  # mem-max ceiling
     dimms_mib: list[int] = field(default_factory=list)
-    vcpus: int = 0
+    vcpus: int = 0  # online in the guest
+    vcpus_present: int = 0  # plugged into the hypervisor (>= vcpus)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

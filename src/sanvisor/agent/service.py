@@ -207,7 +207,7 @@ class HostService:
             if not 1 <= count <= rec.spec.maxvcpus:
                 raise ConflictError(f"vcpu-set: {count} is outside 1..{rec.spec.maxvcpus} "
                                     "(maxvcpus)", domain=dom.name)
-            await inst.set_vcpus(count)
+            rec.vcpus_present = await inst.set_vcpus(count)
             rec.vcpus = count
             rec.save(self.m.layout.domain_dir(rec.uuid))
 

@@ -43,6 +43,7 @@ class LaunchPlan:
     incoming: bool = False  # start waiting for a migration stream
     paused: bool = False
     accel: str = ""  # filled in by the driver: "tcg" or "kvm"
+    guest_channel: bool = False  # the guest answers on the control channel (guest kit)
 
 
 @dataclass
@@ -93,7 +94,8 @@ class Instance(abc.ABC):
     @abc.abstractmethod
     async def add_memory(self, mib: int, index: int) -> None: ...
     @abc.abstractmethod
-    async def set_vcpus(self, count: int) -> None: ...
+    async def set_vcpus(self, count: int) -> int:
+        """Make ``count`` vCPUs online in the guest; return how many are present."""
     @abc.abstractmethod
     async def attach_disk(self, disk: DiskSpec, index: int) -> None: ...
     @abc.abstractmethod

@@ -39,6 +39,7 @@ SCRIPTS: dict[str, tuple[str, int]] = {
     "hotplug.sh": ("sbin/hotplug", 0o755),
     "sv-counter.sh": ("sbin/sv-counter", 0o755),
     "sv-status.sh": ("sbin/sv-status", 0o755),
+    "sv-ctl.sh": ("sbin/sv-ctl", 0o755),
     "halt.sh": ("sbin/poweroff", 0o755),
     "acpi-power.sh": ("etc/acpi/PWRF/00000080", 0o755),
     "profile.sh": ("etc/profile", 0o644),

@@ -77,6 +77,7 @@ echo 0 > /run/counter
 nc -ll -p 7 -e cat </dev/null >/dev/null 2>&1 &
 nc -ll -p 8000 -e /sbin/sv-counter </dev/null >/dev/null 2>&1 &
 nc -ll -p 8001 -e /sbin/sv-status </dev/null >/dev/null 2>&1 &
+/sbin/sv-ctl </dev/null >/dev/null 2>&1 &
 
 echo "SANVISOR-READY $host"
 # sv.console=plain: no tty echo and no line editing (clean output for scripts).

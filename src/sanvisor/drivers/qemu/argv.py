@@ -143,6 +143,9 @@ def build_argv(plan: LaunchPlan, *, qemu: str, accel: str) -> list[str]:
         "-device", f"virtio-scsi-pci,id=scsi0,num_queues={min(spec.maxvcpus, 8)}",
         "-device", "virtio-balloon-pci,id=balloon0",
         "-device", "pvpanic",
+        "-device", "virtio-serial-pci,id=vser0,max_ports=2",
+        "-chardev", f"socket,id=ctl,path={rd / 'ctl.sock'},server=on,wait=off",
+        "-device", "virtserialport,bus=vser0.0,chardev=ctl,name=org.sanvisor.ctl",
         "-no-shutdown",
     ]
     if spec.uuid:

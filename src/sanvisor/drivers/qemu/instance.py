@@ -243,8 +243,12 @@ class QemuInstance(Instance):
     async def _cpus(self) -> list[dict[str, Any]]:
         return list(await self.qmp("query-hotpluggable-cpus"))
 
-    async def set_vcpus(self, count: int) -> None:
-        """Plug the lowest free CPU slots, unplug the highest present ones (never CPU 0)."""
+    async def set_vcpus(self, count: int) -> int:
+        """Plug the lowest free CPU slots, unplug the highest present ones (never CPU 0).
+
+        Under TCG, a guest with the control channel gets Xen's PV semantics instead of
+        an unplug: its extra vCPUs stay plugged and go offline inside the guest (QEMU
+        7.2 cannot unplug a TCG vCPU safely, see _check_tcg_budget)."""
         def topo(c: dict[str, Any]) -> tuple[int, ...]:
             p = c["props"]
             return tuple(int(p.get(k, 0)) for k in ("socket-id", "die-id", "core-id",
@@ -253,13 +257,21 @@ class QemuInstance(Instance):
         slots = sorted(await self._cpus(), key=topo)
         present = [i for i, c in enumerate(slots) if c.get("qom-path")]
         free = [i for i, c in enumerate(slots) if not c.get("qom-path")]
+        cooperative = "tcg" in self.plan.accel and self.plan.guest_channel
         if count > len(present):
             self._check_tcg_budget(count - len(present))
             for i in free[: count - len(present)]:
                 self._note_tcg_context()
                 await self.qmp("device_add", {"driver": slots[i]["type"], "id": f"cpu{i}",
                                               **slots[i]["props"]})
-        elif count < len(present):
+                present.append(i)
+        elif count < len(present) and not cooperative:
+            if "tcg" in self.plan.accel:
+                raise HypervisorError(
+                    f"cannot unplug vCPUs of {self.plan.spec.name} under TCG: QEMU 7.2 "
+                    "crashes on the next save or migration after a TCG vCPU unplug, and "
+                    "this guest has no sanvisor control channel to offline them itself",
+                    domain=self.plan.spec.name)
             for i in list(reversed(present))[: len(present) - count]:
                 if i == 0:
                     break
@@ -270,6 +282,29 @@ class QemuInstance(Instance):
                     if not any(c.get("qom-path") == path for c in await self._cpus()):
                         break
                     await asyncio.sleep(0.05)
+                present.remove(i)
+        if cooperative:
+            answer = await self.guest_request(f"vcpus {count}")
+            if not answer.startswith("ok"):
+                raise HypervisorError(f"the guest refused vcpus {count}: {answer}")
+        return len(present)
+
+    async def guest_request(self, line: str, timeout: float = 15.0) -> str:
+        """One request on the guest-kit control channel (virtio-serial), one answer."""
+        path = str(self.plan.rundir / "ctl.sock")
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_unix_connection(path)
+                try:
+                    writer.write(line.encode() + b"\n")
+                    await writer.drain()
+                    answer = await reader.readline()
+                finally:
+                    writer.close()
+        except (TimeoutError, OSError) as exc:
+            raise HypervisorError(f"{self.plan.spec.name} did not answer on its control "
+                                  f"channel ({line!r}): {exc or 'timeout'}") from exc
+        return answer.decode(errors="replace").strip()
 
     # QEMU 7.2 under multi-threaded TCG gives each vCPU thread a TCG context and never
     # frees it (at most maxcpus per process): plugging a vCPU again after an unplug
