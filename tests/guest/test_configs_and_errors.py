@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sanvisor.lab.guestshell import GuestShell
+from sanvisor.lab.guestshell import GuestCommandError, GuestShell
 from tests.guest.conftest import write_config
 from tests.guest.helpers import Sanvisor, qemu_pids
 
@@ -133,3 +133,51 @@ def test_mac_is_assigned_once_and_kept(sv: Sanvisor, workdir: Path) -> None:
             sv.run("destroy", "mackeeper")
     assert macs[0] == macs[1]
     assert macs[0].startswith("00:16:3e:")
+
+
+def test_a_guest_whose_qemu_died_is_reported(sv: Sanvisor, workdir: Path) -> None:
+    cfg = write_config(workdir / "v.cfg", name="victim", memory=128)
+    pid = sv.json("create", str(cfg))["pid"]
+    sv.kill_agent()
+    os.kill(pid, 9)
+    sv.start_agent()
+    row = sv.domain("victim")
+    assert row["state"] == "lost" and row["letters"] == "----c-"
+    assert "exited while the agent was away" in row["reason"]
+    assert "is not running" in sv.fail("pause", "victim")
+    sv.run("destroy", "victim")
+    assert "victim" not in sv.names()
+    # and while the agent watches
+    pid = sv.json("create", str(cfg))["pid"]
+    os.kill(pid, 9)
+    from tests.guest.helpers import wait_until
+
+    wait_until("the death to be seen", lambda: sv.domain("victim")["state"] == "lost", 10)
+    assert "exited unexpectedly" in sv.domain("victim")["reason"]
+    sv.run("destroy", "victim")
+
+
+def test_on_crash_and_on_poweroff_preserve(sv: Sanvisor, workdir: Path) -> None:
+    from tests.guest.helpers import wait_until
+
+    cfg = write_config(workdir / "p.cfg", name="keeper", memory=128,
+                       on_crash="preserve", on_poweroff="preserve")
+    sv.run("create", str(cfg))
+    try:
+        sv.wait_marker("keeper")
+        shell = GuestShell(sv.domain("keeper")["console_socket"])
+        shell.n = 100
+        with pytest.raises((GuestCommandError, OSError)):  # the guest dies under it
+            shell.run("echo c > /proc/sysrq-trigger", timeout=5)
+        wait_until("the crash", lambda: sv.domain("keeper")["state"] == "crashed", 30)
+        assert sv.domain("keeper")["letters"] == "----c-"
+    finally:
+        sv.run("destroy", "keeper", check=False)
+    sv.run("create", str(cfg))
+    try:
+        sv.wait_marker("keeper")
+        sv.run("shutdown", "-w", "keeper")
+        assert sv.domain("keeper")["state"] == "shutdown"
+        assert sv.domain("keeper")["letters"] == "---s--"
+    finally:
+        sv.run("destroy", "keeper", check=False)

@@ -242,7 +242,10 @@ def test_reboot_is_clean_and_keeps_the_mac(sv: Sanvisor, guest: GuestShell) -> N
 
 def test_shutdown_is_clean(sv: Sanvisor, guest: GuestShell) -> None:
     pid = sv.domain(NAME)["pid"]
-    sv.run("shutdown", "-w", "-t", "60", NAME)
-    assert NAME not in sv.names()
-    wait_until("QEMU to exit", lambda: pid not in qemu_pids(sv.home), 10)
+    sv.run("pause", NAME)  # a paused guest cannot see the power button: a clear timeout
+    assert "did not shut down" in sv.fail("shutdown", "-w", "-t", "1", NAME)
+    sv.run("unpause", NAME)  # ...and then it does see it
+    wait_until("the guest to go", lambda: NAME not in sv.names(), 60)
     assert "does not exist" in sv.fail("shutdown", NAME)
+    wait_until("QEMU to exit", lambda: pid not in qemu_pids(sv.home), 10)
+

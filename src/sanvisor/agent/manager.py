@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sanvisor.agent import hostinfo
-from sanvisor.agent.network import DEFAULT_BRIDGE, NAT_BRIDGE, Network, is_root
+from sanvisor.agent.network import DEFAULT_BRIDGE, NAT_BRIDGE, NAT_GATEWAY, Network, is_root
 from sanvisor.agent.records import DomainRecord, Registry, load_records
 from sanvisor.drivers.base import Driver, Instance, LaunchPlan, NicPlan
 from sanvisor.errors import (
@@ -188,8 +188,26 @@ class Manager:
                 raise ConflictError(f"vif {i}: MAC {mac} used twice", mac=mac)
             if vif.mac:
                 self.registry.mac_for(name, i, vif.mac)
+            if vif.type == "nat" and is_root():
+                self._nat_address(vif, nics)
             nics.append(NicPlan(index=i, vif=vif, mac=mac, tap=None))
         return nics
+
+    def _nat_address(self, vif: VifSpec, planned: list[NicPlan]) -> None:
+        """A NAT vif without ip= gets the lowest free address of the NAT network, and
+        the NAT bridge as its gateway."""
+        gw = NAT_GATEWAY.split("/")[0]
+        vif.gateway = vif.gateway or gw
+        if vif.ip:
+            return
+        used = {n.vif.ip.split("/")[0] for d in self.domains.values() for n in d.record.nics
+                if n.vif.ip} | {n.vif.ip.split("/")[0] for n in planned if n.vif.ip}
+        prefix = gw.rsplit(".", 1)[0]
+        for host in range(10, 250):
+            if f"{prefix}.{host}" not in used:
+                vif.ip = f"{prefix}.{host}/24"
+                return
+        raise ResourceError("the NAT network 10.213.0.0/24 has no free address")
 
     def plumb(self, domid: int, nics: list[NicPlan]) -> None:
         """Create the taps (root) or fall back to user networking."""
@@ -248,8 +266,6 @@ class Manager:
             elif reason in ("guest-shutdown", "host-qmp-system-powerdown", "host-signal",
                             "host-ui"):
                 await self._apply(dom, dom.record.spec.on_poweroff, "guest powered off")
-            elif reason == "guest-panic":
-                await self._apply(dom, dom.record.spec.on_crash, "guest crashed", crash=True)
         elif name == "GUEST_PANICKED":
             await self._apply(dom, dom.record.spec.on_crash, "guest crashed", crash=True)
         elif name == "PROCESS_EXITED":

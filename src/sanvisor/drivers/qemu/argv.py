@@ -147,6 +147,7 @@ def build_argv(plan: LaunchPlan, *, qemu: str, accel: str) -> list[str]:
         "-chardev", f"socket,id=ctl,path={rd / 'ctl.sock'},server=on,wait=off",
         "-device", "virtserialport,bus=vser0.0,chardev=ctl,name=org.sanvisor.ctl",
         "-no-shutdown",
+        "-action", "panic=pause",  # one GUEST_PANICKED event; on_crash is the agent's job
     ]
     if spec.uuid:
         argv += ["-uuid", spec.uuid]
