@@ -84,8 +84,9 @@ def nic_netdev(nic: NicPlan) -> dict[str, object]:
 
 
 def nic_device(nic: NicPlan) -> dict[str, object]:
+    # romfile="": no iPXE option ROM (we boot the kernel directly); saves ~0.25 s of boot
     return {"driver": nic.vif.model, "id": f"nic{nic.index}", "netdev": f"net{nic.index}",
-            "mac": nic.mac}
+            "mac": nic.mac, "romfile": ""}
 
 
 def _opts(d: dict[str, object], first: str | None = None) -> str:
