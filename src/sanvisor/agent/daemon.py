@@ -97,7 +97,10 @@ async def serve(layout: Layout) -> None:
             kit_cache.append((k.kernel, k.initrd))
         return kit_cache[0]
 
-    manager = Manager(layout, QemuDriver(cache_dir=layout.home), kit=kit)
+    driver = QemuDriver(cache_dir=layout.home)
+    # probe the accelerator now (up to 1.5 s, once per host boot), not in the first create
+    log.info("accelerator: %s", await asyncio.to_thread(lambda: driver.accel))
+    manager = Manager(layout, driver, kit=kit)
     await manager.start()
     log.info("agent up: %d domain(s) found again", len(manager.domains))
     sock = _bind(layout.socket)

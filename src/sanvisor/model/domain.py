@@ -126,6 +126,8 @@ class DomainSpec:
     source: str | None = None  # config file it came from
 
     def __post_init__(self) -> None:
+        self.kernel = self.kernel or None  # kernel="" on the command line: the guest kit
+        self.ramdisk = self.ramdisk or None
         if not self.maxmem:
             self.maxmem = self.memory
         if not self.maxvcpus:
