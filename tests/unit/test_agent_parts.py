@@ -128,3 +128,25 @@ def test_errors_cross_the_api_with_their_class() -> None:
     back = from_dict(json.loads(json.dumps(err.to_dict())))
     assert isinstance(back, ConflictError)
     assert str(back) == "domain x already exists" and back.context == {"domain": "x"}
+
+
+def test_user_mode_nic_when_there_is_no_tap(tmp_path: Path) -> None:
+    plan = _plan(tmp_path, "name='u'\nvif=['type=user']\n")
+    plan.nics[0].tap = None
+    joined = " ".join(build_argv(plan, qemu="q", accel="tcg"))
+    assert "-netdev user,id=net0,restrict=off" in joined
+
+
+def test_kernel_command_line_for_the_guest_kit() -> None:
+    from sanvisor.agent.manager import Manager
+
+    spec = parse_config("name='k'\nroot='/dev/sda1 ro'\nextra='x=1'\n"
+                        "vif=['ip=10.0.0.2/24, gateway=10.0.0.1']\n").spec
+    nics = [NicPlan(index=0, vif=spec.vifs[0], mac="00:16:3e:00:00:01", tap=None)]
+    line = Manager.cmdline(spec, nics)
+    assert line.startswith("console=ttyS0 quiet")
+    assert "root=/dev/sda1 ro" in line and line.endswith("x=1")
+    assert "sv.ip0=10.0.0.2/24" in line and "sv.gw=10.0.0.1" in line
+    spec.kernel = "/boot/vmlinuz"
+    assert Manager.cmdline(spec, nics).split()[0] == "console=ttyS0"
+    assert "quiet" not in Manager.cmdline(spec, nics)

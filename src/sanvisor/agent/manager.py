@@ -28,6 +28,7 @@ from sanvisor.errors import (
     ResourceError,
     TimeoutError_,
 )
+from sanvisor.guestkit.build import KERNEL_ARGS
 from sanvisor.model.domain import Action, DomainSpec, State, VifSpec
 from sanvisor.paths import Layout
 
@@ -139,8 +140,6 @@ class Manager:
         kit its tuned arguments and the sv.* keys its /init reads."""
         parts = []
         if spec.kernel is None:
-            from sanvisor.guestkit.build import KERNEL_ARGS
-
             parts.append(KERNEL_ARGS)
         elif "console=" not in spec.extra:
             parts.append("console=ttyS0")
@@ -190,6 +189,8 @@ class Manager:
                 self.registry.mac_for(name, i, vif.mac)
             if vif.type == "nat" and is_root():
                 self._nat_address(vif, nics)
+            elif (vif.type == "user" or not is_root()) and not vif.ip:
+                vif.ip, vif.gateway = "10.0.2.15/24", "10.0.2.2"  # QEMU's user network
             nics.append(NicPlan(index=i, vif=vif, mac=mac, tap=None))
         return nics
 

@@ -11,13 +11,15 @@ import contextlib
 import os
 import shutil
 import time
+from pathlib import Path
 from typing import Any
 
-from sanvisor.agent import hostinfo
+from sanvisor.agent import hostinfo, savefile
 from sanvisor.agent.manager import Domain, Manager
 from sanvisor.agent.records import DomainRecord
 from sanvisor.drivers.base import NicPlan
-from sanvisor.errors import ConflictError, HypervisorError, UsageError
+from sanvisor.errors import ConflictError, DeviceError, HypervisorError, UsageError
+from sanvisor.model.config import parse_disk, parse_vif
 from sanvisor.model.domain import DomainSpec, State
 
 
@@ -34,7 +36,8 @@ class HostService:
     def info(self, dom: Domain) -> dict[str, Any]:
         rec = dom.record
         state = rec.state
-        cpu, busy = procstat.cpu_usage(rec.pid) if state is not State.LOST else (0.0, 0)
+        cpu, busy = (dom.inst.cpu_usage() if dom.inst is not None and state is not State.LOST
+                     else (0.0, 0))
         if state is State.RUNNING and busy == 0:
             state = State.BLOCKED
         return {
@@ -161,12 +164,9 @@ class HostService:
                                     f"({rec.max_mib} MiB; see mem-max)", domain=dom.name)
             plugged = rec.spec.memory + sum(rec.dimms_mib)
             if mib > plugged:
-                from sanvisor.drivers.qemu.argv import MEM_BLOCK_MIB, align_up
-
-                grow = align_up(mib - plugged, MEM_BLOCK_MIB)
-                ceiling = rec.spec.memory + align_up(rec.spec.maxmem - rec.spec.memory,
-                                                     MEM_BLOCK_MIB)
-                if plugged + grow > ceiling or rec.spec.maxmem <= rec.spec.memory:
+                block = self.m.driver.memory_block_mib
+                grow = _align_up(mib - plugged, block)
+                if plugged + grow > self._ceiling(rec) or rec.spec.maxmem <= rec.spec.memory:
                     raise ConflictError(f"mem-set: cannot grow {dom.name} to {mib} MiB: it "
                                         f"booted with maxmem={rec.spec.maxmem} MiB",
                                         domain=dom.name)
@@ -177,15 +177,17 @@ class HostService:
             rec.target_mib = mib
             rec.save(self.m.layout.domain_dir(rec.uuid))
 
+    def _ceiling(self, rec: DomainRecord) -> int:
+        """The most memory the domain can have without a restart (hot-plug range)."""
+        extra = max(0, rec.spec.maxmem - rec.spec.memory)
+        return rec.spec.memory + _align_up(extra, self.m.driver.memory_block_mib)
+
     async def mem_max(self, ref: str, mib: int) -> None:
         dom = self.m.find(ref)
         rec = dom.record
         async with dom.lock:
             self._live(dom)
-            from sanvisor.drivers.qemu.argv import MEM_BLOCK_MIB, align_up
-
-            ceiling = rec.spec.memory + align_up(max(0, rec.spec.maxmem - rec.spec.memory),
-                                                 MEM_BLOCK_MIB)
+            ceiling = self._ceiling(rec)
             if mib > ceiling:
                 raise ConflictError(
                     f"mem-max: {mib} MiB is above what {dom.name} can reach without a restart "
@@ -213,8 +215,6 @@ class HostService:
 
     # ---- save / restore ---------------------------------------------------------------
     async def save(self, ref: str, path: str) -> None:
-        from sanvisor.agent import savefile
-
         dom = self.m.find(ref)
         async with dom.lock:
             inst = self._live(dom)
@@ -242,9 +242,7 @@ class HostService:
             await self.m.teardown(dom)
 
     async def restore(self, path: str, *, paused: bool = False) -> dict[str, Any]:
-        from sanvisor.agent import savefile
-
-        fd, hdr = savefile.read_header(__import__("pathlib").Path(path))
+        fd, hdr = savefile.read_header(Path(path))
         try:
             if hdr.get("hypervisor") != self.m.driver.name:
                 raise HypervisorError(f"{path}: saved by the {hdr.get('hypervisor')} driver, "
@@ -275,8 +273,6 @@ class HostService:
 
     # ---- devices ---------------------------------------------------------------------
     async def block_attach(self, ref: str, spec_text: str) -> None:
-        from sanvisor.model.config import parse_disk
-
         dom = self.m.find(ref)
         try:
             disk = parse_disk(spec_text)
@@ -285,9 +281,7 @@ class HostService:
         async with dom.lock:
             inst = self._live(dom)
             if any(d.target == disk.target for d in dom.record.spec.disks):
-                from sanvisor.errors import DeviceError
-
-                raise DeviceError(f"{dom.name} already has a disk {disk.target}",
+                        raise DeviceError(f"{dom.name} already has a disk {disk.target}",
                                   domain=dom.name, target=disk.target)
             probe = DomainSpec(name=dom.name, disks=[disk], source="block-attach")
             self.m.check_disks(probe)
@@ -296,8 +290,6 @@ class HostService:
             dom.record.save(self.m.layout.domain_dir(dom.record.uuid))
 
     async def block_detach(self, ref: str, target: str) -> None:
-        from sanvisor.errors import DeviceError
-
         dom = self.m.find(ref)
         name = target.removeprefix("/dev/")
         async with dom.lock:
@@ -311,8 +303,6 @@ class HostService:
             dom.record.save(self.m.layout.domain_dir(dom.record.uuid))
 
     async def network_attach(self, ref: str, spec_text: str) -> dict[str, Any]:
-        from sanvisor.model.config import parse_vif
-
         dom = self.m.find(ref)
         try:
             vif = parse_vif(spec_text)
@@ -334,8 +324,6 @@ class HostService:
             return {"index": index, "mac": nics[0].mac, "tap": nics[0].tap}
 
     async def network_detach(self, ref: str, which: str) -> None:
-        from sanvisor.errors import DeviceError
-
         dom = self.m.find(ref)
         async with dom.lock:
             inst = self._live(dom)
@@ -362,4 +350,5 @@ class HostService:
         return out
 
 
-from sanvisor.drivers.qemu import procstat  # noqa: E402
+def _align_up(value: int, step: int) -> int:
+    return -(-value // step) * step

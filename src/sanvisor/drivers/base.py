@@ -72,6 +72,10 @@ class Instance(abc.ABC):
     pid: int
 
     @abc.abstractmethod
+    def cpu_usage(self) -> tuple[float, int]:
+        """(CPU seconds used so far, vCPUs running right now); cheap, no I/O to the guest."""
+
+    @abc.abstractmethod
     async def status(self) -> RunStatus: ...
     @abc.abstractmethod
     async def pause(self) -> None: ...
@@ -121,6 +125,7 @@ class Instance(abc.ABC):
 
 class Driver(abc.ABC):
     name: str
+    memory_block_mib: int = 128  # granularity of memory hot-plug
 
     @abc.abstractmethod
     async def launch(self, plan: LaunchPlan, events: EventSink) -> Instance: ...

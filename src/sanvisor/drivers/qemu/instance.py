@@ -372,6 +372,9 @@ class QemuInstance(Instance):
                                     lambda d: d.get("device") == dev, timeout=30)
         await self.qmp("netdev_del", {"id": f"net{nic.index}"})
 
+    def cpu_usage(self) -> tuple[float, int]:
+        return procstat.cpu_usage(self.pid)
+
     async def stats(self) -> Stats:
         cpu, busy = procstat.cpu_usage(self.pid)
         mem_kib = (await self.balloon_mib()) << 10
