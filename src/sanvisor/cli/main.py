@@ -98,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     tp.add_argument("-d", "--delay", type=float, default=1.0, help="seconds between frames")
     ag = verb("agent", "run or control this host's agent")
     ag.add_argument("action", choices=["run", "start", "stop", "status"])
+    from sanvisor.cli import array_verbs
+
+    array_verbs.add_parser(sub)
     dm = verb("demo", "run the seed's xm session on a real guest, then clean up")
     dm.add_argument("--keep", action="store_true", help="keep the demo's files in /tmp")
     gk = verb("guest-kit", "build the tiny Linux guest used by default")

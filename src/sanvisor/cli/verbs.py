@@ -246,6 +246,12 @@ def do_guest_kit(args: argparse.Namespace, layout: Layout) -> int:
     return 0
 
 
+def do_array(args: argparse.Namespace, layout: Layout) -> int:
+    from sanvisor.cli import array_verbs
+
+    return array_verbs.run(args, layout.home)
+
+
 def do_demo(args: argparse.Namespace, layout: Layout) -> int:
     from sanvisor.lab import demo
 
@@ -253,7 +259,7 @@ def do_demo(args: argparse.Namespace, layout: Layout) -> int:
 
 
 HANDLERS: dict[str, Any] = {
-    "demo": do_demo,
+    "demo": do_demo, "array": do_array,
     "create": do_create, "list": do_list, "pause": _simple("pause"),
     "unpause": _simple("unpause"), "reboot": _simple("reboot"), "destroy": do_destroy,
     "shutdown": do_shutdown, "save": do_save, "restore": do_restore, "console": do_console,

@@ -1,0 +1,153 @@
+"""`sanvisor array ...`: the disk array's LUNs, initiators and zoning, and its daemon."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from sanvisor.cli import render
+from sanvisor.errors import ConflictError, UsageError
+
+
+def add_parser(sub: Any) -> None:
+    ar = sub.add_parser("array", help="the disk array (LUNs over NBD, zoning)",
+                        description="Manage the disk array: LUNs, initiators, zoning.")
+    ar.add_argument("--array-home", type=Path, help="array state directory "
+                    "(default $SANVISOR_ARRAY_HOME, else HOME/array)")
+    ar.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    asub = ar.add_subparsers(dest="array_cmd", metavar="CMD", required=True)
+    sv = asub.add_parser("serve", help="run the array daemon (NBD) in the foreground")
+    sv.add_argument("--listen", action="append", default=[], metavar="ADDR:PORT",
+                    help="one per fabric (default 127.0.0.1:10809)")
+    lun = asub.add_parser("lun", help="create, delete, resize, list LUNs")
+    lsub = lun.add_subparsers(dest="lun_cmd", metavar="ACTION", required=True)
+    c = lsub.add_parser("create", help="create a LUN (a sparse file unless --backing)")
+    c.add_argument("name")
+    c.add_argument("--size", required=True, help="e.g. 1G, 512M")
+    c.add_argument("--id", type=int, help="LUN id (default: lowest free from 1)")
+    c.add_argument("--backing", type=Path, help="existing file or block device")
+    c.add_argument("--vendor", default="HITACHI")
+    c.add_argument("--model", default="DF600F")
+    d = lsub.add_parser("delete", help="delete a LUN (not while zoned, unless --force)")
+    d.add_argument("lun")
+    d.add_argument("--force", action="store_true")
+    r = lsub.add_parser("resize", help="grow a LUN")
+    r.add_argument("lun")
+    r.add_argument("--size", required=True)
+    lsub.add_parser("list", help="list LUNs")
+    zone = asub.add_parser("zone", help="LUN masking: which WWPN sees which LUN")
+    zsub = zone.add_subparsers(dest="zone_cmd", metavar="ACTION", required=True)
+    for name in ("add", "remove"):
+        z = zsub.add_parser(name, help=f"{name} a zone")
+        z.add_argument("lun")
+        z.add_argument("wwpn")
+    ini = asub.add_parser("initiator", help="the hosts' HBAs the array knows")
+    isub = ini.add_subparsers(dest="ini_cmd", metavar="ACTION", required=True)
+    ia = isub.add_parser("add", help="register an HBA: its WWPN and fabric address")
+    ia.add_argument("wwpn")
+    ia.add_argument("--address", required=True, help="the HBA's address on its fabric")
+    ia.add_argument("--host", default="", help="the host it belongs to")
+    isub.add_parser("list", help="list initiators")
+
+
+def parse_size(text: str) -> int:
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    try:
+        n = int(t[:-1]) * mult[t[-1]] if t and t[-1] in mult else int(t)
+    except (ValueError, KeyError):
+        raise UsageError(f"invalid size {text!r} (e.g. 512M, 1G)") from None
+    if n <= 0 or n % 512:
+        raise UsageError(f"invalid size {text!r}: a positive multiple of 512 bytes")
+    return n
+
+
+def run(args: argparse.Namespace, home: Path) -> int:
+    from sanvisor.storage.array import ArrayStore
+
+    ahome = args.array_home or Path(os.environ.get("SANVISOR_ARRAY_HOME", home / "array"))
+    store = ArrayStore(ahome)
+    js = getattr(args, "json", False)
+    if args.array_cmd == "serve":
+        return _serve(ahome, args.listen or ["127.0.0.1:10809"])
+    if args.array_cmd == "lun":
+        return _lun(args, store, js)
+    if args.array_cmd == "zone":
+        with store.edit() as cfg:
+            (cfg.zone_add if args.zone_cmd == "add" else cfg.zone_remove)(args.lun, args.wwpn)
+        return 0
+    if args.ini_cmd == "add":
+        with store.edit() as cfg:
+            cfg.add_initiator(args.wwpn, args.host, args.address)
+        return 0
+    inis = store.load().initiators
+    if js:
+        render.emit_json([vars(i) for i in inis])
+    else:
+        print(f"{'WWPN':<24} {'Host':<10} Address")
+        for i in inis:
+            print(f"{i.wwpn:<24} {i.host:<10} {i.address}")
+    return 0
+
+
+def _lun(args: argparse.Namespace, store: Any, js: bool) -> int:
+    if args.lun_cmd == "create":
+        size = parse_size(args.size)
+        with store.edit() as cfg:
+            backing = args.backing
+            lun = cfg.add_lun(args.name, size, backing or Path("/pending"), args.id,
+                              vendor=args.vendor, model=args.model)
+            if backing is None:
+                path = store.backing_path(lun.wwid)
+                with open(path, "wb") as fh:
+                    fh.truncate(size)
+                lun.backing = str(path)
+            elif not backing.exists():
+                raise UsageError(f"--backing {backing}: no such file or device")
+        if js:
+            render.emit_json(vars(lun))
+        return 0
+    if args.lun_cmd == "delete":
+        with store.edit() as cfg:
+            lun = cfg.lun(args.lun)
+            if lun.zones and not args.force:
+                raise ConflictError(f"LUN {lun.name} is zoned to {', '.join(lun.zones)}; "
+                                    "remove the zones first (or --force)")
+            cfg.luns.remove(lun)
+            if Path(lun.backing).parent == store.home / "luns":
+                Path(lun.backing).unlink(missing_ok=True)
+        return 0
+    if args.lun_cmd == "resize":
+        size = parse_size(args.size)
+        with store.edit() as cfg:
+            lun = cfg.lun(args.lun)
+            if size < lun.size:
+                raise UsageError(f"LUN {lun.name}: shrinking ({lun.size} -> {size} bytes) "
+                                 "would destroy data; only growing is supported")
+            if Path(lun.backing).is_file():
+                os.truncate(lun.backing, size)
+            lun.size = size
+        return 0
+    luns = sorted(store.load().luns, key=lambda x: x.id)
+    if js:
+        render.emit_json([vars(x) for x in luns])
+    else:
+        print(f"{'LUN':>4} {'Name':<16} {'Size':>10} {'WWID':<34} Zoned to")
+        for x in luns:
+            print(f"{x.id:>4} {x.name:<16} {x.size >> 20:>8}Mi {x.wwid:<34} "
+                  f"{', '.join(x.zones) or '-'}")
+    return 0
+
+
+def _serve(home: Path, listens: list[str]) -> int:
+    import asyncio
+    import logging
+
+    from sanvisor.storage.arrayd import parse_listen, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    home.mkdir(parents=True, exist_ok=True)
+    asyncio.run(serve(home, [parse_listen(x) for x in listens]))
+    return 0

@@ -1,0 +1,1 @@
+"""The storage network: the disk array (NBD), SAN discovery, multipath, volumes."""
