@@ -104,7 +104,10 @@ async def serve(layout: Layout) -> None:
     await manager.start()
     log.info("agent up: %d domain(s) found again", len(manager.domains))
     sock = _bind(layout.socket)
-    config = uvicorn.Config(build_app(HostService(manager)), fd=sock.fileno(),
+    from sanvisor.agent.storage_service import StorageService
+
+    app = build_app(HostService(manager), StorageService(layout.home))
+    config = uvicorn.Config(app, fd=sock.fileno(),
                             http=_peer_checked_protocol(), log_level="warning",
                             lifespan="off", timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)

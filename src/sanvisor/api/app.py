@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 
 from sanvisor import __version__
 from sanvisor.agent.service import HostService
+from sanvisor.agent.storage_service import StorageService
 from sanvisor.errors import (
     ConfigError,
     ConflictError,
@@ -48,11 +49,22 @@ class AmountBody(BaseModel):
     value: int
 
 
+class RescanBody(BaseModel):
+    hba: int | None = None
+
+
+class ScsiAddBody(BaseModel):
+    host: int
+    channel: int = 0
+    id: int = 0
+    lun: int
+
+
 class DeviceBody(BaseModel):
     spec: str = Field(description="xl disk or vif spec, e.g. 'phy:/dev/sdb,sdc,w'")
 
 
-def build_app(svc: HostService) -> FastAPI:
+def build_app(svc: HostService, storage: StorageService | None = None) -> FastAPI:
     app = FastAPI(title="sanvisor host agent", version=__version__,
                   description="One agent per hypervisor host; the CLI speaks to it.")
 
@@ -153,4 +165,20 @@ def build_app(svc: HostService) -> FastAPI:
         await svc.network_detach(ref, body.spec)
         return {"ok": ref}
 
+    if storage is not None:
+        _storage_routes(app, storage)
     return app
+
+
+def _storage_routes(app: FastAPI, st: StorageService) -> None:
+    @app.get("/v1/scsi")
+    async def scsi_list() -> dict[str, Any]:
+        return st.scsi_list()
+
+    @app.post("/v1/scsi/rescan")
+    async def scsi_rescan(body: RescanBody) -> dict[str, Any]:
+        return await st.scsi_rescan(body.hba)
+
+    @app.post("/v1/scsi/add")
+    async def scsi_add(body: ScsiAddBody) -> dict[str, Any]:
+        return await st.scsi_add(body.host, body.channel, body.id, body.lun)

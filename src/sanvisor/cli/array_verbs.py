@@ -52,6 +52,17 @@ def add_parser(sub: Any) -> None:
     isub.add_parser("list", help="list initiators")
 
 
+def _default_home(home: Path) -> Path:
+    """$SANVISOR_ARRAY_HOME, else the running lab's array, else HOME/array."""
+    from sanvisor.lab.topology import lab_root
+
+    if env := os.environ.get("SANVISOR_ARRAY_HOME"):
+        return Path(env)
+    if (lab_root() / "lab.json").exists():
+        return lab_root() / "array"
+    return home / "array"
+
+
 def parse_size(text: str) -> int:
     t = text.strip().upper().removesuffix("B").removesuffix("I")
     mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -67,7 +78,7 @@ def parse_size(text: str) -> int:
 def run(args: argparse.Namespace, home: Path) -> int:
     from sanvisor.storage.array import ArrayStore
 
-    ahome = args.array_home or Path(os.environ.get("SANVISOR_ARRAY_HOME", home / "array"))
+    ahome = args.array_home or _default_home(home)
     store = ArrayStore(ahome)
     js = getattr(args, "json", False)
     if args.array_cmd == "serve":

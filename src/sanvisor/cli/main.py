@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--home", type=Path, help="agent state directory "
                    "(default $SANVISOR_HOME, /var/lib/sanvisor as root)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("-H", dest="on_host", metavar="HOST",
+                   help="run the command as lab host HOST (e.g. host1)")
     sub = p.add_subparsers(dest="verb", metavar="VERB")
 
     def verb(name: str, help_: str, *doms: str) -> argparse.ArgumentParser:
@@ -101,6 +103,25 @@ def _parser() -> argparse.ArgumentParser:
     from sanvisor.cli import array_verbs
 
     array_verbs.add_parser(sub)
+    sc = verb("scsi", "the SCSI paths this host sees on the SAN")
+    ssub = sc.add_subparsers(dest="scsi_cmd", metavar="ACTION", required=True)
+    ssub.add_parser("list", help="the /proc/scsi/scsi view")
+    rsc = ssub.add_parser("rescan", help="ask the fabric(s) again (issue_lip)")
+    rsc.add_argument("hba", nargs="?", type=int, help="only this HBA (scsi host number)")
+    sad = ssub.add_parser("add", help="probe one LUN: scsiadd H C I L")
+    for k in ("h", "c", "i", "l"):
+        sad.add_argument(k, type=int)
+    lab = verb("lab", "the one-machine SAN lab: array, fabrics, hosts")
+    lsub = lab.add_subparsers(dest="lab_cmd", metavar="ACTION", required=True)
+    lu = lsub.add_parser("up", help="build the lab: an array and N hosts with two HBAs each")
+    lu.add_argument("--hosts", type=int, default=2)
+    lu.add_argument("--name", default="sv", help="namespace prefix (default sv)")
+    lsub.add_parser("down", help="remove the lab entirely (also after a crash)")
+    lsub.add_parser("status", help="hosts, HBAs, WWPNs, addresses")
+    lf = lsub.add_parser("fault", help="inject a fault: hba-down/hba-up HOST N")
+    lf.add_argument("kind", choices=["hba-down", "hba-up"])
+    lf.add_argument("lab_host", metavar="HOST")
+    lf.add_argument("hba", type=int)
     dm = verb("demo", "run the seed's xm session on a real guest, then clean up")
     dm.add_argument("--keep", action="store_true", help="keep the demo's files in /tmp")
     gk = verb("guest-kit", "build the tiny Linux guest used by default")
@@ -117,9 +138,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from sanvisor.paths import Layout, default_home
 
-    layout = Layout(args.home or default_home())
-    if args.home:
-        os.environ["SANVISOR_HOME"] = str(args.home)
+    home = args.home or default_home()
+    if args.on_host:
+        from sanvisor.lab.topology import lab_root
+
+        home = lab_root() / args.on_host
+        if not (home / "host.json").exists():
+            print(f"sanvisor: error: no lab host {args.on_host!r} at {home.parent}",
+                  file=sys.stderr)
+            return 1
+    layout = Layout(home)
+    if args.home or args.on_host:
+        os.environ["SANVISOR_HOME"] = str(home)
     try:
         from sanvisor.cli import verbs
 

@@ -252,6 +252,52 @@ def do_array(args: argparse.Namespace, layout: Layout) -> int:
     return array_verbs.run(args, layout.home)
 
 
+def do_scsi(args: argparse.Namespace, layout: Layout) -> int:
+    c = _client(layout)
+    if args.scsi_cmd == "list":
+        data = c.call("GET", "/v1/scsi")
+        _out(args, data["paths"], data["text"])
+    elif args.scsi_cmd == "rescan":
+        data = c.call("POST", "/v1/scsi/rescan", {"hba": args.hba})
+        text = "\n".join([f"added {x}" for x in data["added"]]
+                         + [f"removed {x}" for x in data["removed"]]
+                         + [f"warning: {x}" for x in data["errors"]])
+        _out(args, data, text or None)
+    else:
+        data = c.call("POST", "/v1/scsi/add", {"host": args.h, "channel": args.c,
+                                               "id": args.i, "lun": args.l})
+        _out(args, data, f"{data['hctl']} {data['dev']}")
+    return 0
+
+
+def do_lab(args: argparse.Namespace, layout: Layout) -> int:
+    from sanvisor.lab import topology
+
+    root = topology.lab_root()
+    if args.lab_cmd == "up":
+        state = topology.up(args.hosts, name=args.name, root=root)
+        hosts = ", ".join(h.name for h in state.hosts)
+        _out(args, {"root": str(root), "hosts": hosts}, f"lab {state.name} up at {root}: "
+             f"array + {hosts}")
+        return 0
+    if args.lab_cmd == "down":
+        gone = topology.down(root)
+        _out(args, {"removed": gone}, "lab removed" if gone else "no lab")
+        return 0
+    if args.lab_cmd == "fault":
+        topology.fault(root, args.lab_host, args.hba, up_=args.kind == "hba-up")
+        return 0
+    state = topology.LabState.load(root)
+    rows = [(h.name, h.netns, b.index, b.wwpn, b.address, b.target) for h in state.hosts
+            for b in h.hbas]
+    text = "\n".join([f"{'Host':<8} {'Netns':<10} HBA {'WWPN':<24} {'Address':<14} Target"]
+                     + [f"{r[0]:<8} {r[1]:<10} {r[2]:>3} {r[3]:<24} {r[4]:<14} {r[5]}"
+                        for r in rows])
+    _out(args, [dict(zip(("host", "netns", "hba", "wwpn", "address", "target"), r,
+                         strict=True)) for r in rows], text)
+    return 0
+
+
 def do_demo(args: argparse.Namespace, layout: Layout) -> int:
     from sanvisor.lab import demo
 
@@ -259,7 +305,7 @@ def do_demo(args: argparse.Namespace, layout: Layout) -> int:
 
 
 HANDLERS: dict[str, Any] = {
-    "demo": do_demo, "array": do_array,
+    "demo": do_demo, "array": do_array, "lab": do_lab, "scsi": do_scsi,
     "create": do_create, "list": do_list, "pause": _simple("pause"),
     "unpause": _simple("unpause"), "reboot": _simple("reboot"), "destroy": do_destroy,
     "shutdown": do_shutdown, "save": do_save, "restore": do_restore, "console": do_console,

@@ -1,0 +1,241 @@
+"""The one-machine SAN lab: a disk array and N hosts, each with two HBAs on two fabrics.
+
+Everything lives in network namespaces the lab creates (nothing touches the
+host's own network):
+
+    {lab}-array   the array daemon; bridges fabA (10.250.1.1/24) and fabB
+                  (10.250.2.1/24), one per fabric; listens on both
+    {lab}-h1..N   one hypervisor host each: its agent, its guests; HBA k is a
+                  veth hba<k> with 10.250.<k+1>.<10+n>/24, its peer enslaved to
+                  fabric k in the array namespace
+
+`lab fault hba-down HOST K` takes hba<K> down inside the host: the path dies
+for real. State: {lab home}/lab.json; `lab down` works from it, also after a
+crash (it kills by pid file and deletes the namespaces).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sanvisor.errors import ConflictError, NotFoundError, SanvisorError, UsageError
+
+ARRAY_PORT = 10809
+FABRICS = ("fabA", "fabB")
+
+
+def lab_root() -> Path:
+    return Path(os.environ.get("SANVISOR_LAB_HOME", "/var/lib/sanvisor/lab"))
+
+
+def wwpn(host: int, hba: int) -> str:
+    return f"10:00:00:00:c9:{host >> 8:02x}:{host & 0xFF:02x}:{hba:02x}"
+
+
+@dataclass
+class Hba:
+    index: int
+    wwpn: str
+    address: str  # on its fabric
+    ifname: str
+    target: str  # the array's address on that fabric
+
+
+@dataclass
+class HostSpec:
+    name: str
+    netns: str
+    home: str
+    hbas: list[Hba] = field(default_factory=list)
+
+
+@dataclass
+class LabState:
+    name: str
+    root: str
+    array_netns: str
+    hosts: list[HostSpec] = field(default_factory=list)
+
+    @property
+    def array_home(self) -> Path:
+        return Path(self.root) / "array"
+
+    def host(self, name: str) -> HostSpec:
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        raise NotFoundError(f"no host {name!r} in lab {self.name} "
+                            f"(hosts: {', '.join(h.name for h in self.hosts)})")
+
+    def save(self) -> None:
+        Path(self.root).mkdir(parents=True, exist_ok=True)
+        (Path(self.root) / "lab.json").write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, root: Path) -> LabState:
+        try:
+            d = json.loads((root / "lab.json").read_text())
+        except FileNotFoundError:
+            raise NotFoundError(f"no lab at {root} (start one with 'sanvisor lab up')") from None
+        hosts = [HostSpec(name=h["name"], netns=h["netns"], home=h["home"],
+                          hbas=[Hba(**b) for b in h["hbas"]]) for h in d["hosts"]]
+        return cls(name=d["name"], root=d["root"], array_netns=d["array_netns"], hosts=hosts)
+
+
+def _ip(*args: str) -> None:
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SanvisorError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
+
+
+def _sv(netns: str | None, *args: str, log: Path | None = None,
+        background: bool = False) -> subprocess.Popen[bytes] | None:
+    cmd = [sys.executable, "-m", "sanvisor", *args]
+    if netns:
+        cmd = ["ip", "netns", "exec", netns, *cmd]
+    if background:
+        out = open(log or os.devnull, "ab")  # noqa: SIM115 - handed to the child
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                start_new_session=True)
+        out.close()
+        return proc
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SanvisorError(f"sanvisor {' '.join(args)}: {done.stderr.strip()}")
+    return None
+
+
+def up(hosts: int, *, name: str = "sv", root: Path | None = None) -> LabState:
+    if os.geteuid() != 0:
+        raise UsageError("the lab needs root (network namespaces, bridges, veth)")
+    if not 1 <= hosts <= 16:
+        raise UsageError(f"--hosts must be 1..16, got {hosts}")
+    root = root or lab_root()
+    if (root / "lab.json").exists():
+        raise ConflictError(f"a lab already runs at {root} ('sanvisor lab down' first)")
+    state = LabState(name=name, root=str(root), array_netns=f"{name}-array")
+    state.save()  # first, so that 'lab down' can clean up a half-built lab
+    try:
+        _build(state, hosts)
+    except BaseException:
+        down(root)
+        raise
+    return state
+
+
+def _build(state: LabState, hosts: int) -> None:
+    ans = state.array_netns
+    _ip("netns", "add", ans)
+    _ip("-n", ans, "link", "set", "lo", "up")
+    for k, fab in enumerate(FABRICS):
+        _ip("-n", ans, "link", "add", fab, "type", "bridge", "stp_state", "0",
+            "forward_delay", "0")
+        _ip("-n", ans, "addr", "add", f"10.250.{k + 1}.1/24", "dev", fab)
+        _ip("-n", ans, "link", "set", fab, "up")
+    for n in range(1, hosts + 1):
+        h = HostSpec(name=f"host{n}", netns=f"{state.name}-h{n}",
+                     home=str(Path(state.root) / f"host{n}"))
+        _ip("netns", "add", h.netns)
+        _ip("-n", h.netns, "link", "set", "lo", "up")
+        for k, fab in enumerate(FABRICS):
+            hba = Hba(index=k, wwpn=wwpn(n, k), address=f"10.250.{k + 1}.{10 + n}",
+                      ifname=f"hba{k}", target=f"10.250.{k + 1}.1:{ARRAY_PORT}")
+            peer = f"h{n}{fab}"
+            _ip("link", "add", hba.ifname, "netns", h.netns, "type", "veth", "peer", "name",
+                peer, "netns", ans)
+            _ip("-n", ans, "link", "set", peer, "master", fab, "up")
+            _ip("-n", h.netns, "addr", "add", f"{hba.address}/24", "dev", hba.ifname)
+            _ip("-n", h.netns, "link", "set", hba.ifname, "up")
+            h.hbas.append(hba)
+        state.hosts.append(h)
+        state.save()
+    ahome = state.array_home
+    ahome.mkdir(parents=True, exist_ok=True)
+    for h in state.hosts:
+        for hba in h.hbas:
+            _sv(None, "array", "--array-home", str(ahome), "initiator", "add", hba.wwpn,
+                "--address", hba.address, "--host", h.name)
+    listens = [a for k in range(len(FABRICS)) for a in
+               ("--listen", f"10.250.{k + 1}.1:{ARRAY_PORT}")]
+    _sv(ans, "array", "--array-home", str(ahome), "serve", *listens, log=ahome / "array.log",
+        background=True)
+    for h in state.hosts:
+        Path(h.home).mkdir(parents=True, exist_ok=True, mode=0o700)
+        (Path(h.home) / "host.json").write_text(json.dumps(asdict(h), indent=1))
+        _sv(h.netns, "--home", h.home, "agent", "start")
+    _wait_array(state)
+
+
+def _wait_array(state: LabState, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    pidfile = state.array_home / "array.pid"
+    while not pidfile.exists():
+        if time.monotonic() > deadline:
+            raise SanvisorError("the array daemon did not start (see array/array.log)")
+        time.sleep(0.05)
+
+
+def down(root: Path | None = None) -> bool:
+    """Remove the lab: guests, agents, the array, namespaces, files. Idempotent."""
+    root = root or lab_root()
+    if not (root / "lab.json").exists():
+        return False
+    state = LabState.load(root)
+    for h in state.hosts:
+        _stop_host(h)
+    _kill_pidfile(state.array_home / "array.pid")
+    for ns in [h.netns for h in state.hosts] + [state.array_netns]:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    shutil.rmtree(root, ignore_errors=True)
+    return True
+
+
+def _stop_host(h: HostSpec) -> None:
+    from sanvisor.agent import daemon
+    from sanvisor.paths import Layout
+
+    home = Path(h.home)
+    layout = Layout(home)
+    if daemon.agent_pid(layout):
+        with contextlib.suppress(SanvisorError):
+            names = json.loads(subprocess.run(
+                [sys.executable, "-m", "sanvisor", "--home", str(home), "--json", "list"],
+                capture_output=True, text=True).stdout or "[]")
+            for row in names:
+                if row.get("domid"):
+                    _sv(None, "--home", str(home), "destroy", row["name"])
+        daemon.stop(layout)
+    # QEMUs left by a crashed agent: their pid is in each domain record
+    for rec in home.glob("dom/*/domain.json"):
+        with contextlib.suppress(ValueError, KeyError, OSError):
+            pid = int(json.loads(rec.read_text())["pid"])
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if str(home).encode() in cmdline:
+                os.kill(pid, signal.SIGKILL)
+
+
+def _kill_pidfile(pidfile: Path) -> None:
+    with contextlib.suppress(ValueError, OSError):
+        pid = int(pidfile.read_text())
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            os.kill(pid, 0)
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+
+
+def fault(root: Path, host: str, hba: int, up_: bool) -> None:
+    state = LabState.load(root)
+    h = state.host(host)
+    if not 0 <= hba < len(h.hbas):
+        raise UsageError(f"{host} has HBAs 0..{len(h.hbas) - 1}, not {hba}")
+    _ip("-n", h.netns, "link", "set", h.hbas[hba].ifname, "up" if up_ else "down")
