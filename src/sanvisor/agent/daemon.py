@@ -100,13 +100,17 @@ async def serve(layout: Layout) -> None:
     driver = QemuDriver(cache_dir=layout.home)
     # probe the accelerator now (up to 1.5 s, once per host boot), not in the first create
     log.info("accelerator: %s", await asyncio.to_thread(lambda: driver.accel))
-    manager = Manager(layout, driver, kit=kit)
+    from sanvisor.storage.multipathd import Multipathd
+
+    mpd = Multipathd(layout.home)
+    await mpd.start()
+    manager = Manager(layout, driver, kit=kit, mapper=mpd)
     await manager.start()
     log.info("agent up: %d domain(s) found again", len(manager.domains))
     sock = _bind(layout.socket)
     from sanvisor.agent.storage_service import StorageService
 
-    app = build_app(HostService(manager), StorageService(layout.home))
+    app = build_app(HostService(manager), StorageService(layout.home, mpd))
     config = uvicorn.Config(app, fd=sock.fileno(),
                             http=_peer_checked_protocol(), log_level="warning",
                             lifespan="off", timeout_graceful_shutdown=2)
@@ -115,6 +119,7 @@ async def serve(layout: Layout) -> None:
         await server.serve()
     finally:
         await manager.stop()
+        await mpd.stop()
         sock.close()
         with contextlib.suppress(FileNotFoundError):
             layout.socket.unlink()

@@ -53,13 +53,14 @@ class Domain:
 
 class Manager:
     def __init__(self, layout: Layout, driver: Driver, network: Network | None = None,
-                 kit: Any = None) -> None:
+                 kit: Any = None, mapper: Any = None) -> None:
         self.layout = layout
         self.driver = driver
         self.net = network or Network()
         self.registry = Registry(layout.registry)
         self.domains: dict[str, Domain] = {}  # by uuid
         self._kit = kit  # callable returning (kernel, initrd), for configs without one
+        self.mapper = mapper  # the multipath daemon: /dev/mapper/NAME -> its NBD socket
         self.started = time.time()
 
     # ---- startup / shutdown -------------------------------------------------------------
@@ -121,7 +122,16 @@ class Manager:
             initrd=Path(rec.initrd) if rec.initrd else None, cmdline=rec.cmdline,
             nics=rec.nics, dimms_mib=rec.dimms_mib,
             vcpus_now=rec.vcpus_present or rec.vcpus,
-            incoming=incoming, paused=paused, guest_channel=rec.spec.kernel is None)
+            incoming=incoming, paused=paused, guest_channel=rec.spec.kernel is None,
+            disk_sources={d.target: str(s) for d in rec.spec.disks
+                          if (s := self.mapped(d.path)) is not None})
+
+    def mapped(self, path: str) -> Path | None:
+        """The NBD socket of a multipath device path, or None for a plain path."""
+        if self.mapper is None or not path.startswith("/dev/mapper/"):
+            return None
+        sock: Path | None = self.mapper.device(path)
+        return sock
 
     def _boot_files(self, spec: DomainSpec) -> tuple[str, str | None]:
         if spec.kernel:
@@ -160,6 +170,13 @@ class Manager:
             if not disk.path:
                 continue
             p = Path(disk.path)
+            if disk.path.startswith("/dev/mapper/") and self.mapper is not None:
+                if self.mapped(disk.path) is None:
+                    raise ConfigError(
+                        f"disk {disk.target}: no multipath device {disk.path} on this host "
+                        f"(maps: {', '.join(self.mapper.names()) or 'none; scsi rescan?'})",
+                        file=spec.source)
+                continue
             if not p.exists():
                 raise ConfigError(f"disk {disk.target}: {disk.path}: no such file or device",
                                   file=spec.source)

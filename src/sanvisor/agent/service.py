@@ -285,7 +285,9 @@ class HostService:
                                   domain=dom.name, target=disk.target)
             probe = DomainSpec(name=dom.name, disks=[disk], source="block-attach")
             self.m.check_disks(probe)
-            await inst.attach_disk(disk, len(dom.record.spec.disks))
+            sock = self.m.mapped(disk.path)
+            await inst.attach_disk(disk, len(dom.record.spec.disks),
+                                   str(sock) if sock else None)
             dom.record.spec.disks.append(disk)
             dom.record.save(self.m.layout.domain_dir(dom.record.uuid))
 

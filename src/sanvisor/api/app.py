@@ -60,6 +60,11 @@ class ScsiAddBody(BaseModel):
     lun: int
 
 
+class ConfBody(BaseModel):
+    text: str
+    source: str = "multipath.conf"
+
+
 class DeviceBody(BaseModel):
     spec: str = Field(description="xl disk or vif spec, e.g. 'phy:/dev/sdb,sdc,w'")
 
@@ -178,6 +183,14 @@ def _storage_routes(app: FastAPI, st: StorageService) -> None:
     @app.post("/v1/scsi/rescan")
     async def scsi_rescan(body: RescanBody) -> dict[str, Any]:
         return await st.scsi_rescan(body.hba)
+
+    @app.get("/v1/multipath")
+    async def multipath() -> dict[str, Any]:
+        return st.multipath()
+
+    @app.put("/v1/multipath/conf")
+    async def multipath_conf(body: ConfBody) -> dict[str, Any]:
+        return await st.set_multipath_conf(body.text, body.source)
 
     @app.post("/v1/scsi/add")
     async def scsi_add(body: ScsiAddBody) -> dict[str, Any]:

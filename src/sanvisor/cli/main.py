@@ -111,6 +111,11 @@ def _parser() -> argparse.ArgumentParser:
     sad = ssub.add_parser("add", help="probe one LUN: scsiadd H C I L")
     for k in ("h", "c", "i", "l"):
         sad.add_argument(k, type=int)
+    mp = verb("multipath", "multipath maps: -ll, and one multipath.conf for the pool")
+    mp.add_argument("-ll", dest="ll", action="store_true", help="show maps and paths (default)")
+    mp.add_argument("action", nargs="?", choices=["show", "push"], default="show",
+                    help="push FILE: install FILE on every host of the lab and compare names")
+    mp.add_argument("file", nargs="?", type=Path)
     lab = verb("lab", "the one-machine SAN lab: array, fabrics, hosts")
     lsub = lab.add_subparsers(dest="lab_cmd", metavar="ACTION", required=True)
     lu = lsub.add_parser("up", help="build the lab: an array and N hosts with two HBAs each")

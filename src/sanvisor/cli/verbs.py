@@ -270,6 +270,52 @@ def do_scsi(args: argparse.Namespace, layout: Layout) -> int:
     return 0
 
 
+def do_multipath(args: argparse.Namespace, layout: Layout) -> int:
+    if args.action == "show":
+        data = _client(layout).call("GET", "/v1/multipath")
+        _out(args, data, data["ll"] or "no multipath devices (scsi rescan?)")
+        return 0
+    if args.file is None:
+        raise UsageError("multipath push FILE")
+    try:
+        text = args.file.read_text()
+    except OSError as exc:
+        raise ConfigError(exc.strerror or "cannot read", file=str(args.file)) from None
+    from sanvisor.lab import topology
+    from sanvisor.storage.mpconf import parse_mpconf
+
+    parse_mpconf(text, str(args.file))  # refuse a bad file before touching any host
+    root = topology.lab_root()
+    if (root / "lab.json").exists():
+        homes = {h.name: Path(h.home) for h in topology.LabState.load(root).hosts}
+    else:
+        homes = {"localhost": layout.home}
+    names: dict[str, dict[str, str]] = {}  # host -> name -> wwid
+    for host, home in homes.items():
+        view = AgentClient(Layout(home).socket).call(
+            "PUT", "/v1/multipath/conf", {"text": text, "source": str(args.file)})
+        names[host] = {m["name"]: m["wwid"] for m in view["maps"]}
+    problems = []
+    all_names = sorted({n for per in names.values() for n in per})
+    for name in all_names:
+        seen = {h: per[name] for h, per in names.items() if name in per}
+        if len(set(seen.values())) > 1:
+            problems.append(f"{name} is " + ", ".join(f"{w} on {h}" for h, w in seen.items()))
+    by_wwid: dict[str, dict[str, str]] = {}
+    for h, per in names.items():
+        for n, w in per.items():
+            by_wwid.setdefault(w, {})[h] = n
+    for w, per_host in sorted(by_wwid.items()):
+        if len(set(per_host.values())) > 1:
+            problems.append(f"WWID {w} is named " + ", ".join(
+                f"{n} on {h}" for h, n in per_host.items()))
+    report = {"hosts": names, "problems": problems}
+    text_out = "\n".join([f"pushed to {', '.join(homes)}"]
+                          + [f"MISMATCH: {p}" for p in problems])
+    _out(args, report, text_out)
+    return 1 if problems else 0
+
+
 def do_lab(args: argparse.Namespace, layout: Layout) -> int:
     from sanvisor.lab import topology
 
@@ -306,6 +352,7 @@ def do_demo(args: argparse.Namespace, layout: Layout) -> int:
 
 HANDLERS: dict[str, Any] = {
     "demo": do_demo, "array": do_array, "lab": do_lab, "scsi": do_scsi,
+    "multipath": do_multipath,
     "create": do_create, "list": do_list, "pause": _simple("pause"),
     "unpause": _simple("unpause"), "reboot": _simple("reboot"), "destroy": do_destroy,
     "shutdown": do_shutdown, "save": do_save, "restore": do_restore, "console": do_console,

@@ -44,6 +44,7 @@ class LaunchPlan:
     paused: bool = False
     accel: str = ""  # filled in by the driver: "tcg" or "kvm"
     guest_channel: bool = False  # the guest answers on the control channel (guest kit)
+    disk_sources: dict[str, str] = field(default_factory=dict)  # target -> NBD socket
 
 
 @dataclass
@@ -101,7 +102,8 @@ class Instance(abc.ABC):
     async def set_vcpus(self, count: int) -> int:
         """Make ``count`` vCPUs online in the guest; return how many are present."""
     @abc.abstractmethod
-    async def attach_disk(self, disk: DiskSpec, index: int) -> None: ...
+    async def attach_disk(self, disk: DiskSpec, index: int, source: str | None = None
+                          ) -> None: ...
     @abc.abstractmethod
     async def detach_disk(self, disk: DiskSpec) -> None: ...
     @abc.abstractmethod

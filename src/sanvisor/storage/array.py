@@ -51,7 +51,7 @@ class Lun:
     def description(self) -> str:
         """What travels in NBD's export description: the SCSI inquiry data."""
         return (f"vendor={self.vendor} model={self.model} rev={self.rev} lun={self.id} "
-                f"wwid={self.wwid} name={self.name}")
+                f"wwid={self.wwid} name={self.name} size={self.size}")
 
 
 @dataclass

@@ -45,6 +45,7 @@ class ScsiPath:
     rev: str
     dev: str  # sdb
     minor: int
+    size: int = 0
     channel: int = 0
     target: int = 0
 
@@ -129,7 +130,8 @@ class ScsiTable:
     def _add(self, hba: int, lun: int, f: dict[str, str]) -> ScsiPath:
         dev, minor = self._next_dev()
         p = ScsiPath(hba=hba, lun=lun, wwid=f["wwid"], vendor=f.get("vendor", ""),
-                     model=f.get("model", ""), rev=f.get("rev", ""), dev=dev, minor=minor)
+                     model=f.get("model", ""), rev=f.get("rev", ""), dev=dev, minor=minor,
+                     size=int(f.get("size", 0)))
         self.paths.append(p)
         self.paths.sort(key=lambda x: (x.hba, x.lun))
         return p

@@ -38,18 +38,29 @@ def disk_node(disk: DiskSpec) -> str:
     return f"disk-{disk.target}"
 
 
-def disk_blockdev(disk: DiskSpec) -> dict[str, object]:
-    """The blockdev-add argument for a disk (also used on the command line)."""
+def disk_blockdev(disk: DiskSpec, nbd_socket: str | None = None) -> dict[str, object]:
+    """The blockdev-add argument for a disk (also used on the command line).
+
+    A multipath device (/dev/mapper/NAME) is the host multipath daemon's NBD
+    export on a unix socket; QEMU reconnects to it for 30 s if it goes away
+    (an agent restart), holding the guest's I/O meanwhile instead of failing it."""
     path = disk.path
     is_dev = path.startswith("/dev/")
-    proto: dict[str, object] = {
-        "driver": "host_device" if is_dev else "file",
-        "filename": path,
-        "node-name": f"proto-{disk.target}",
-        "read-only": disk.readonly,
-        "auto-read-only": False,
-        "discard": "unmap",
-    }
+    proto: dict[str, object]
+    if nbd_socket is not None:
+        proto = {"driver": "nbd", "server": {"type": "unix", "path": nbd_socket},
+                 "export": path.removeprefix("/dev/mapper/"), "reconnect-delay": 30,
+                 "node-name": f"proto-{disk.target}", "read-only": disk.readonly,
+                 "auto-read-only": False, "discard": "unmap"}
+    else:
+        proto = {
+            "driver": "host_device" if is_dev else "file",
+            "filename": path,
+            "node-name": f"proto-{disk.target}",
+            "read-only": disk.readonly,
+            "auto-read-only": False,
+            "discard": "unmap",
+        }
     return {
         "driver": "raw",
         "node-name": disk_node(disk),
@@ -102,15 +113,18 @@ def _opts(d: dict[str, object], first: str | None = None) -> str:
     return ",".join(parts)
 
 
-def _blockdev_opts(bd: dict[str, object]) -> str:
+def _flatten(d: dict[str, object], prefix: str = "") -> dict[str, object]:
     flat: dict[str, object] = {}
-    for k, v in bd.items():
+    for k, v in d.items():
         if isinstance(v, dict):
-            for k2, v2 in v.items():
-                flat[f"{k}.{k2}"] = v2
+            flat.update(_flatten(v, f"{prefix}{k}."))
         else:
-            flat[k] = v
-    return _opts(flat)
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def _blockdev_opts(bd: dict[str, object]) -> str:
+    return _opts(_flatten(bd))
 
 
 def memory_arg(memory: int, maxmem: int) -> str:
@@ -158,7 +172,8 @@ def build_argv(plan: LaunchPlan, *, qemu: str, accel: str) -> list[str]:
         argv.append("-no-reboot")
     for disk in spec.disks:
         if disk.path:
-            argv += ["-blockdev", _blockdev_opts(disk_blockdev(disk))]
+            sock = plan.disk_sources.get(disk.target)
+            argv += ["-blockdev", _blockdev_opts(disk_blockdev(disk, sock))]
         argv += ["-device", _opts(disk_device(disk), first="driver")]
     for nic in plan.nics:
         argv += ["-netdev", _opts(nic_netdev(nic), first="type")]

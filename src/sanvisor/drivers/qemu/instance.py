@@ -335,9 +335,10 @@ class QemuInstance(Instance):
         if "tcg" in self.plan.accel:
             self._tcg_file().write_text(str(self._tcg_used() + 1))
 
-    async def attach_disk(self, disk: DiskSpec, index: int) -> None:
+    async def attach_disk(self, disk: DiskSpec, index: int, source: str | None = None
+                          ) -> None:
         if disk.path:
-            await self.qmp("blockdev-add", qargv.disk_blockdev(disk))
+            await self.qmp("blockdev-add", qargv.disk_blockdev(disk, source))
         try:
             await self.qmp("device_add", qargv.disk_device(disk))
         except HypervisorError:

@@ -1,0 +1,129 @@
+"""The map's NBD server for the guest's QEMU (unix socket): the /dev/mapper/NAME device.
+
+QEMU connects here as to any NBD server; each request it sends becomes a
+Request the map routes to a path, and each reply goes back as it arrives
+(NBD lets replies come in any order).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import struct
+
+from sanvisor.storage import nbdproto as P
+from sanvisor.storage.mpmap import Map
+from sanvisor.storage.paths import Request
+
+TFLAGS = (P.TF_HAS_FLAGS | P.TF_SEND_FLUSH | P.TF_SEND_FUA | P.TF_SEND_TRIM
+          | P.TF_SEND_WRITE_ZEROES)
+
+
+class Front(asyncio.Protocol):
+    def __init__(self, mp: Map) -> None:
+        self.map = mp
+        self.buf = bytearray()
+        self.phase = "flags"
+        self.no_zeroes = False
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(struct.pack(">QQH", P.NBDMAGIC, P.IHAVEOPT,
+                                    P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        try:
+            while self.transport is not None and self._step():
+                pass
+        except ValueError:
+            if self.transport is not None:
+                self.transport.abort()
+
+    def _step(self) -> bool:
+        b = self.buf
+        if self.phase == "flags":
+            if len(b) < 4:
+                return False
+            (flags,) = struct.unpack_from(">I", b)
+            self.no_zeroes = bool(flags & P.FLAG_C_NO_ZEROES)
+            del b[:4]
+            self.phase = "options"
+            return True
+        if self.phase == "options":
+            if len(b) < 16:
+                return False
+            magic, opt, length = P.OPT_HEADER.unpack_from(b)
+            if magic != P.IHAVEOPT or length > 65536:
+                raise ValueError("bad option")
+            if len(b) < 16 + length:
+                return False
+            data = bytes(b[16:16 + length])
+            del b[:16 + length]
+            self._option(opt, data)
+            return True
+        if len(b) < 28:
+            return False
+        magic, flags, cmd, cookie, offset, length = P.REQUEST.unpack_from(b)
+        if magic != P.REQUEST_MAGIC:
+            raise ValueError("bad request")
+        need = 28 + (length if cmd == P.CMD_WRITE else 0)
+        if len(b) < need:
+            return False
+        payload = bytes(b[28:need]) if cmd == P.CMD_WRITE else b""
+        del b[:need]
+        if cmd == P.CMD_DISC:
+            assert self.transport is not None
+            self.transport.close()
+            return False
+        if offset + (length if cmd != P.CMD_FLUSH else 0) > self.map.size:
+            self._reply(cookie, P.ENOSPC if cmd in (P.CMD_WRITE, P.CMD_WRITE_ZEROES)
+                        else P.EINVAL, [])
+            return True
+        self.map.submit(Request(reply=functools.partial(self._reply, cookie), cmd=cmd,
+                                flags=flags, offset=offset, length=length, payload=payload))
+        return True
+
+    def _reply(self, cookie: int, err: int, chunks: list[bytes]) -> None:
+        if self.transport is None:
+            return
+        self.transport.writelines([P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, err, cookie),
+                                   *chunks])
+
+    def _option(self, opt: int, data: bytes) -> None:
+        assert self.transport is not None
+        w = self.transport.write
+        mp = self.map
+        if opt == P.OPT_EXPORT_NAME:
+            if data.decode(errors="replace") not in ("", mp.name):
+                raise ValueError("unknown export")
+            w(struct.pack(">QH", mp.size, TFLAGS) + (b"" if self.no_zeroes else b"\0" * 124))
+            self.phase = "transmission"
+        elif opt in (P.OPT_GO, P.OPT_INFO):
+            if len(data) < 6:
+                raise ValueError("short GO")
+            (n,) = struct.unpack_from(">I", data)
+            name = data[4:4 + n].decode(errors="replace")
+            if name not in ("", mp.name):
+                w(P.option_reply(opt, P.REP_ERR_UNKNOWN, b"no such multipath device"))
+                return
+            for info in (P.info_export(mp.size, TFLAGS), P.info_block_size(1, 4096,
+                                                                            P.MAX_REQUEST)):
+                w(P.option_reply(opt, P.REP_INFO, info))
+            w(P.option_reply(opt, P.REP_ACK))
+            if opt == P.OPT_GO:
+                self.phase = "transmission"
+        elif opt == P.OPT_LIST:
+            raw = mp.name.encode()
+            w(P.option_reply(opt, P.REP_SERVER, struct.pack(">I", len(raw)) + raw))
+            w(P.option_reply(opt, P.REP_ACK))
+        elif opt == P.OPT_ABORT:
+            w(P.option_reply(opt, P.REP_ACK))
+            self.transport.close()
+        else:
+            w(P.option_reply(opt, P.REP_ERR_UNSUP))

@@ -1,0 +1,196 @@
+"""The host's multipath daemon (inside the agent): maps, path checker, data path.
+
+Paths come from the SCSI table (after a rescan) and are grouped into one map
+per WWID. A map's name is its alias in multipath.conf; without one, `mpathN`
+from this host's bindings when user_friendly_names is on (assigned in the order
+this host first saw each WWID: another host may number them differently, the
+seed's trap), else the WWID. Each map serves /dev/mapper/NAME to QEMU as an
+NBD unix socket under HOME/mapper/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path as FsPath
+from typing import Any
+
+from sanvisor.errors import SanvisorError
+from sanvisor.storage.mpconf import MultipathConf, parse_mpconf
+from sanvisor.storage.mpfront import Front
+from sanvisor.storage.mpmap import Map
+from sanvisor.storage.paths import Path
+from sanvisor.storage.scsi import HbaConf, ScsiTable, load_hbas
+
+log = logging.getLogger("sanvisor.multipath")
+LINK_CHECK = 0.05  # seconds between HBA link-state checks
+
+
+class Multipathd:
+    def __init__(self, home: FsPath) -> None:
+        self.home = home
+        self.conf_path = home / "multipath.conf"
+        self.mapper = home / "mapper"
+        self.conf = MultipathConf()
+        self.maps: dict[str, Map] = {}  # by WWID
+        self.paths: dict[str, Path] = {}  # by H:C:T:L
+        self.servers: dict[str, asyncio.AbstractServer] = {}  # by map name
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._probes: set[asyncio.Future[bool]] = set()
+
+    # ---- configuration --------------------------------------------------------------
+    def load_conf(self) -> MultipathConf:
+        if not self.conf_path.exists():
+            return MultipathConf(defaults={"user_friendly_names": "yes"})
+        return parse_mpconf(self.conf_path.read_text(), str(self.conf_path))
+
+    def set_conf(self, text: str, source: str) -> MultipathConf:
+        conf = parse_mpconf(text, source)  # raises ConfigError: file:line
+        tmp = self.conf_path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(self.conf_path)
+        return conf
+
+    def _bindings(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        with contextlib.suppress(FileNotFoundError):
+            for line in (self.home / "bindings").read_text().splitlines():
+                parts = line.split()
+                if len(parts) == 2 and not line.startswith("#"):
+                    out[parts[1]] = parts[0]
+        return out
+
+    def _bind(self, wwid: str) -> str:
+        b = self._bindings()
+        if wwid not in b:
+            n = 0
+            while f"mpath{n}" in b.values():
+                n += 1
+            b[wwid] = f"mpath{n}"
+            (self.home / "bindings").write_text(
+                "# multipath bindings of this host: name wwid\n"
+                + "".join(f"{name} {w}\n" for w, name in b.items()))
+        return b[wwid]
+
+    def name_for(self, wwid: str) -> str:
+        alias = self.conf.alias_for(wwid)
+        if alias:
+            return alias
+        return self._bind(wwid) if self.conf.user_friendly_names else wwid
+
+    # ---- life -----------------------------------------------------------------------
+    async def start(self) -> None:
+        with contextlib.suppress(SanvisorError):
+            await self.reload()
+        self._task = asyncio.create_task(self._checker(), name="multipath-checker")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for srv in self.servers.values():
+            srv.close()
+        for p in self.paths.values():
+            p.fail("multipathd stopping")
+
+    async def reload(self) -> None:
+        """Rebuild maps from the SCSI table and multipath.conf; keep live paths."""
+        async with self._lock:
+            self.conf = self.load_conf()
+            try:
+                hbas = {h.index: h for h in load_hbas(self.home)}
+            except SanvisorError:
+                hbas = {}
+            table = ScsiTable(self.home)
+            wanted: dict[str, list[Any]] = {}
+            for sp in table.paths:
+                if sp.hba in hbas and not self.conf.blacklisted(sp.wwid):
+                    wanted.setdefault(sp.wwid, []).append(sp)
+            for hctl in [h for h, p in self.paths.items()
+                         if p.scsi.wwid not in wanted or p.scsi not in wanted[p.scsi.wwid]]:
+                self.paths.pop(hctl).fail("removed by a rescan")
+            for wwid in [w for w in self.maps if w not in wanted]:
+                await self._drop_map(self.maps.pop(wwid))
+            for dm, (wwid, sps) in enumerate(sorted(wanted.items())):
+                first = sps[0]
+                settings = self.conf.settings_for(wwid, first.vendor, first.model)
+                name = self.name_for(wwid)
+                mp = self.maps.get(wwid)
+                if mp is not None and mp.name != name:
+                    await self._drop_map(self.maps.pop(wwid))
+                    mp = None
+                if mp is None:
+                    mp = Map(name, wwid, dm, first.vendor, first.model, first.size, settings)
+                    self.maps[wwid] = mp
+                    await self._serve(mp)
+                mp.settings = settings
+                mp.paths = [self._path(sp, hbas[sp.hba], mp) for sp in sps]
+            await asyncio.gather(*(p.connect() for p in self.paths.values()
+                                   if not p.ready and p.link_up()))
+
+    def _path(self, sp: Any, hba: HbaConf, mp: Map) -> Path:
+        p = self.paths.get(sp.hctl)
+        if p is None or p.scsi.wwid != sp.wwid:
+            p = Path(sp, hba, mp.path_changed)
+            self.paths[sp.hctl] = p
+        p.on_change = mp.path_changed
+        return p
+
+    async def _serve(self, mp: Map) -> None:
+        self.mapper.mkdir(exist_ok=True)
+        sock = self.mapper / f"{mp.name}.sock"
+        with contextlib.suppress(FileNotFoundError):
+            sock.unlink()
+        srv = await asyncio.get_running_loop().create_unix_server(lambda: Front(mp), str(sock))
+        sock.chmod(0o600)
+        self.servers[mp.name] = srv
+
+    async def _drop_map(self, mp: Map) -> None:
+        srv = self.servers.pop(mp.name, None)
+        if srv is not None:
+            srv.close()
+        with contextlib.suppress(FileNotFoundError):
+            (self.mapper / f"{mp.name}.sock").unlink()
+
+    async def _checker(self) -> None:
+        """Link state every 50 ms (fast failure); reconnect faulty paths every
+        polling_interval of their map; expire queues (no_path_retry N)."""
+        last_probe: dict[str, float] = {}
+        while True:
+            await asyncio.sleep(LINK_CHECK)
+            now = time.monotonic()
+            for mp in list(self.maps.values()):
+                for p in mp.paths:
+                    if p.ready and not p.link_up():
+                        p.fail(f"link down on {p.hba.ifname}")
+                    elif not p.ready and p.link_up() and \
+                            now - last_probe.get(p.scsi.hctl, 0) >= mp.settings.polling_interval:
+                        last_probe[p.scsi.hctl] = now
+                        task = asyncio.ensure_future(p.connect())
+                        self._probes.add(task)
+                        task.add_done_callback(self._probes.discard)
+                mp.expire()
+
+    # ---- views ----------------------------------------------------------------------
+    def device(self, path: str) -> FsPath | None:
+        """The NBD socket serving /dev/mapper/NAME, if NAME is a map here."""
+        if not path.startswith("/dev/mapper/"):
+            return None
+        name = path.removeprefix("/dev/mapper/")
+        if any(mp.name == name for mp in self.maps.values()):
+            return self.mapper / f"{name}.sock"
+        return None
+
+    def names(self) -> list[str]:
+        return sorted(mp.name for mp in self.maps.values())
+
+    def ll(self) -> str:
+        return "\n".join(mp.ll() for mp in sorted(self.maps.values(), key=lambda m: m.dm))
+
+    def view(self) -> dict[str, Any]:
+        return {"maps": [mp.view() for mp in sorted(self.maps.values(), key=lambda m: m.dm)],
+                "ll": self.ll(), "warnings": self.conf.warnings}
