@@ -200,6 +200,7 @@ class Path:
 
     def view(self) -> dict[str, Any]:
         return {"hctl": self.scsi.hctl, "dev": self.scsi.dev, "state": self.state,
-                "reason": self.reason, "hba": self.hba.index, **vars(self.stats)}
+                "reason": self.reason, "hba": self.hba.index, "inflight": len(self.inflight),
+                **vars(self.stats)}
 
 

@@ -1,0 +1,224 @@
+"""The SAN lab for real: an array and two hosts in namespaces, two fabrics each.
+
+Zoning seen through rescans, real NBD clients refused when unzoned, pool-wide
+multipath names, and I/O that survives an HBA failure with nothing lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.guest.helpers import wait_until
+
+pytestmark = [pytest.mark.root,
+              pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root"),
+              pytest.mark.skipif(shutil.which("qemu-io") is None, reason="needs qemu-utils")]
+
+H1 = ["10:00:00:00:c9:00:01:00", "10:00:00:00:c9:00:01:01"]
+H2 = ["10:00:00:00:c9:00:02:00", "10:00:00:00:c9:00:02:01"]
+
+
+class Lab:
+    def __init__(self, root: Path, name: str) -> None:
+        self.root, self.name = root, name
+        self.env = dict(os.environ, SANVISOR_LAB_HOME=str(root))
+
+    def sv(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([sys.executable, "-m", "sanvisor", *args], capture_output=True,
+                              text=True, env=self.env, timeout=120)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"sanvisor {' '.join(args)}: {proc.stderr}{proc.stdout}")
+        return proc
+
+    def js(self, *args: str) -> Any:
+        return json.loads(self.sv("--json", *args).stdout)
+
+    def netns(self, host: int) -> str:
+        return f"{self.name}-h{host}"
+
+    def in_host(self, host: int, *cmd: str, check: bool = True
+                ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["ip", "netns", "exec", self.netns(host), *cmd],
+                              capture_output=True, text=True, check=check, timeout=300)
+
+    def wwid(self, lun: str) -> str:
+        return str(next(x["wwid"] for x in self.js("array", "lun", "list")
+                        if x["name"] == lun))
+
+    def map(self, host: int, name: str) -> dict[str, Any]:
+        """Straight from the agent's API: fast enough to poll while I/O runs."""
+        from sanvisor.api.client import AgentClient
+
+        client = AgentClient(self.root / f"host{host}" / "agent.sock")
+        maps = client.call("GET", "/v1/multipath")["maps"]
+        return dict(next(m for m in maps if m["name"] == name))
+
+    def map_uri(self, host: int, name: str) -> str:
+        return f"nbd+unix:///{name}?socket={self.root}/host{host}/mapper/{name}.sock"
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    root = Path(tempfile.mkdtemp(prefix="svlab", dir="/tmp"))
+    shutil.rmtree(root)
+    lab = Lab(root, f"t{os.getpid() % 100000}")
+    try:
+        lab.sv("lab", "up", "--hosts", "2", "--name", lab.name)
+        yield lab
+    finally:
+        lab.sv("lab", "down", check=False)
+        shutil.rmtree(root, ignore_errors=True)
+    assert not any(ns.startswith(lab.name + "-") for ns in
+                   subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                  text=True).stdout.split())
+
+
+def test_zoning_is_seen_after_a_rescan_and_enforced(lab: Lab) -> None:
+    lab.sv("array", "lun", "create", "boot", "--size", "64M")
+    for w in H1:
+        lab.sv("array", "zone", "add", "boot", w)
+    assert lab.js("-H", "host1", "scsi", "list") == []  # not before a rescan
+    lab.sv("-H", "host1", "scsi", "rescan")
+    table = lab.sv("-H", "host1", "scsi", "list").stdout
+    assert table.count("Host: scsi") == 2 and "Vendor: HITACHI  Model: DF600F" in table
+    assert "Host: scsi0 Channel: 00 Id: 00 Lun: 01" in table
+    lab.sv("-H", "host2", "scsi", "rescan")
+    assert lab.js("-H", "host2", "scsi", "list") == []
+    uri = f"nbd://10.250.1.1:10809/{lab.wwid('boot')}"
+    refused = lab.in_host(2, "qemu-img", "info", uri, check=False)
+    assert refused.returncode != 0 and "no such export" in refused.stderr
+    assert "virtual size: 64 MiB" in lab.in_host(1, "qemu-img", "info", uri).stdout
+    # unzone one HBA: its path goes at the next rescan
+    lab.sv("array", "zone", "remove", "boot", H1[1])
+    lab.sv("-H", "host1", "scsi", "rescan")
+    assert [p["hctl"] for p in lab.js("-H", "host1", "scsi", "list")] == ["0:0:0:1"]
+    lab.sv("array", "zone", "add", "boot", H1[1])
+    lab.sv("-H", "host1", "scsi", "add", "1", "0", "0", "1")  # the seed's scsiadd
+    assert len(lab.js("-H", "host1", "scsi", "list")) == 2
+    bad = lab.sv("array", "zone", "add", "boot", "10:00:00:00:c9:00:09:00", check=False)
+    assert bad.returncode != 0 and "unknown initiator WWPN" in bad.stderr
+
+
+def test_one_multipath_conf_for_the_pool(lab: Lab, tmp_path: Path) -> None:
+    # host2 first sees 'other', host1 first saw 'boot': mpathN names differ per host
+    lab.sv("array", "lun", "create", "other", "--size", "16M")
+    for w in H1 + H2:
+        lab.sv("array", "zone", "add", "other", w)
+    lab.sv("-H", "host2", "scsi", "rescan")
+    for w in H2:
+        lab.sv("array", "zone", "add", "boot", w)
+    lab.sv("-H", "host2", "scsi", "rescan")
+    lab.sv("-H", "host1", "scsi", "rescan")
+    plain = tmp_path / "plain.conf"
+    plain.write_text("defaults {\n  user_friendly_names yes\n}\n")
+    out = lab.sv("multipath", "push", str(plain), check=False)
+    assert out.returncode == 1 and "MISMATCH: mpath0 is" in out.stdout
+    good = tmp_path / "pool.conf"
+    good.write_text(
+        "defaults {\n  user_friendly_names yes\n  polling_interval 0.5\n"
+        "  no_path_retry queue\n}\n"
+        f"multipaths {{\n  multipath {{\n    wwid {lab.wwid('boot')}\n    alias domU-systeme\n"
+        f"  }}\n  multipath {{\n    wwid {lab.wwid('other')}\n    alias domU-data\n  }}\n}}\n"
+        "devices {\n  device {\n    vendor \"HITACHI\"\n    product \"DF600F\"\n"
+        "    path_grouping_policy multibus\n  }\n}\n")
+    assert "MISMATCH" not in lab.sv("multipath", "push", str(good)).stdout
+    for host in (1, 2):
+        assert lab.map(host, "domU-systeme")["wwid"] == lab.wwid("boot")
+    ll = lab.sv("-H", "host1", "multipath", "-ll").stdout.splitlines()
+    assert ll[0] == f"domU-systeme ({lab.wwid('boot')}) dm-0 HITACHI,DF600F"
+    assert ll[1] == "[size=64M][features=1 queue_if_no_path][hwhandler=0][rw]"
+    assert ll[2] == "\\_ round-robin 0 [prio=2][active]"
+    assert ll[3].split() == ["\\_", "0:0:0:1", "sdb", "8:16", "[active][ready]"]
+    broken = tmp_path / "broken.conf"
+    broken.write_text("defaults {\n  polling_interval soon\n}\n")
+    bad = lab.sv("multipath", "push", str(broken), check=False)
+    assert bad.returncode != 0 and f"{broken}:2: polling_interval" in bad.stderr
+
+
+def _written(lab: Lab) -> int:
+    return sum(p["written_bytes"] for p in lab.map(1, "domU-systeme")["paths"])
+
+
+def test_io_survives_an_hba_failure(lab: Lab) -> None:
+    """64 KiB writes, each block with its own pattern, while HBA 0 dies, comes back,
+    and HBA 1 dies: qemu-io sees no error and every block is on the LUN."""
+    n, bs, passes = 768, 64 << 10, 12  # 576 MiB of writes; the last pass is checked
+    assert n * bs <= 64 << 20
+    cmds = [a for p in range(passes) for i in range(n)
+            for a in ("-c", f"write -P {(i + p) % 250 + 1} {i * bs} {bs}")]
+    last = passes - 1
+    start = _written(lab)
+    before = {p["hctl"]: p["written_bytes"] for p in lab.map(1, "domU-systeme")["paths"]}
+    # its output (two lines a write) goes to a file: a full pipe would stall qemu-io
+    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed with the test
+    job = subprocess.Popen(["ip", "netns", "exec", lab.netns(1), "qemu-io", "-f", "raw",
+                            "-t", "none", *cmds, "-c", "flush",
+                            lab.map_uri(1, "domU-systeme")],
+                           stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until("writes under way", lambda: _written(lab) > start + (32 << 20), 60, 0.01)
+        lab.sv("lab", "fault", "hba-down", "host1", "0")
+        assert job.poll() is None, "the workload ended before the fault: make it longer"
+        t_down = _written(lab)
+        try:
+            wait_until("writes on the other path",
+                       lambda: _written(lab) > t_down + (8 << 20), 20, 0.01)
+        except AssertionError as exc:
+            log = (lab.root / "host1" / "agent.log").read_text()[-3000:]
+            raise AssertionError(f"{exc}\n{lab.map(1, 'domU-systeme')}\n{log}") from None
+        paths = {p["hctl"]: p for p in lab.map(1, "domU-systeme")["paths"]}
+        assert paths["0:0:0:1"]["state"] == "faulty"
+        lab.sv("lab", "fault", "hba-up", "host1", "0")
+        wait_until("path 0 reinstated", lambda: all(
+            p["state"] == "ready" for p in lab.map(1, "domU-systeme")["paths"]), 10)
+        lab.sv("lab", "fault", "hba-down", "host1", "1")
+        job.wait(timeout=120)
+        log.seek(0)
+        out, err = log.read(), ""
+    finally:
+        if job.poll() is None:
+            job.kill()
+        lab.sv("lab", "fault", "hba-up", "host1", "0", check=False)
+        lab.sv("lab", "fault", "hba-up", "host1", "1", check=False)
+    assert job.returncode == 0, err
+    assert "error" not in (out + err).lower() and "failed" not in (out + err).lower()
+    after = {p["hctl"]: p["written_bytes"] for p in lab.map(1, "domU-systeme")["paths"]}
+    assert all(after[h] > before[h] for h in after), (before, after)  # both paths carried I/O
+    assert lab.map(1, "domU-systeme")["io_errors"] == 0
+    backing = next(x["backing"] for x in lab.js("array", "lun", "list") if x["name"] == "boot")
+    data = Path(backing).read_bytes()
+    bad = [i for i in range(n)
+           if data[i * bs:(i + 1) * bs] != bytes([(i + last) % 250 + 1]) * bs]
+    assert bad == [], f"{len(bad)} blocks lost or torn, first {bad[:5]}"
+
+
+def test_no_path_queues_then_completes(lab: Lab) -> None:
+    wait_until("both paths ready", lambda: all(
+        p["state"] == "ready" for p in lab.map(1, "domU-systeme")["paths"]), 10)
+    for k in ("0", "1"):
+        lab.sv("lab", "fault", "hba-down", "host1", k)
+    job = subprocess.Popen(["ip", "netns", "exec", lab.netns(1), "qemu-io", "-f", "raw",
+                            "-t", "none", "-c", "write -P 0x77 0 64k", "-c", "flush",
+                            lab.map_uri(1, "domU-systeme")],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until("the write to queue", lambda: lab.map(1, "domU-systeme")["queued"] > 0, 30)
+        assert job.poll() is None  # held, not failed
+        lab.sv("lab", "fault", "hba-up", "host1", "1")
+        out, err = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+        lab.sv("lab", "fault", "hba-up", "host1", "0", check=False)
+        lab.sv("lab", "fault", "hba-up", "host1", "1", check=False)
+    assert job.returncode == 0 and "error" not in (out + err).lower(), out + err
