@@ -33,13 +33,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def kit() -> object:
-    from sanvisor.guestkit import build_kit
-
-    return build_kit()
-
-
-@pytest.fixture(scope="session")
 def netns() -> Iterator[str | None]:
     if not ROOT:
         yield None

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -190,6 +191,13 @@ class Path:
         link, self.link = self.link, None
         if link is not None and link.transport is not None:
             with contextlib.suppress(Exception):
+                # Reset, do not close: a closed socket keeps retransmitting what it had
+                # queued once the link returns, and the array would then apply a write
+                # we already resent elsewhere, over newer data (seen: blocks lost).
+                sock = link.transport.get_extra_info("socket")
+                if sock is not None:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                    struct.pack("ii", 1, 0))
                 link.transport.abort()
         self.on_change(self)
 
