@@ -26,15 +26,30 @@ class Front(asyncio.Protocol):
         self.phase = "flags"
         self.no_zeroes = False
         self.transport: asyncio.Transport | None = None
+        self.paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        transport.set_write_buffer_limits(high=4 << 20, low=1 << 20)
         transport.write(struct.pack(">QQH", P.NBDMAGIC, P.IHAVEOPT,
                                     P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES))
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.paused:
+            self.map.throttle(-1)
         self.transport = None
+
+    # Backpressure: when QEMU reads replies slower than the array sends them, stop
+    # reading from the paths instead of growing our send buffer (asyncio moves that
+    # whole buffer on every send: quadratic for many 1 MiB reads in flight).
+    def pause_writing(self) -> None:
+        self.paused = True
+        self.map.throttle(+1)
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self.map.throttle(-1)
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -92,8 +107,11 @@ class Front(asyncio.Protocol):
     def _reply(self, cookie: int, err: int, chunks: list[bytes]) -> None:
         if self.transport is None:
             return
-        self.transport.writelines([P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, err, cookie),
-                                   *chunks])
+        # one write per chunk: Python 3.11's writelines joins them (a copy of 1 MiB reads)
+        write = self.transport.write
+        write(P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, err, cookie))
+        for chunk in chunks:
+            write(chunk)
 
     def _option(self, opt: int, data: bytes) -> None:
         assert self.transport is not None

@@ -25,6 +25,7 @@ class Map:
         self._rr = 0
         self._current: Path | None = None
         self.io_errors = 0  # requests failed back to the guest
+        self._throttled = 0  # fronts whose send buffer is full
 
     # ---- path selection ----------------------------------------------------------------
     def choose(self) -> Path | None:
@@ -52,11 +53,21 @@ class Map:
         req.queued_at = req.queued_at or time.monotonic()
         self.queue.append(req)
 
+    def throttle(self, delta: int) -> None:
+        """Pause reading replies from every path while a front cannot keep up."""
+        before = self._throttled > 0
+        self._throttled = max(0, self._throttled + delta)
+        if (self._throttled > 0) != before:
+            for p in self.paths:
+                p.set_reading(self._throttled == 0)
+
     def _fail(self, req: Request) -> None:
         self.io_errors += 1
         req.reply(P.EIO, [])
 
     def path_changed(self, path: Path) -> None:
+        if path.ready and self._throttled:
+            path.set_reading(False)
         if not path.ready:
             redo = path.take_inflight()
             if redo:

@@ -32,12 +32,15 @@ class Export:
 class NbdClient:
     def __init__(self, host: str, port: int = 10809, *, source: str | None = None,
                  timeout: float = 10.0) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        """``host`` may be a unix socket path (starting with '/')."""
+        unix = host.startswith("/")
+        self.sock = socket.socket(socket.AF_UNIX if unix else socket.AF_INET,
+                                  socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:
             if source:
                 self.sock.bind((source, 0))
-            self.sock.connect((host, port))
+            self.sock.connect(host if unix else (host, port))
             self._greet()
         except OSError as exc:
             self.sock.close()

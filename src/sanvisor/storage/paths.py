@@ -62,14 +62,16 @@ class ArrayLink(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        self.buf += data
-        while True:
+        """Replies, parsed without copying read payloads more than once: payload bytes
+        are taken straight from what arrived (a 1 MiB read comes in many pieces)."""
+        view = memoryview(data)
+        pos = 0
+        while pos < len(view):
             if self.want is not None:
                 req, err, left = self.want
-                take = min(left, len(self.buf))
-                if take:
-                    self.chunks.append(bytes(self.buf[:take]))
-                    del self.buf[:take]
+                take = min(left, len(view) - pos)
+                self.chunks.append(data if take == len(data) else bytes(view[pos:pos + take]))
+                pos += take
                 left -= take
                 if left:
                     self.want = (req, err, left)
@@ -79,10 +81,13 @@ class ArrayLink(asyncio.Protocol):
                 req.reply(0, self.chunks)
                 self.chunks = []
                 continue
+            need = 16 - len(self.buf)
+            self.buf += view[pos:pos + need]
+            pos += min(need, len(view) - pos)
             if len(self.buf) < 16:
                 return
-            magic, err, cookie = P.SIMPLE_REPLY.unpack_from(self.buf)
-            del self.buf[:16]
+            magic, err, cookie = P.SIMPLE_REPLY.unpack(self.buf)
+            self.buf.clear()
             done = self.path.inflight.pop(cookie, None)
             if magic != P.SIMPLE_REPLY_MAGIC or done is None:
                 self.path.fail("garbled reply from the array")
@@ -200,6 +205,12 @@ class Path:
                                     struct.pack("ii", 1, 0))
                 link.transport.abort()
         self.on_change(self)
+
+    def set_reading(self, on: bool) -> None:
+        link = self.link
+        if link is not None and link.transport is not None:
+            with contextlib.suppress(RuntimeError):
+                (link.transport.resume_reading if on else link.transport.pause_reading)()
 
     def take_inflight(self) -> list[Request]:
         reqs = list(self.inflight.values())
