@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -222,6 +223,47 @@ def test_no_path_queues_then_completes(lab: Lab) -> None:
         lab.sv("lab", "fault", "hba-up", "host1", "0", check=False)
         lab.sv("lab", "fault", "hba-up", "host1", "1", check=False)
     assert job.returncode == 0 and "error" not in (out + err).lower(), out + err
+
+
+def test_no_path_retry_fails_cleanly(lab: Lab, tmp_path: Path) -> None:
+    conf = tmp_path / "retry.conf"
+    conf.write_text(
+        "defaults {\n  user_friendly_names yes\n  polling_interval 0.2\n"
+        "  no_path_retry queue\n}\n"
+        f"multipaths {{\n  multipath {{\n    wwid {lab.wwid('boot')}\n"
+        "    alias domU-systeme\n  }\n"
+        f"  multipath {{\n    wwid {lab.wwid('other')}\n    alias domU-data\n"
+        "    no_path_retry 2\n  }\n}\n"
+        "devices {\n  device {\n    vendor \"HITACHI\"\n    product \"DF600F\"\n"
+        "    path_grouping_policy multibus\n  }\n}\n")
+    lab.sv("multipath", "push", str(conf))
+    for k in ("0", "1"):
+        lab.sv("lab", "fault", "hba-down", "host1", k)
+    try:
+        t0 = time.monotonic()
+        out = lab.in_host(1, "qemu-io", "-f", "raw", "-c", "write -P 0x42 0 4k",
+                          lab.map_uri(1, "domU-data"), check=False)
+        took = time.monotonic() - t0
+    finally:
+        for k in ("0", "1"):
+            lab.sv("lab", "fault", "hba-up", "host1", k)
+    assert "Input/output error" in out.stdout + out.stderr, out
+    assert took < 10  # 2 x 0.2 s, then EIO: not forever
+    assert lab.map(1, "domU-data")["io_errors"] >= 1
+
+
+def test_lab_down_after_a_crash(tmp_path: Path) -> None:
+    root = tmp_path / "crashlab"
+    crash = Lab(root, f"c{os.getpid() % 100000}")
+    crash.sv("lab", "up", "--hosts", "1", "--name", crash.name)
+    agent = int((root / "host1" / "agent.lock").read_text())
+    array = int((root / "array" / "array.pid").read_text())
+    for pid in (agent, array):
+        os.kill(pid, 9)
+    crash.sv("lab", "down")
+    assert not root.exists()
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert crash.name + "-" not in names
 
 
 @pytest.mark.guest
