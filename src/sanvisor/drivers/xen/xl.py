@@ -1,0 +1,81 @@
+"""xl, run through an injected runner; its failures become sanvisor errors.
+
+xl's own message is kept (its last meaningful stderr line), so an xl failure
+surfaces as one line: `sanvisor: error: xl create failed: <xl's reason>`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sanvisor.errors import HypervisorError, NotFoundError
+
+Runner = Callable[[list[str], bytes | None], tuple[int, str, str]]
+
+_NOISE = ("libxl: error: libxl_utils.c", "Parsing config from", "xl: ")
+
+
+def xl_reason(err: str, out: str, rc: int) -> str:
+    lines = [ln.strip() for ln in (err or out).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith("Parsing config from")]
+    if not useful:
+        return f"exit status {rc}"
+    # libxl prefixes: "libxl: error: libxl_create.c:123:foo: Domain 5:the reason"
+    line = useful[-1]
+    if line.startswith("libxl: error:"):
+        line = line.split(":", 5)[-1].strip()
+    return line
+
+
+@dataclass
+class DomInfo:
+    name: str
+    domid: int
+    state: str  # xl's six letters, e.g. "-b----"
+    memory_kib: int
+    vcpus: int
+    cpu_seconds: float
+
+    @property
+    def letter(self) -> str:
+        return next((c for c in self.state if c != "-"), "-")
+
+
+class Xl:
+    def __init__(self, run: Runner) -> None:
+        self._run = run
+
+    def __call__(self, *args: str, stdin: bytes | None = None, check: bool = True) -> str:
+        rc, out, err = self._run(["xl", *args], stdin)
+        if check and rc != 0:
+            reason = xl_reason(err, out, rc)
+            if "invalid domain identifier" in reason.lower() or "not found" in reason.lower():
+                raise NotFoundError(f"xl {args[0]}: {reason}", command=args[0])
+            raise HypervisorError(f"xl {args[0]} failed: {reason}", command=args[0], rc=rc,
+                                  stderr=err)
+        return out
+
+    def list(self) -> list[DomInfo]:
+        """`xl list` as records (Domain-0 included); the plain table is stable in 4.x."""
+        out = self("list")
+        rows = []
+        for line in out.splitlines()[1:]:
+            parts = line.split()  # xl domain names have no white space
+            if len(parts) != 6:
+                continue
+            name, domid, mem, vcpus, state, cpu = parts
+            rows.append(DomInfo(name=name, domid=int(domid), state=state,
+                                memory_kib=int(mem) * 1024, vcpus=int(vcpus),
+                                cpu_seconds=float(cpu)))
+        return rows
+
+    def info(self, name: str) -> DomInfo | None:
+        return next((d for d in self.list() if d.name == name), None)
+
+    def config(self, name: str) -> dict[str, Any]:
+        """`xl list -l NAME`: the domain's libxl config as JSON."""
+        data = json.loads(self("list", "-l", name) or "[]")
+        return dict(data[0]) if data else {}

@@ -1,0 +1,66 @@
+"""Render a DomainSpec as an xl.cfg(5) file (I/O-free).
+
+Strings are quoted with xl's escapes, so nothing in a spec can inject another
+key. Guest-kit domains boot their kernel as a PV guest, as in the seed.
+"""
+
+from __future__ import annotations
+
+from sanvisor.drivers.base import NicPlan
+from sanvisor.model.domain import DiskSpec, DomainSpec
+
+
+def quote(value: str) -> str:
+    out = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{out}"'
+
+
+def disk_entry(d: DiskSpec) -> str:
+    """xl's key=value disk syntax; target= last (it takes the rest of the spec)."""
+    vdev = d.target if d.target.startswith("xvd") else "xvd" + d.target[-1]
+    parts = [f"vdev={vdev}", f"access={'ro' if d.readonly else 'rw'}", "format=raw"]
+    if d.backend == "phy":
+        parts.append("backendtype=phy")
+    if d.devtype == "cdrom":
+        parts.append("devtype=cdrom")
+    parts.append(f"target={d.path}")
+    return ", ".join(parts)
+
+
+def vif_entry(nic: NicPlan) -> str:
+    parts = [f"mac={nic.mac}"]
+    if nic.vif.bridge:
+        parts.append(f"bridge={nic.vif.bridge}")
+    if nic.vif.ip:
+        parts.append(f"ip={nic.vif.ip.split('/')[0]}")
+    if nic.tap:
+        parts.append(f"vifname={nic.tap}")
+    return ", ".join(parts)
+
+
+def render(spec: DomainSpec, *, kernel: str, ramdisk: str | None, cmdline: str,
+           nics: list[NicPlan]) -> str:
+    lines = [
+        f"name = {quote(spec.name)}",
+        'type = "pv"' if spec.builder in ("pv", "pvh") else 'type = "hvm"',
+        f"kernel = {quote(kernel)}",
+    ]
+    if spec.uuid:
+        lines.append(f"uuid = {quote(spec.uuid)}")
+    if ramdisk:
+        lines.append(f"ramdisk = {quote(ramdisk)}")
+    lines += [
+        f"extra = {quote(cmdline)}",
+        f"memory = {spec.memory}",
+        f"maxmem = {spec.maxmem}",
+        f"vcpus = {spec.vcpus}",
+        f"maxvcpus = {spec.maxvcpus}",
+        f"on_poweroff = {quote(spec.on_poweroff.value)}",
+        f"on_reboot = {quote(spec.on_reboot.value)}",
+        f"on_crash = {quote(spec.on_crash.value)}",
+    ]
+    if spec.disks:
+        lines.append("disk = [ " + ", ".join(quote(disk_entry(d)) for d in spec.disks) + " ]")
+    if nics:
+        lines.append("vif = [ " + ", ".join(quote(vif_entry(n)) for n in nics) + " ]")
+    return "\n".join(lines) + "\n"
