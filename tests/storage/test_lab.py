@@ -50,7 +50,8 @@ class Lab:
     def in_host(self, host: int, *cmd: str, check: bool = True
                 ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["ip", "netns", "exec", self.netns(host), *cmd],
-                              capture_output=True, text=True, check=check, timeout=300)
+                              capture_output=True, text=True, check=check, timeout=300,
+                              env=self.env)
 
     def wwid(self, lun: str) -> str:
         return str(next(x["wwid"] for x in self.js("array", "lun", "list")
@@ -310,6 +311,12 @@ def test_a_guest_on_multipath_loses_nothing_when_an_hba_dies(lab: Lab, kit: obje
         lab.sv("lab", "fault", "hba-up", "host1", "1")
         assert result == "DONE 0", result  # no write failed in the guest
         assert "I/O error" not in guest.run("dmesg | grep -i 'error' || true")
+        # the multipath daemon lives in the agent: kill -9 it, start it again, and the
+        # guest's QEMU reconnects to /dev/mapper/domU-systeme (its I/O held meanwhile)
+        os.kill(int((lab.root / "host1" / "agent.lock").read_text()), 9)
+        lab.in_host(1, sys.executable, "-m", "sanvisor", "-H", "host1", "agent", "start")
+        guest.run(f"echo after-restart | dd of=/dev/sda bs=512 seek={n} conv=sync,fsync",
+                  timeout=60)
     finally:
         lab.sv("-H", "host1", "destroy", "vd1", check=False)
         lab.sv("lab", "fault", "hba-up", "host1", "0", check=False)
@@ -324,4 +331,5 @@ def test_a_guest_on_multipath_loses_nothing_when_an_hba_dies(lab: Lab, kit: obje
         if data[i * 512:i * 512 + len(want)] != want:
             bad.append((i, data[i * 512:i * 512 + 16]))
     assert bad == [], f"{len(bad)} blocks lost or torn: {bad[:8]}"
+    assert data[n * 512:n * 512 + 13] == b"after-restart"
     assert lab.map(1, "domU-systeme")["io_errors"] == 0

@@ -97,7 +97,10 @@ async def serve(layout: Layout) -> None:
             kit_cache.append((k.kernel, k.initrd))
         return kit_cache[0]
 
-    driver = QemuDriver(cache_dir=layout.home)
+    from sanvisor.guestkit import default_cache_dir
+
+    # one probe per host boot for every agent of the machine (lab hosts included)
+    driver = QemuDriver(cache_dir=default_cache_dir().parent)
     # probe the accelerator now (up to 1.5 s, once per host boot), not in the first create
     log.info("accelerator: %s", await asyncio.to_thread(lambda: driver.accel))
     from sanvisor.storage.multipathd import Multipathd

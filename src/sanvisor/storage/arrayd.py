@@ -17,6 +17,7 @@ import ctypes.util
 import logging
 import os
 import signal
+import socket
 import struct
 from pathlib import Path
 
@@ -61,6 +62,14 @@ class Session:
         self.peer = str(peer[0]) if isinstance(peer, tuple) else "local"
 
     async def run(self) -> None:
+        sock = self.w.get_extra_info("socket")
+        if sock is not None:
+            # a host whose HBA died leaves a half-open connection: reap it in ~10 s
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 5)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 5)
         cfg = self.array.config()
         ini = cfg.initiator_at(self.peer)
         try:
