@@ -1,0 +1,159 @@
+"""A real Xen 4.17 host nested under QEMU (TCG), with a command channel into dom0."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+from sanvisor.xenhost import scripts
+from sanvisor.xenhost.build import XenKit
+from sanvisor.xenhost.channel import Channel, ChannelError
+from sanvisor.xenhost.packages import XenHostError
+
+QEMU = "qemu-system-x86_64"
+
+
+def xen_cmdline(dom0_mib: int) -> str:
+    """Xen's own options: it uses COM1 only, so COM2 stays with dom0 (ttyS1)."""
+    return (f"console=com1 com1=115200,8n1 dom0_mem={dom0_mib}M,max:{dom0_mib}M"
+            " dom0_max_vcpus=2 noreboot")
+
+
+def dom0_cmdline(name: str) -> str:
+    return f"console=hvc0 earlyprintk=xen rdinit=/init sv.hostname={name}"
+
+
+def qemu_argv(kit: XenKit, workdir: Path, name: str, memory_mib: int,
+              dom0_mib: int) -> list[str]:
+    for part in (str(kit.dom0_kernel), str(kit.dom0_initrd), dom0_cmdline(name)):
+        if "," in part:
+            raise XenHostError(f"QEMU -initrd cannot carry a comma: {part!r}")
+    return [
+        QEMU, "-name", name, "-accel", "tcg,thread=multi", "-cpu", "qemu64,+svm",
+        "-m", str(memory_mib), "-smp", "2", "-nographic", "-no-reboot", "-monitor", "none",
+        "-kernel", str(kit.xen), "-append", xen_cmdline(dom0_mib),
+        "-initrd", f"{kit.dom0_kernel} {dom0_cmdline(name)},{kit.dom0_initrd}",
+        "-chardev", f"file,id=con0,path={workdir / 'console.log'}",
+        "-chardev", f"socket,id=ctl,path={workdir / 'ctl.sock'},server=on,wait=off",
+        "-serial", "chardev:con0", "-serial", "chardev:ctl",
+        "-net", "none",
+    ]
+
+
+class XenHost:
+    """One nested Xen host. ``start`` boots it, ``run`` runs commands in dom0."""
+
+    def __init__(self, kit: XenKit, workdir: Path, *, name: str = "xen1",
+                 memory_mib: int = 3072, dom0_mib: int = 1536) -> None:
+        self.kit = kit
+        self.workdir = Path(workdir)
+        self.name = name
+        self.memory_mib = memory_mib
+        self.dom0_mib = dom0_mib
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.channel: Channel | None = None
+        self.boot_seconds: float | None = None
+
+    @property
+    def console_log(self) -> Path:
+        return self.workdir / "console.log"
+
+    def console_tail(self, chars: int = 2000) -> str:
+        try:
+            return self.console_log.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def _check_alive(self) -> None:
+        if self.proc is None:
+            raise XenHostError(f"{self.name} is not started")
+        if self.proc.poll() is not None:
+            raise XenHostError(f"QEMU of {self.name} exited with {self.proc.returncode}",
+                               console=self.console_tail())
+
+    def start(self, timeout: float = 120) -> None:
+        """Boot QEMU and wait until dom0's command server answers."""
+        if self.proc is not None:
+            raise XenHostError(f"{self.name} already started")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        sock = self.workdir / "ctl.sock"
+        sock.unlink(missing_ok=True)
+        argv = qemu_argv(self.kit, self.workdir, self.name, self.memory_mib, self.dom0_mib)
+        (self.workdir / "qemu.cmd").write_text(shlex.join(argv) + "\n")
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        with (self.workdir / "qemu.out").open("wb") as out:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT)
+        try:
+            self._connect(sock, deadline)
+            self._wait_hello(deadline)
+            self.boot_seconds = time.monotonic() - t0
+        except BaseException:
+            self.stop()
+            raise
+
+    def _connect(self, sock: Path, deadline: float) -> None:
+        while True:
+            self._check_alive()
+            try:
+                self.channel = Channel(str(sock))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise XenHostError(f"no control socket {sock}") from None
+                time.sleep(0.05)
+
+    def _wait_hello(self, deadline: float) -> None:
+        assert self.channel is not None
+        while True:
+            self._check_alive()
+            line = self.channel.readline(min(deadline, time.monotonic() + 0.5))
+            if line is not None and line.startswith("HELLO sv-xenctl"):
+                return
+            if time.monotonic() > deadline:
+                raise XenHostError(f"{self.name}: dom0 not ready in time",
+                                   console=self.console_tail())
+
+    def run(self, argv: list[str], timeout: float = 120,
+            stdin: bytes | None = None) -> tuple[int, str, str]:
+        """Run ``argv`` in dom0 (through ``sh``); return (rc, stdout, stderr).
+
+        rc 137 means dom0's ``timeout`` killed the command."""
+        self._check_alive()
+        assert self.channel is not None
+        try:
+            return self.channel.call(argv, timeout, stdin)
+        except ChannelError:
+            self._check_alive()
+            raise
+
+    def put_file(self, path: str, data: bytes) -> None:
+        """Write ``data`` to ``path`` in dom0 (parent directories created)."""
+        script = 'mkdir -p "$(dirname "$1")" && cat > "$1"'
+        rc, _out, err = self.run(["sh", "-c", script, "sh", path], stdin=data)
+        if rc != 0:
+            raise XenHostError(f"writing {path} in dom0 failed: {err.strip()}", path=path)
+
+    def stop(self) -> None:
+        """Kill QEMU and remove the socket; safe to call twice."""
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+        (self.workdir / "ctl.sock").unlink(missing_ok=True)
+
+    def __enter__(self) -> XenHost:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+__all__ = ["XenHost", "qemu_argv", "scripts"]
