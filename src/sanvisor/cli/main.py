@@ -43,8 +43,12 @@ class _Skip:
         return lambda *a, **k: self
 
 
-VERBS = frozenset(
-    ["create", "list", "pause", "unpause", "reboot", "destroy", "console", "block-list", "network-list", "shutdown", "save", "restore", "mem-set", "mem-max", "vcpu-set", "block-attach", "block-detach", "network-attach", "network-detach", "domid", "domname", "uptime", "info", "top", "agent", "guest-kit", "array", "scsi", "multipath", "lab", "demo"])
+VERBS = frozenset((
+    "create", "list", "pause", "unpause", "reboot", "destroy", "console", "block-list",
+    "network-list", "shutdown", "save", "restore", "mem-set", "mem-max", "vcpu-set",
+    "block-attach", "block-detach", "network-attach", "network-detach", "domid", "domname",
+    "uptime", "info", "top", "agent", "guest-kit", "array", "scsi", "multipath", "lab", "demo",
+))
 
 
 def _verb_in(argv: list[str]) -> str | None:
