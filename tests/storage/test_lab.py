@@ -333,3 +333,43 @@ def test_a_guest_on_multipath_loses_nothing_when_an_hba_dies(lab: Lab, kit: obje
     assert bad == [], f"{len(bad)} blocks lost or torn: {bad[:8]}"
     assert data[n * 512:n * 512 + 13] == b"after-restart"
     assert lab.map(1, "domU-systeme")["io_errors"] == 0
+
+
+def test_loopback_lab_without_namespaces(tmp_path: Path) -> None:
+    """The unprivileged layout (what a non-root user gets): fabrics and HBAs on loopback
+    addresses, an HBA 'down' cut by the array itself; the same checks as above."""
+    lb = Lab(tmp_path / "lb", "lb")
+    lb.sv("lab", "up", "--hosts", "2", "--loopback")
+    try:
+        assert "127.250.1.11" in lb.sv("lab", "status").stdout
+        lb.sv("array", "lun", "create", "sys", "--size", "32M")
+        for w in H1:
+            lb.sv("array", "zone", "add", "sys", w)
+        lb.sv("-H", "host1", "scsi", "rescan")
+        lb.sv("-H", "host2", "scsi", "rescan")
+        assert lb.js("-H", "host2", "scsi", "list") == []
+        assert len(lb.js("-H", "host1", "scsi", "list")) == 2
+        name = lb.js("-H", "host1", "multipath")["maps"][0]["name"]
+        uri = f"nbd+unix:///{name}?socket={lb.root}/host1/mapper/{name}.sock"
+        log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed with the test
+        cmds = [a for i in range(4000) for a in ("-c", f"write -P {i % 200 + 1} "
+                                                  f"{(i % 512) * 65536} 64k")]
+        job = subprocess.Popen(["qemu-io", "-f", "raw", "-t", "none", *cmds, uri],
+                               stdout=log, stderr=subprocess.STDOUT)
+        wait_until("writes", lambda: sum(p["written_bytes"] for p in
+                                         lb.map(1, name)["paths"]) > (16 << 20), 60, 0.01)
+        lb.sv("lab", "fault", "hba-down", "host1", "0")
+        assert job.poll() is None
+        wait_until("path 0 faulty", lambda: lb.map(1, name)["paths"][0]["state"] == "faulty",
+                   10, 0.01)
+        lb.sv("lab", "fault", "hba-up", "host1", "0")
+        assert job.wait(timeout=120) == 0
+        log.seek(0)
+        assert "error" not in log.read().lower()
+        backing = next(x["backing"] for x in lb.js("array", "lun", "list"))
+        data = Path(backing).read_bytes()
+        for i in range(3488, 4000):  # the last write of each 64 KiB block
+            off = (i % 512) * 65536
+            assert data[off:off + 65536] == bytes([i % 200 + 1]) * 65536, i
+    finally:
+        lb.sv("lab", "down", check=False)

@@ -21,6 +21,8 @@ def add_parser(sub: Any) -> None:
     sv = asub.add_parser("serve", help="run the array daemon (NBD) in the foreground")
     sv.add_argument("--listen", action="append", default=[], metavar="ADDR:PORT",
                     help="one per fabric (default 127.0.0.1:10809)")
+    sv.add_argument("--fault-dir", type=Path, help="loopback lab: drop the connections of "
+                    "any initiator address with a file of that name here")
     lun = asub.add_parser("lun", help="create, delete, resize, list LUNs")
     lsub = lun.add_subparsers(dest="lun_cmd", metavar="ACTION", required=True)
     c = lsub.add_parser("create", help="create a LUN (a sparse file unless --backing)")
@@ -82,7 +84,7 @@ def run(args: argparse.Namespace, home: Path) -> int:
     store = ArrayStore(ahome)
     js = getattr(args, "json", False)
     if args.array_cmd == "serve":
-        return _serve(ahome, args.listen or ["127.0.0.1:10809"])
+        return _serve(ahome, args.listen or ["127.0.0.1:10809"], args.fault_dir)
     if args.array_cmd == "lun":
         return _lun(args, store, js)
     if args.array_cmd == "zone":
@@ -152,7 +154,7 @@ def _lun(args: argparse.Namespace, store: Any, js: bool) -> int:
     return 0
 
 
-def _serve(home: Path, listens: list[str]) -> int:
+def _serve(home: Path, listens: list[str], fault_dir: Path | None) -> int:
     import asyncio
     import logging
 
@@ -160,5 +162,5 @@ def _serve(home: Path, listens: list[str]) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     home.mkdir(parents=True, exist_ok=True)
-    asyncio.run(serve(home, [parse_listen(x) for x in listens]))
+    asyncio.run(serve(home, [parse_listen(x) for x in listens], fault_dir))
     return 0

@@ -153,6 +153,9 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
     lu = lsub.add_parser("up", help="build the lab: an array and N hosts with two HBAs each")
     lu.add_argument("--hosts", type=int, default=2)
     lu.add_argument("--name", default="sv", help="namespace prefix (default sv)")
+    lu.add_argument("--loopback", action="store_true",
+                    help="no namespaces: hosts and fabrics on loopback addresses (the "
+                    "default when not root)")
     lsub.add_parser("down", help="remove the lab entirely (also after a crash)")
     lsub.add_parser("status", help="hosts, HBAs, WWPNs, addresses")
     lf = lsub.add_parser("fault", help="inject a fault: hba-down/hba-up HOST N")

@@ -321,7 +321,7 @@ def do_lab(args: argparse.Namespace, layout: Layout) -> int:
 
     root = topology.lab_root()
     if args.lab_cmd == "up":
-        state = topology.up(args.hosts, name=args.name, root=root)
+        state = topology.up(args.hosts, name=args.name, root=root, loopback=args.loopback)
         hosts = ", ".join(h.name for h in state.hosts)
         _out(args, {"root": str(root), "hosts": hosts}, f"lab {state.name} up at {root}: "
              f"array + {hosts}")

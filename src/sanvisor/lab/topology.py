@@ -46,8 +46,9 @@ class Hba:
     index: int
     wwpn: str
     address: str  # on its fabric
-    ifname: str
+    ifname: str  # "" in a loopback lab (no interface)
     target: str  # the array's address on that fabric
+    fault_file: str = ""  # loopback lab: exists while the HBA is "down"
 
 
 @dataclass
@@ -64,6 +65,7 @@ class LabState:
     root: str
     array_netns: str
     hosts: list[HostSpec] = field(default_factory=list)
+    mode: str = "netns"  # netns (root) | loopback (unprivileged)
 
     @property
     def array_home(self) -> Path:
@@ -88,7 +90,8 @@ class LabState:
             raise NotFoundError(f"no lab at {root} (start one with 'sanvisor lab up')") from None
         hosts = [HostSpec(name=h["name"], netns=h["netns"], home=h["home"],
                           hbas=[Hba(**b) for b in h["hbas"]]) for h in d["hosts"]]
-        return cls(name=d["name"], root=d["root"], array_netns=d["array_netns"], hosts=hosts)
+        return cls(name=d["name"], root=d["root"], array_netns=d["array_netns"], hosts=hosts,
+                   mode=d.get("mode", "netns"))
 
 
 def _ip(*args: str) -> None:
@@ -114,18 +117,24 @@ def _sv(netns: str | None, *args: str, log: Path | None = None,
     return None
 
 
-def up(hosts: int, *, name: str = "sv", root: Path | None = None) -> LabState:
-    if os.geteuid() != 0:
-        raise UsageError("the lab needs root (network namespaces, bridges, veth)")
+def up(hosts: int, *, name: str = "sv", root: Path | None = None,
+       loopback: bool = False) -> LabState:
+    """Root: namespaces, bridges, veth (links that really go down). Not root (or
+    loopback=True): every host and fabric on loopback addresses in one namespace."""
+    loopback = loopback or os.geteuid() != 0
     if not 1 <= hosts <= 16:
         raise UsageError(f"--hosts must be 1..16, got {hosts}")
     root = root or lab_root()
     if (root / "lab.json").exists():
         raise ConflictError(f"a lab already runs at {root} ('sanvisor lab down' first)")
-    state = LabState(name=name, root=str(root), array_netns=f"{name}-array")
+    state = LabState(name=name, root=str(root), array_netns="" if loopback else f"{name}-array",
+                     mode="loopback" if loopback else "netns")
     state.save()  # first, so that 'lab down' can clean up a half-built lab
     try:
-        _build(state, hosts)
+        if loopback:
+            _build_loopback(state, hosts)
+        else:
+            _build(state, hosts)
     except BaseException:
         down(root)
         raise
@@ -158,21 +167,62 @@ def _build(state: LabState, hosts: int) -> None:
             h.hbas.append(hba)
         state.hosts.append(h)
         state.save()
+    state.array_home.mkdir(parents=True, exist_ok=True)
+    listens = [a for k in range(len(FABRICS)) for a in
+               ("--listen", f"10.250.{k + 1}.1:{ARRAY_PORT}")]
+    _start(state, ans, listens)
+
+
+def _start(state: LabState, array_netns: str | None, listens: list[str],
+           extra: tuple[str, ...] = ()) -> None:
     ahome = state.array_home
-    ahome.mkdir(parents=True, exist_ok=True)
     for h in state.hosts:
         for hba in h.hbas:
             _sv(None, "array", "--array-home", str(ahome), "initiator", "add", hba.wwpn,
                 "--address", hba.address, "--host", h.name)
-    listens = [a for k in range(len(FABRICS)) for a in
-               ("--listen", f"10.250.{k + 1}.1:{ARRAY_PORT}")]
-    _sv(ans, "array", "--array-home", str(ahome), "serve", *listens, log=ahome / "array.log",
-        background=True)
+    _sv(array_netns, "array", "--array-home", str(ahome), "serve", *listens, *extra,
+        log=ahome / "array.log", background=True)
     for h in state.hosts:
         Path(h.home).mkdir(parents=True, exist_ok=True, mode=0o700)
         (Path(h.home) / "host.json").write_text(json.dumps(asdict(h), indent=1))
-        _sv(h.netns, "--home", h.home, "agent", "start")
+        _sv(h.netns or None, "--home", h.home, "agent", "start")
     _wait_array(state)
+
+
+def _free_port(addresses: list[str]) -> int:
+    import socket
+
+    for port in range(ARRAY_PORT, ARRAY_PORT + 200):
+        try:
+            for a in addresses:
+                with socket.socket() as s:
+                    s.bind((a, port))
+            return port
+        except OSError:
+            continue
+    raise SanvisorError("no free port for the array on the loopback fabrics")
+
+
+def _build_loopback(state: LabState, hosts: int) -> None:
+    """Fabric k is 127.250.<k+1>.0/24; host n's HBA k is 127.250.<k+1>.<10+n>. An HBA
+    goes down by a fault file: the host's path checker sees its link down, and the
+    array cuts and refuses that address's connections (the wire does break)."""
+    faults = Path(state.root) / "faults"
+    faults.mkdir(parents=True, exist_ok=True)
+    port = _free_port([f"127.250.{k + 1}.1" for k in range(len(FABRICS))])
+    for n in range(1, hosts + 1):
+        h = HostSpec(name=f"host{n}", netns="", home=str(Path(state.root) / f"host{n}"))
+        for k in range(len(FABRICS)):
+            addr = f"127.250.{k + 1}.{10 + n}"
+            h.hbas.append(Hba(index=k, wwpn=wwpn(n, k), address=addr, ifname="",
+                              target=f"127.250.{k + 1}.1:{port}",
+                              fault_file=str(faults / addr)))
+        state.hosts.append(h)
+    state.save()
+    state.array_home.mkdir(parents=True, exist_ok=True)
+    listens = [a for k in range(len(FABRICS)) for a in
+               ("--listen", f"127.250.{k + 1}.1:{port}")]
+    _start(state, None, listens, ("--fault-dir", str(faults)))
 
 
 def _wait_array(state: LabState, timeout: float = 20.0) -> None:
@@ -194,7 +244,8 @@ def down(root: Path | None = None) -> bool:
         _stop_host(h)
     _kill_pidfile(state.array_home / "array.pid")
     for ns in [h.netns for h in state.hosts] + [state.array_netns]:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        if ns:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
     shutil.rmtree(root, ignore_errors=True)
     return True
 
@@ -238,4 +289,11 @@ def fault(root: Path, host: str, hba: int, up_: bool) -> None:
     h = state.host(host)
     if not 0 <= hba < len(h.hbas):
         raise UsageError(f"{host} has HBAs 0..{len(h.hbas) - 1}, not {hba}")
-    _ip("-n", h.netns, "link", "set", h.hbas[hba].ifname, "up" if up_ else "down")
+    b = h.hbas[hba]
+    if b.fault_file:
+        if up_:
+            Path(b.fault_file).unlink(missing_ok=True)
+        else:
+            Path(b.fault_file).touch()
+        return
+    _ip("-n", h.netns, "link", "set", b.ifname, "up" if up_ else "down")

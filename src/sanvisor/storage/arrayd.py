@@ -39,8 +39,10 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
 
 
 class Array:
-    def __init__(self, store: ArrayStore) -> None:
+    def __init__(self, store: ArrayStore, fault_dir: Path | None = None) -> None:
         self.store = store
+        self.fault_dir = fault_dir  # loopback lab: a file per "down" initiator address
+        self.live: set[Session] = set()
         self._cfg = store.load()
         self._mtime = store.mtime()
         self.sessions = 0
@@ -61,7 +63,22 @@ class Session:
         peer = writer.get_extra_info("peername")
         self.peer = str(peer[0]) if isinstance(peer, tuple) else "local"
 
+    def cut(self) -> bool:
+        """Loopback lab: this initiator's HBA is down; drop the connection."""
+        fd = self.array.fault_dir
+        return fd is not None and (fd / self.peer).exists()
+
     async def run(self) -> None:
+        if self.cut():
+            self.w.transport.abort()
+            return
+        self.array.live.add(self)
+        try:
+            await self._run()
+        finally:
+            self.array.live.discard(self)
+
+    async def _run(self) -> None:
         sock = self.w.get_extra_info("socket")
         if sock is not None:
             # a host whose HBA died leaves a half-open connection: reap it in ~10 s
@@ -235,8 +252,17 @@ class Session:
         return await self.flush(fd) if flags & P.CMD_FLAG_FUA else 0
 
 
-async def serve(home: Path, listens: list[tuple[str, int]]) -> None:
-    array = Array(ArrayStore(home))
+async def _fault_watch(array: Array) -> None:
+    while True:
+        await asyncio.sleep(0.05)
+        for s in [s for s in array.live if s.cut()]:
+            s.w.transport.abort()
+
+
+async def serve(home: Path, listens: list[tuple[str, int]],
+                fault_dir: Path | None = None) -> None:
+    array = Array(ArrayStore(home), fault_dir)
+    watcher = asyncio.create_task(_fault_watch(array)) if fault_dir else None
 
     async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         array.sessions += 1
@@ -254,6 +280,8 @@ async def serve(home: Path, listens: list[tuple[str, int]]) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if watcher is not None:
+        watcher.cancel()
     for s in servers:
         s.close()
     with contextlib.suppress(FileNotFoundError):

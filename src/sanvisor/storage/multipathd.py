@@ -166,7 +166,7 @@ class Multipathd:
             for mp in list(self.maps.values()):
                 for p in mp.paths:
                     if p.ready and not p.link_up():
-                        p.fail(f"link down on {p.hba.ifname}")
+                        p.fail(f"link down on {p.hba.ifname or f'HBA {p.hba.index}'}")
                     elif not p.ready and p.link_up() and \
                             now - last_probe.get(p.scsi.hctl, 0) >= mp.settings.polling_interval:
                         last_probe[p.scsi.hctl] = now

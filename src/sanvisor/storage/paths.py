@@ -122,6 +122,8 @@ class Path:
         return self.state == "ready"
 
     def link_up(self) -> bool:
+        if self.hba.fault_file:  # a loopback lab has no link to look at
+            return not FsPath(self.hba.fault_file).exists()
         try:
             state = (FsPath("/sys/class/net") / self.hba.ifname / "operstate").read_text()
         except OSError:

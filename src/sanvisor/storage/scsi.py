@@ -25,6 +25,7 @@ class HbaConf:
     address: str
     ifname: str
     target: str  # host:port of the array on this HBA's fabric
+    fault_file: str = ""  # loopback lab: the HBA is down while this file exists
 
     @property
     def target_host(self) -> str:

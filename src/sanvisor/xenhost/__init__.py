@@ -4,7 +4,7 @@ See :mod:`sanvisor.xenhost.channel` for the dom0 command protocol.
 """
 
 from sanvisor.xenhost.build import XenKit, build_xen_kit
-from sanvisor.xenhost.host import XenHost
+from sanvisor.xenhost.host import XenHost, pv_config
 from sanvisor.xenhost.packages import XenHostError
 
-__all__ = ["XenHost", "XenHostError", "XenKit", "build_xen_kit"]
+__all__ = ["XenHost", "XenHostError", "XenKit", "build_xen_kit", "pv_config"]

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from sanvisor.xenhost import scripts
-from sanvisor.xenhost.build import XenKit
+from sanvisor.xenhost.build import DOMU_KERNEL, DOMU_RAMDISK, XenKit
 from sanvisor.xenhost.channel import Channel, ChannelError
 from sanvisor.xenhost.packages import XenHostError
 
@@ -23,6 +23,14 @@ def xen_cmdline(dom0_mib: int) -> str:
 
 def dom0_cmdline(name: str) -> str:
     return f"console=hvc0 earlyprintk=xen rdinit=/init sv.hostname={name}"
+
+
+def pv_config(name: str, memory_mib: int = 128, vcpus: int = 1) -> str:
+    """An xl.cfg for a diskless, NIC-less PV domU running the guest kit (console hvc0;
+    its /init prints ``SANVISOR-READY <name>`` there)."""
+    return (f'name = "{name}"\ntype = "pv"\nkernel = "{DOMU_KERNEL}"\n'
+            f'ramdisk = "{DOMU_RAMDISK}"\nmemory = {memory_mib}\nvcpus = {vcpus}\n'
+            f'extra = "console=hvc0 sv.hostname={name}"\non_poweroff = "destroy"\n')
 
 
 def qemu_argv(kit: XenKit, workdir: Path, name: str, memory_mib: int,
@@ -107,12 +115,20 @@ class XenHost:
                 time.sleep(0.05)
 
     def _wait_hello(self, deadline: float) -> None:
+        """The server's HELLO on the channel; should we have missed it, the console's
+        ready marker followed by a successful ping."""
         assert self.channel is not None
         while True:
             self._check_alive()
             line = self.channel.readline(min(deadline, time.monotonic() + 0.5))
             if line is not None and line.startswith("HELLO sv-xenctl"):
                 return
+            if scripts.READY_MARKER in self.console_tail(4000):
+                try:
+                    if self.channel.call(["true"], 5)[0] == 0:
+                        return
+                except ChannelError:
+                    pass
             if time.monotonic() > deadline:
                 raise XenHostError(f"{self.name}: dom0 not ready in time",
                                    console=self.console_tail())
@@ -155,5 +171,3 @@ class XenHost:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-
-__all__ = ["XenHost", "qemu_argv", "scripts"]
