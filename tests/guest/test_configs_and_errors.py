@@ -181,3 +181,30 @@ def test_on_crash_and_on_poweroff_preserve(sv: Sanvisor, workdir: Path) -> None:
         assert sv.domain("keeper")["letters"] == "---s--"
     finally:
         sv.run("destroy", "keeper", check=False)
+
+
+def test_create_dash_c_shows_the_boot_and_detaches(sv: Sanvisor, workdir: Path) -> None:
+    """`create -c`: the console from the first byte (the seed's V-H), Ctrl-] leaves it."""
+    import pty
+    import select
+    import time
+
+    cfg = write_config(workdir / "c.cfg", name="watched", memory=128)
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(sv.argv("create", "-c", str(cfg))[0], sv.argv("create", "-c", str(cfg)))
+    try:
+        buf = b""
+        deadline = time.monotonic() + 60
+        while b"SANVISOR-READY watched" not in buf:
+            assert time.monotonic() < deadline, buf[-300:]
+            if select.select([fd], [], [], 1)[0]:
+                buf += os.read(fd, 65536)
+        os.write(fd, b"\x1d")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        os.close(fd)
+        sv.run("destroy", "watched", check=False)
+    info = sv.run("info").stdout
+    assert "total_memory" in info and "driver" in info

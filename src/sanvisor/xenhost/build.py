@@ -2,8 +2,8 @@
 
 The initramfs holds busybox, the unpacked Xen packages (toolstack, libraries, scripts),
 the system libraries their binaries need (copied from the build host), the Xen dom0
-kernel modules, our ``/init`` and command server, and the guest kit's initrd plus the
-Debian kernel under ``/srv/domu`` so a PV domU can be created without any disk.
+kernel modules, our ``/init`` and command server, and the guest kit's ELF
+vmlinux and initrd under ``/srv/domu`` so a PV domU can be created without any disk.
 """
 
 from __future__ import annotations
