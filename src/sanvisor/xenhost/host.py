@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -63,6 +64,7 @@ class XenHost:
         self.proc: subprocess.Popen[bytes] | None = None
         self.channel: Channel | None = None
         self.boot_seconds: float | None = None
+        self._lock = threading.Lock()
 
     @property
     def console_log(self) -> Path:
@@ -141,7 +143,8 @@ class XenHost:
         self._check_alive()
         assert self.channel is not None
         try:
-            return self.channel.call(argv, timeout, stdin)
+            with self._lock:  # one request at a time on the serial line, from any thread
+                return self.channel.call(argv, timeout, stdin)
         except ChannelError:
             self._check_alive()
             raise

@@ -42,12 +42,12 @@ stty -F "$tty" raw -echo -ixon -ixoff
 W=/tmp/sv-xenctl
 mkdir -p $W
 b64() { if [ -s "$1" ]; then base64 -w 0 "$1"; else printf -; fi; }
-unb64() { if [ "$1" = - ]; then : > "$2"; else echo "$1" | base64 -d > "$2"; fi; }
 printf 'HELLO sv-xenctl 1\n' >&3
-while read -r verb id limit cmd inp rest <&3; do
+while read -r verb id limit nscript nin rest <&3; do
     [ "$verb" = REQ ] || continue
-    unb64 "$cmd" $W/cmd
-    unb64 "$inp" $W/in
+    head -c $((nscript + nin)) <&3 > $W/req
+    head -c "$nscript" $W/req | base64 -d > $W/cmd
+    tail -c +$((nscript + 1)) $W/req | base64 -d > $W/in
     timeout -s KILL "$limit" sh $W/cmd < $W/in > $W/out 2> $W/err
     rc=$?
     printf 'RSP %s %s %s %s END\n' "$id" "$rc" "$(b64 $W/out)" "$(b64 $W/err)" >&3

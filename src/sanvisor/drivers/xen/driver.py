@@ -179,7 +179,13 @@ class XenDriver(Driver):
 
     async def launch(self, plan: LaunchPlan, events: EventSink) -> Instance:
         path = f"{CFG_DIR}/{plan.spec.name}.cfg"
-        await asyncio.to_thread(self._put, path, self.config_text(plan).encode())
+        data = self.config_text(plan).encode()
+
+        def put() -> None:
+            with self.xl.lock:  # the same channel as xl's commands
+                self._put(path, data)
+
+        await asyncio.to_thread(put)
         args = ["create", *(["-p"] if plan.paused else []), path]
         await asyncio.to_thread(functools.partial(self.xl, *args))
         info = await asyncio.to_thread(self.xl.info, plan.spec.name)

@@ -7,6 +7,7 @@ surfaces as one line: `sanvisor: error: xl create failed: <xl's reason>`.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -47,9 +48,13 @@ class DomInfo:
 class Xl:
     def __init__(self, run: Runner) -> None:
         self._run = run
+        # one command at a time: a nested dom0's channel is a serial line, and the
+        # watcher polls from another thread
+        self.lock = threading.Lock()
 
     def __call__(self, *args: str, stdin: bytes | None = None, check: bool = True) -> str:
-        rc, out, err = self._run(["xl", *args], stdin)
+        with self.lock:
+            rc, out, err = self._run(["xl", *args], stdin)
         if check and rc != 0:
             reason = xl_reason(err, out, rc)
             if "invalid domain identifier" in reason.lower() or "not found" in reason.lower():
