@@ -79,6 +79,17 @@ def _lock(layout: Layout) -> int:
     return fd
 
 
+def _host_conf(layout: Layout) -> dict[str, Any]:
+    """host.json: what the lab says this host is (HBAs; driver and dom0 channel)."""
+    import json
+
+    try:
+        data: dict[str, Any] = json.loads((layout.home / "host.json").read_text())
+        return data
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
 async def serve(layout: Layout) -> None:
     import uvicorn
 
@@ -97,17 +108,33 @@ async def serve(layout: Layout) -> None:
             kit_cache.append((k.kernel, k.initrd))
         return kit_cache[0]
 
+    from sanvisor.drivers.base import Driver
     from sanvisor.guestkit import default_cache_dir
 
-    # one probe per host boot for every agent of the machine (lab hosts included)
-    driver = QemuDriver(cache_dir=default_cache_dir().parent)
-    # probe the accelerator now (up to 1.5 s, once per host boot), not in the first create
-    log.info("accelerator: %s", await asyncio.to_thread(lambda: driver.accel))
+    host = _host_conf(layout)
+    driver: Driver
+    kit_args = None
+    if host.get("driver") == "xen":
+        from sanvisor.drivers.xen.driver import XenDriver
+        from sanvisor.xenhost.build import DOMU_KERNEL, DOMU_RAMDISK
+        from sanvisor.xenhost.link import Dom0Link
+
+        link = Dom0Link(str(host["ctl"]))
+        driver = XenDriver(lambda argv, stdin: link.run(argv, stdin), link.put_file)
+        kit_cache.append((Path(DOMU_KERNEL), Path(DOMU_RAMDISK)))  # inside dom0
+        kit_args = "console=hvc0 quiet"
+        log.info("driver: xen, dom0 through %s", host["ctl"])
+    else:
+        # one probe per host boot for every agent of the machine (lab hosts included)
+        qemu = QemuDriver(cache_dir=default_cache_dir().parent)
+        # probe the accelerator now (up to 1.5 s, once per boot), not in the first create
+        log.info("accelerator: %s", await asyncio.to_thread(lambda: qemu.accel))
+        driver = qemu
     from sanvisor.storage.multipathd import Multipathd
 
     mpd = Multipathd(layout.home)
     await mpd.start()
-    manager = Manager(layout, driver, kit=kit, mapper=mpd)
+    manager = Manager(layout, driver, kit=kit, mapper=mpd, kit_args=kit_args)
     await manager.start()
     log.info("agent up: %d domain(s) found again", len(manager.domains))
     sock = _bind(layout.socket)

@@ -26,6 +26,7 @@ from sanvisor.errors import (
     ConflictError,
     NotFoundError,
     ResourceError,
+    SanvisorError,
     TimeoutError_,
 )
 from sanvisor.guestkit.build import KERNEL_ARGS
@@ -53,7 +54,7 @@ class Domain:
 
 class Manager:
     def __init__(self, layout: Layout, driver: Driver, network: Network | None = None,
-                 kit: Any = None, mapper: Any = None) -> None:
+                 kit: Any = None, mapper: Any = None, kit_args: str | None = None) -> None:
         self.layout = layout
         self.driver = driver
         self.net = network or Network()
@@ -61,6 +62,8 @@ class Manager:
         self.domains: dict[str, Domain] = {}  # by uuid
         self._kit = kit  # callable returning (kernel, initrd), for configs without one
         self.mapper = mapper  # the multipath daemon: /dev/mapper/NAME -> its NBD socket
+        self.kit_args = kit_args or KERNEL_ARGS  # the guest kit's kernel command line
+        self.remote = driver.name == "xen"  # guests live in a dom0: its files, its net
         self.started = time.time()
 
     # ---- startup / shutdown -------------------------------------------------------------
@@ -136,7 +139,7 @@ class Manager:
     def _boot_files(self, spec: DomainSpec) -> tuple[str, str | None]:
         if spec.kernel:
             for key, path in (("kernel", spec.kernel), ("ramdisk", spec.ramdisk)):
-                if path and not Path(path).is_file():
+                if path and not self.remote and not Path(path).is_file():
                     raise ConfigError(f"{key}: {path}: no such file", file=spec.source)
             return spec.kernel, spec.ramdisk
         if self._kit is None:
@@ -145,12 +148,12 @@ class Manager:
         return str(kernel), str(initrd)
 
     @staticmethod
-    def cmdline(spec: DomainSpec, nics: list[NicPlan]) -> str:
+    def cmdline(spec: DomainSpec, nics: list[NicPlan], kit_args: str = KERNEL_ARGS) -> str:
         """The guest kernel's command line: console, root, extra, and for the guest
         kit its tuned arguments and the sv.* keys its /init reads."""
         parts = []
         if spec.kernel is None:
-            parts.append(KERNEL_ARGS)
+            parts.append(kit_args)
         elif "console=" not in spec.extra:
             parts.append("console=ttyS0")
         if spec.root:
@@ -166,6 +169,8 @@ class Manager:
         return " ".join(parts)
 
     def check_disks(self, spec: DomainSpec) -> None:
+        if self.remote:
+            return  # paths are dom0's: xl checks them and says so
         for disk in spec.disks:
             if not disk.path:
                 continue
@@ -185,6 +190,8 @@ class Manager:
                                   file=spec.source)
 
     def check_memory(self, mib: int) -> None:
+        if self.remote:
+            return  # dom0's hypervisor decides; xl's refusal names the reason
         avail = hostinfo.mem_available_mib()
         if mib + MEM_OVERHEAD_MIB > avail:
             raise ResourceError(f"not enough memory: {mib} MiB asked, {avail} MiB available "
@@ -230,6 +237,8 @@ class Manager:
     def plumb(self, domid: int, nics: list[NicPlan]) -> None:
         """Create the taps (root) or fall back to user networking."""
         for nic in nics:
+            if self.remote:
+                continue  # dom0's xl plugs the vif into its bridge
             if not is_root() or nic.vif.type == "user":
                 nic.tap = None
                 continue
@@ -286,6 +295,8 @@ class Manager:
                 await self._apply(dom, dom.record.spec.on_poweroff, "guest powered off")
         elif name == "GUEST_PANICKED":
             await self._apply(dom, dom.record.spec.on_crash, "guest crashed", crash=True)
+        elif name == "DOMAIN_GONE":  # xl destroyed it (its on_* action): forget it
+            asyncio.get_running_loop().create_task(self._destroy_locked(dom))
         elif name == "PROCESS_EXITED":
             self._set_state(dom, State.LOST, "its QEMU exited unexpectedly")
             self.unplumb(dom.record.nics)
@@ -310,7 +321,10 @@ class Manager:
         """Stop the domain's process and remove every trace of it. Idempotent."""
         dom.expect_exit = True
         if dom.inst is not None:
-            await dom.inst.destroy()
+            try:
+                await dom.inst.destroy()
+            except SanvisorError as exc:  # it is going away anyway: say so, go on
+                log.warning("%s: destroy: %s", dom.name, exc)
             await dom.inst.close()
         self.unplumb(dom.record.nics)
         self.domains.pop(dom.record.uuid, None)

@@ -29,6 +29,14 @@ class HostService:
 
     # ---- views -----------------------------------------------------------------------
     def host_row(self) -> dict[str, Any]:
+        dom0 = getattr(self.m.driver, "dom0", None)
+        if dom0 is not None:  # a Xen host: xl's own Domain-0
+            with contextlib.suppress(Exception):
+                d = dom0()
+                if d:
+                    return {"name": "Domain-0", "domid": 0, "mem_mib": d["memory_kib"] >> 10,
+                            "vcpus": d["vcpus"], "state": "running", "letters": d["state"],
+                            "cpu_seconds": d["cpu_seconds"]}
         return {"name": "Domain-0", "domid": 0, "mem_mib": hostinfo.mem_total_mib(),
                 "vcpus": hostinfo.cpu_count(), "state": "running", "letters": "r-----",
                 "cpu_seconds": round(hostinfo.cpu_seconds(), 1)}
@@ -57,7 +65,15 @@ class HostService:
 
     def domains(self) -> list[dict[str, Any]]:
         doms = sorted(self.m.domains.values(), key=lambda d: d.record.domid)
-        return [self.host_row()] + [self.info(d) for d in doms]
+        rows = [self.host_row()] + [self.info(d) for d in doms]
+        foreign = getattr(self.m.driver, "foreign", None)
+        if foreign is not None:  # xl's domains that sanvisor did not make: shown, untouched
+            for f in foreign({d.name for d in doms}):
+                rows.append({"name": f["name"], "domid": f["domid"], "uuid": "",
+                             "mem_mib": f["memory_kib"] >> 10, "vcpus": f["vcpus"],
+                             "letters": f["state"], "state": "foreign",
+                             "cpu_seconds": f["cpu_seconds"], "foreign": True})
+        return rows
 
     # ---- create / destroy --------------------------------------------------------------
     async def create(self, spec: DomainSpec, *, paused: bool = False) -> dict[str, Any]:
@@ -75,7 +91,8 @@ class HostService:
             raise ConflictError(f"uuid {spec.uuid} is already used by "
                                 f"{m.domains[spec.uuid].name}", uuid=spec.uuid)
         rec = DomainRecord(uuid=spec.uuid, domid=m.registry.next_domid(), spec=spec, nics=nics,
-                           kernel=kernel, initrd=initrd, cmdline=m.cmdline(spec, nics),
+                           kernel=kernel, initrd=initrd,
+                           cmdline=m.cmdline(spec, nics, m.kit_args),
                            target_mib=spec.memory, max_mib=spec.maxmem, vcpus=spec.vcpus,
                            state=State.PAUSED if paused else State.RUNNING)
         return await self._start(rec, paused=paused)

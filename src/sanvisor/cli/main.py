@@ -153,6 +153,8 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
     lu = lsub.add_parser("up", help="build the lab: an array and N hosts with two HBAs each")
     lu.add_argument("--hosts", type=int, default=2)
     lu.add_argument("--name", default="sv", help="namespace prefix (default sv)")
+    lu.add_argument("--xen-hosts", type=int, default=0,
+                    help="also boot N nested Xen 4.17 hosts (xen1..), driven through xl")
     lu.add_argument("--loopback", action="store_true",
                     help="no namespaces: hosts and fabrics on loopback addresses (the "
                     "default when not root)")

@@ -321,7 +321,8 @@ def do_lab(args: argparse.Namespace, layout: Layout) -> int:
 
     root = topology.lab_root()
     if args.lab_cmd == "up":
-        state = topology.up(args.hosts, name=args.name, root=root, loopback=args.loopback)
+        state = topology.up(args.hosts, name=args.name, root=root, loopback=args.loopback,
+                            xen_hosts=args.xen_hosts)
         hosts = ", ".join(h.name for h in state.hosts)
         _out(args, {"root": str(root), "hosts": hosts}, f"lab {state.name} up at {root}: "
              f"array + {hosts}")

@@ -57,6 +57,9 @@ class HostSpec:
     netns: str
     home: str
     hbas: list[Hba] = field(default_factory=list)
+    driver: str = "qemu"  # qemu | xen (a nested Xen host, driven through dom0's xl)
+    ctl: str = ""  # xen: dom0's command channel (unix socket)
+    vm_pidfile: str = ""  # xen: the nested QEMU's pid
 
 
 @dataclass
@@ -88,8 +91,8 @@ class LabState:
             d = json.loads((root / "lab.json").read_text())
         except FileNotFoundError:
             raise NotFoundError(f"no lab at {root} (start one with 'sanvisor lab up')") from None
-        hosts = [HostSpec(name=h["name"], netns=h["netns"], home=h["home"],
-                          hbas=[Hba(**b) for b in h["hbas"]]) for h in d["hosts"]]
+        hosts = [HostSpec(**{**h, "hbas": [Hba(**b) for b in h["hbas"]]})
+                 for h in d["hosts"]]
         return cls(name=d["name"], root=d["root"], array_netns=d["array_netns"], hosts=hosts,
                    mode=d.get("mode", "netns"))
 
@@ -118,12 +121,13 @@ def _sv(netns: str | None, *args: str, log: Path | None = None,
 
 
 def up(hosts: int, *, name: str = "sv", root: Path | None = None,
-       loopback: bool = False) -> LabState:
+       loopback: bool = False, xen_hosts: int = 0) -> LabState:
     """Root: namespaces, bridges, veth (links that really go down). Not root (or
     loopback=True): every host and fabric on loopback addresses in one namespace."""
     loopback = loopback or os.geteuid() != 0
-    if not 1 <= hosts <= 16:
-        raise UsageError(f"--hosts must be 1..16, got {hosts}")
+    if not 0 <= hosts <= 16 or not 0 <= xen_hosts <= 4 or hosts + xen_hosts == 0:
+        raise UsageError(f"--hosts must be 0..16 and --xen-hosts 0..4, not both 0 "
+                         f"(got {hosts}, {xen_hosts})")
     root = root or lab_root()
     if (root / "lab.json").exists():
         raise ConflictError(f"a lab already runs at {root} ('sanvisor lab down' first)")
@@ -135,6 +139,8 @@ def up(hosts: int, *, name: str = "sv", root: Path | None = None,
             _build_loopback(state, hosts)
         else:
             _build(state, hosts)
+        for i in range(1, xen_hosts + 1):
+            _add_xen_host(state, i)
     except BaseException:
         down(root)
         raise
@@ -225,6 +231,24 @@ def _build_loopback(state: LabState, hosts: int) -> None:
     _start(state, None, listens, ("--fault-dir", str(faults)))
 
 
+def _add_xen_host(state: LabState, i: int) -> None:
+    """Boot a nested Xen (Xen 4.17 + a PV dom0 under QEMU) and give it an agent that
+    drives dom0's xl through the host's command channel."""
+    from sanvisor.xenhost import XenHost, build_xen_kit
+
+    home = Path(state.root) / f"xen{i}"
+    vm = XenHost(build_xen_kit(), home / "vm", name=f"xen{i}")
+    vm.start(timeout=240)
+    vm.detach()
+    h = HostSpec(name=f"xen{i}", netns="", home=str(home), driver="xen",
+                 ctl=str(home / "vm" / "ctl.sock"), vm_pidfile=str(home / "vm" / "qemu.pid"))
+    state.hosts.append(h)
+    state.save()
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (home / "host.json").write_text(json.dumps(asdict(h), indent=1))
+    _sv(None, "--home", str(home), "agent", "start")
+
+
 def _wait_array(state: LabState, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     pidfile = state.array_home / "array.pid"
@@ -242,6 +266,8 @@ def down(root: Path | None = None) -> bool:
     state = LabState.load(root)
     for h in state.hosts:
         _stop_host(h)
+        if h.vm_pidfile:
+            _kill_pidfile(Path(h.vm_pidfile))
     _kill_pidfile(state.array_home / "array.pid")
     for ns in [h.netns for h in state.hosts] + [state.array_netns]:
         if ns:

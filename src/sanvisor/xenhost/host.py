@@ -83,6 +83,17 @@ class XenHost:
             raise XenHostError(f"QEMU of {self.name} exited with {self.proc.returncode}",
                                console=self.console_tail())
 
+    def detach(self) -> int:
+        """Let go of the channel and leave QEMU running (for the host's agent); its pid."""
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        assert self.proc is not None
+        pid = self.proc.pid
+        (self.workdir / "qemu.pid").write_text(f"{pid}\n")
+        self.proc = None
+        return pid
+
     def start(self, timeout: float = 120) -> None:
         """Boot QEMU and wait until dom0's command server answers."""
         if self.proc is not None:
@@ -96,7 +107,7 @@ class XenHost:
         deadline = t0 + timeout
         with (self.workdir / "qemu.out").open("wb") as out:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT)
+                                         stderr=subprocess.STDOUT, start_new_session=True)
         try:
             self._connect(sock, deadline)
             self._wait_hello(deadline)

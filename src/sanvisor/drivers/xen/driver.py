@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,10 @@ from sanvisor.drivers.base import (
 )
 from sanvisor.drivers.xen import xlcfg
 from sanvisor.drivers.xen.xl import Runner, Xl
-from sanvisor.errors import HypervisorError
+from sanvisor.errors import HypervisorError, SanvisorError
 from sanvisor.model.domain import DiskSpec
 
+log = logging.getLogger(__name__)
 CFG_DIR = "/etc/xen/sanvisor"
 STATES = {"r": "running", "b": "running", "p": "paused", "s": "shutdown", "c": "crashed",
           "d": "dying"}
@@ -61,11 +63,15 @@ class XenInstance(Instance):
             await asyncio.sleep(self._poll)
             try:
                 info = await asyncio.to_thread(self.xl.info, self.name)
-            except HypervisorError:
+            except (SanvisorError, OSError) as exc:  # a channel hiccup: look again later
+                log.warning("%s: xl list failed: %s", self.name, exc)
                 continue
-            if info is None or info.domid != self.pid:
-                await self._sink("PROCESS_EXITED", {"domid": self.pid, "xl": "gone"})
+            if info is None:
+                await self._sink("DOMAIN_GONE", {"domid": self.pid})
                 return
+            if info.domid != self.pid:  # xl restarted it (on_reboot=restart): a new domid
+                self.pid = info.domid
+                await self._sink("RESET", {"domid": info.domid})
             self._cpu = info.cpu_seconds
             letter = info.letter
             if letter != self._last:
@@ -95,7 +101,7 @@ class XenInstance(Instance):
         await self._x("reboot", self.name)
 
     async def destroy(self) -> None:
-        with contextlib.suppress(HypervisorError):
+        with contextlib.suppress(SanvisorError):  # already gone is fine
             await self._x("destroy", self.name)
 
     async def save_to(self, fd: int) -> None:
@@ -202,6 +208,11 @@ class XenDriver(Driver):
         inst = XenInstance(self.xl, plan, info.domid, events, self._poll)
         inst.start_watch()
         return inst
+
+    def dom0(self) -> dict[str, Any] | None:
+        """xl's own Domain-0 line (the host row of `list` on a Xen host)."""
+        d = next((d for d in self.xl.list() if d.domid == 0), None)
+        return vars(d) if d else None
 
     def foreign(self, known: set[str]) -> list[dict[str, Any]]:
         """Domains xl runs that sanvisor did not create: shown, never clobbered."""

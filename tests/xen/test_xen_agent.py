@@ -1,0 +1,87 @@
+"""The verbs through the agent on a nested Xen lab host (`lab up --xen-hosts 1`)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.xen,
+              pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root"),
+              pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
+                                 reason="qemu-system-x86_64 is not installed")]
+
+
+class XLab:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.env = dict(os.environ, SANVISOR_LAB_HOME=str(root))
+
+    def sv(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([sys.executable, "-m", "sanvisor", *args], capture_output=True,
+                              text=True, env=self.env, timeout=300)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"sanvisor {' '.join(args)}: {proc.stderr}{proc.stdout}")
+        return proc
+
+    def row(self, name: str) -> list[str]:
+        out = self.sv("-H", "xen1", "list").stdout.splitlines()
+        return next((ln.split() for ln in out if ln.startswith(name + " ")), [])
+
+    def top(self, name: str) -> list[str]:
+        out = self.sv("-H", "xen1", "top", "-b", "-n", "1").stdout.splitlines()
+        return next(ln.split() for ln in out if ln.split() and ln.split()[0] == name)
+
+
+@pytest.fixture(scope="module")
+def xlab() -> Iterator[XLab]:
+    root = Path(tempfile.mkdtemp(prefix="svxl", dir="/tmp"))
+    shutil.rmtree(root)
+    lab = XLab(root)
+    try:
+        lab.sv("lab", "up", "--hosts", "0", "--xen-hosts", "1", "--loopback")
+        yield lab
+    finally:
+        lab.sv("lab", "down", check=False)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _until(what: str, fn: object, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not fn():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+
+
+def test_xm_verbs_on_a_xen_host(xlab: XLab, tmp_path: Path) -> None:
+    cfg = tmp_path / "xg1.cfg"
+    cfg.write_text('name = "xg1"\nmemory = 128\nmaxmem = 256\nvcpus = 1\nmaxvcpus = 2\n')
+    xlab.sv("-H", "xen1", "create", str(cfg))
+    try:
+        header = xlab.sv("-H", "xen1", "list").stdout.splitlines()[0].split()
+        assert header == ["Name", "ID", "Mem", "VCPUs", "State", "Time(s)"]
+        row = xlab.row("xg1")
+        assert row[2:4] == ["128", "1"] and row[4] in ("r-----", "-b----")
+        xlab.sv("-H", "xen1", "pause", "xg1")
+        assert xlab.row("xg1")[4] == "--p---"
+        assert xlab.top("xg1")[1] == "--p---"  # what xl itself says
+        xlab.sv("-H", "xen1", "unpause", "xg1")
+        _until("running again", lambda: xlab.top("xg1")[1] in ("r-----", "-b----"))
+        xlab.sv("-H", "xen1", "mem-set", "xg1", "100")
+        _until("the balloon", lambda: xlab.top("xg1")[4] == str(100 * 1024))
+        bad = xlab.sv("-H", "xen1", "create", str(cfg), "name=huge", "memory=65536",
+                      "maxmem=65536", check=False)
+        assert bad.returncode != 0 and bad.stderr.startswith("sanvisor: error: xl create ")
+        assert len(bad.stderr.strip().splitlines()) == 1
+        assert xlab.row("huge") == []
+        xlab.sv("-H", "xen1", "shutdown", "-w", "-t", "120", "xg1")  # xl shutdown
+        assert xlab.row("xg1") == []
+    finally:
+        xlab.sv("-H", "xen1", "destroy", "xg1", check=False)
