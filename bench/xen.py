@@ -1,0 +1,106 @@
+"""Xen: time to bring a nested Xen host up, and per-verb latency of sanvisor's Xen
+driver against xl run directly in the same dom0 (same run, same domain).
+
+"xl in dom0" is timed inside dom0 (date before and after, in one shell); "via the
+channel" is the same xl command timed from the outer host (what any caller of
+dom0 pays); "sanvisor driver" is the driver's verb (Python, the xl lock, the
+channel). The driver's overhead is its time minus xl's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> int:
+    from sanvisor.drivers.base import LaunchPlan
+    from sanvisor.drivers.xen.driver import XenDriver
+    from sanvisor.model.config import parse_config
+    from sanvisor.xenhost import XenHost, build_xen_kit
+    from sanvisor.xenhost.build import DOMU_KERNEL, DOMU_RAMDISK
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "xen.json")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="svxb", dir="/tmp"))
+    host = XenHost(build_xen_kit(), work, name="xb1")
+    results: dict[str, Any] = {}
+    try:
+        t0 = time.monotonic()
+        host.start(timeout=240)
+        results["host_up_s"] = time.monotonic() - t0
+        drv = XenDriver(lambda a, s: host.run(a, stdin=s), host.put_file, poll=3600)
+        spec = parse_config("name='xb'\nmemory=128\nmaxmem=256\n").spec
+        plan = LaunchPlan(spec=spec, rundir=work, kernel=Path(DOMU_KERNEL),
+                          initrd=Path(DOMU_RAMDISK), cmdline="console=hvc0")
+
+        async def noop(name: str, data: dict[str, Any]) -> None:
+            return None
+
+        t0 = time.monotonic()
+        inst = asyncio.run(drv.launch(plan, noop))
+        results["create_s"] = time.monotonic() - t0
+
+        def in_dom0(cmd: str) -> float:
+            # busybox date has no %N: dom0's /proc/uptime (10 ms ticks) before and after
+            rc, out, err = host.run(["sh", "-c", f"read a _ </proc/uptime; {cmd} >/dev/null; "
+                                     "read b _ </proc/uptime; echo $a $b"])
+            assert rc == 0, err
+            a, b = (float(x) for x in out.split())
+            return (b - a) * 1e3
+
+        def timed(fn: Any) -> float:
+            t = time.monotonic()
+            fn()
+            return (time.monotonic() - t) * 1e3
+
+        verbs = {
+            "pause": ("xl pause xb", lambda: asyncio.run(inst.pause())),
+            "unpause": ("xl unpause xb", lambda: asyncio.run(inst.unpause())),
+            "mem-set": ("xl mem-set xb 120m", lambda: asyncio.run(inst.set_balloon(120))),
+            "list": ("xl list", lambda: drv.xl.list()),
+        }
+        rows = []
+        for verb, (cmd, ours) in verbs.items():
+            xl_ms = [in_dom0(cmd) for _ in range(args.runs)]
+            chan_ms = [timed(lambda c=cmd: host.run(["sh", "-c", c]))
+                       for _ in range(args.runs)]
+            our_ms = [timed(ours) for _ in range(args.runs)]
+            rows.append({"verb": verb, "xl_in_dom0_ms": statistics.median(xl_ms),
+                         "xl_via_channel_ms": statistics.median(chan_ms),
+                         "sanvisor_driver_ms": statistics.median(our_ms)})
+        results["verbs"] = rows
+        asyncio.run(inst.destroy())
+        results["noop_channel_ms"] = statistics.median(
+            [timed(lambda: host.run(["true"])) for _ in range(args.runs)])
+    finally:
+        host.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"nested Xen host up: {results['host_up_s']:.1f} s; create of a 128 MiB PV "
+          f"domU through the driver: {results['create_s']:.1f} s; empty channel round "
+          f"trip: {results['noop_channel_ms']:.0f} ms\n")
+    print(f"{'verb':<10} {'xl in dom0':>12} {'xl via channel':>15} {'sanvisor driver':>16} "
+          f"{'overhead':>9}")
+    for r in results["verbs"]:
+        print(f"{r['verb']:<10} {r['xl_in_dom0_ms']:>10.0f}ms {r['xl_via_channel_ms']:>13.0f}ms "
+              f"{r['sanvisor_driver_ms']:>14.0f}ms "
+              f"{r['sanvisor_driver_ms'] - r['xl_in_dom0_ms']:>7.0f}ms")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"\nJSON: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
