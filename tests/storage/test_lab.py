@@ -6,7 +6,6 @@ multipath names, and I/O that survives an HBA failure with nothing lost.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -20,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.guest.helpers import wait_until
+from tests.labcli import LabCli
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root"),
@@ -29,21 +29,7 @@ H1 = ["10:00:00:00:c9:00:01:00", "10:00:00:00:c9:00:01:01"]
 H2 = ["10:00:00:00:c9:00:02:00", "10:00:00:00:c9:00:02:01"]
 
 
-class Lab:
-    def __init__(self, root: Path, name: str) -> None:
-        self.root, self.name = root, name
-        self.env = dict(os.environ, SANVISOR_LAB_HOME=str(root))
-
-    def sv(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([sys.executable, "-m", "sanvisor", *args], capture_output=True,
-                              text=True, env=self.env, timeout=120)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"sanvisor {' '.join(args)}: {proc.stderr}{proc.stdout}")
-        return proc
-
-    def js(self, *args: str) -> Any:
-        return json.loads(self.sv("--json", *args).stdout)
-
+class Lab(LabCli):
     def netns(self, host: int) -> str:
         return f"{self.name}-h{host}"
 

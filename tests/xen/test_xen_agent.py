@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -13,24 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.labcli import LabCli
+
 pytestmark = [pytest.mark.xen,
               pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root"),
               pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
                                  reason="qemu-system-x86_64 is not installed")]
 
 
-class XLab:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.env = dict(os.environ, SANVISOR_LAB_HOME=str(root))
-
-    def sv(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([sys.executable, "-m", "sanvisor", *args], capture_output=True,
-                              text=True, env=self.env, timeout=300)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"sanvisor {' '.join(args)}: {proc.stderr}{proc.stdout}")
-        return proc
-
+class XLab(LabCli):
     def row(self, name: str) -> list[str]:
         out = self.sv("-H", "xen1", "list").stdout.splitlines()
         return next((ln.split() for ln in out if ln.startswith(name + " ")), [])
@@ -53,7 +42,7 @@ def xlab() -> Iterator[XLab]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _until(what: str, fn: object, timeout: float = 60) -> None:
+def _until(what: str, fn: object, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not fn():  # type: ignore[operator]
         assert time.monotonic() < deadline, f"timed out waiting for {what}"

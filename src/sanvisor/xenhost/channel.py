@@ -30,12 +30,21 @@ import binascii
 import shlex
 import socket
 import time
+from collections.abc import Callable
 
 from sanvisor.xenhost.packages import XenHostError
 
 
 class ChannelError(XenHostError):
     code = "xenhost.channel"
+
+
+def put_file(run: Callable[..., tuple[int, str, str]], path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` in dom0 through ``run`` (parent directories created)."""
+    script = 'mkdir -p "$(dirname "$1")" && cat > "$1"'
+    rc, _out, err = run(["sh", "-c", script, "sh", path], stdin=data)
+    if rc != 0:
+        raise ChannelError(f"writing {path} in dom0 failed: {err.strip()}", path=path)
 
 
 def _b64(data: bytes) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sanvisor.xenhost import scripts
 from sanvisor.xenhost.build import DOMU_KERNEL, DOMU_RAMDISK, XenKit
-from sanvisor.xenhost.channel import Channel, ChannelError
+from sanvisor.xenhost.channel import Channel, ChannelError, put_file
 from sanvisor.xenhost.packages import XenHostError
 
 QEMU = "qemu-system-x86_64"
@@ -162,10 +162,7 @@ class XenHost:
 
     def put_file(self, path: str, data: bytes) -> None:
         """Write ``data`` to ``path`` in dom0 (parent directories created)."""
-        script = 'mkdir -p "$(dirname "$1")" && cat > "$1"'
-        rc, _out, err = self.run(["sh", "-c", script, "sh", path], stdin=data)
-        if rc != 0:
-            raise XenHostError(f"writing {path} in dom0 failed: {err.strip()}", path=path)
+        put_file(self.run, path, data)
 
     def stop(self) -> None:
         """Kill QEMU and remove the socket; safe to call twice."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 
-from sanvisor.xenhost.channel import Channel, ChannelError
+from sanvisor.xenhost.channel import Channel, ChannelError, put_file
 
 
 class Dom0Link:
@@ -45,10 +45,7 @@ class Dom0Link:
                 raise
 
     def put_file(self, path: str, data: bytes) -> None:
-        script = 'mkdir -p "$(dirname "$1")" && cat > "$1"'
-        rc, _out, err = self.run(["sh", "-c", script, "sh", path], stdin=data)
-        if rc != 0:
-            raise ChannelError(f"writing {path} in dom0 failed: {err.strip()}", path=path)
+        put_file(self.run, path, data)
 
     def close(self) -> None:
         with self._lock:
