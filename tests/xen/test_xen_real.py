@@ -34,7 +34,7 @@ def xen() -> Iterator[Any]:
     work = Path(tempfile.mkdtemp(prefix="svx", dir="/tmp"))
     host = XenHost(build_xen_kit(), work, name="xen1")
     try:
-        host.start(timeout=180)
+        host.start(timeout=240, attempts=4)
         yield host
     finally:
         host.stop()

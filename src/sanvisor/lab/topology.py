@@ -238,7 +238,7 @@ def _add_xen_host(state: LabState, i: int) -> None:
 
     home = Path(state.root) / f"xen{i}"
     vm = XenHost(build_xen_kit(), home / "vm", name=f"xen{i}")
-    vm.start(timeout=240)
+    vm.start(timeout=240, attempts=4)
     vm.detach()
     h = HostSpec(name=f"xen{i}", netns="", home=str(home), driver="xen",
                  ctl=str(home / "vm" / "ctl.sock"), vm_pidfile=str(home / "vm" / "qemu.pid"))
