@@ -98,7 +98,7 @@ def qemu_pids(home: Path) -> list[int]:
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             with contextlib.suppress(OSError):
-                if str(home).encode() in (d / "cmdline").read_bytes() and \
-                        b"qemu-system" in (d / "cmdline").read_bytes():
+                cmd = (d / "cmdline").read_bytes()
+                if str(home).encode() in cmd and b"qemu-system" in cmd:
                     out.append(int(d.name))
     return out

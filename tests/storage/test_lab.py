@@ -326,6 +326,7 @@ def test_loopback_lab_without_namespaces(tmp_path: Path) -> None:
     addresses, an HBA 'down' cut by the array itself; the same checks as above."""
     lb = Lab(tmp_path / "lb", "lb")
     lb.sv("lab", "up", "--hosts", "2", "--loopback")
+    job: subprocess.Popen[bytes] | None = None
     try:
         assert "127.250.1.11" in lb.sv("lab", "status").stdout
         lb.sv("array", "lun", "create", "sys", "--size", "32M")
@@ -358,4 +359,7 @@ def test_loopback_lab_without_namespaces(tmp_path: Path) -> None:
             off = (i % 512) * 65536
             assert data[off:off + 65536] == bytes([i % 200 + 1]) * 65536, i
     finally:
+        if job is not None and job.poll() is None:
+            job.kill()
+            job.wait()
         lb.sv("lab", "down", check=False)

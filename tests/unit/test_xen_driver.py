@@ -120,7 +120,17 @@ def test_foreign_domains_are_listed_not_touched(tmp_path: Path) -> None:
     fake = FakeXl()
     fake.doms["made-by-hand"] = {"id": 9, "mem": 256, "state": "-b----"}
     drv = XenDriver(fake.run, fake.put)
-    assert [d["name"] for d in drv.foreign(set())] == ["made-by-hand"]
+    from sanvisor.agent.manager import Manager
+    from sanvisor.agent.service import HostService
+    from sanvisor.paths import Layout
+
+    layout = Layout(tmp_path / "home")
+    layout.ensure()
+    rows = asyncio.run(HostService(Manager(layout, drv)).domains())
+    assert [(r["name"], r["state"]) for r in rows] == [("Domain-0", "running"),
+                                                       ("made-by-hand", "foreign")]
+    assert rows[0]["mem_mib"] == 1536  # xl's Domain-0, not the machine's memory
+    assert sum(c[1] == "list" for c in fake.calls) == 1  # one xl list for the view
     assert not any(c[1] in ("destroy", "pause") for c in fake.calls)
 
 

@@ -34,6 +34,3 @@ def cpu_seconds() -> float:
 def cpu_count() -> int:
     return os.cpu_count() or 1
 
-
-def uptime() -> float:
-    return float(Path("/proc/uptime").read_text().split()[0])

@@ -7,6 +7,7 @@ nothing behind (no process, no tap, no record).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -28,18 +29,27 @@ class HostService:
         self.m = manager
 
     # ---- views -----------------------------------------------------------------------
-    def host_row(self) -> dict[str, Any]:
-        dom0 = getattr(self.m.driver, "dom0", None)
-        if dom0 is not None:  # a Xen host: xl's own Domain-0
-            with contextlib.suppress(Exception):
-                d = dom0()
-                if d:
-                    return {"name": "Domain-0", "domid": 0, "mem_mib": d["memory_kib"] >> 10,
-                            "vcpus": d["vcpus"], "state": "running", "letters": d["state"],
-                            "cpu_seconds": d["cpu_seconds"]}
+    async def _listing(self) -> list[dict[str, Any]]:
+        """The hypervisor's own list (xl's, on a Xen host), read once per view and off
+        the event loop (a nested dom0 answers over a serial line); [] for QEMU."""
+        try:
+            return await asyncio.to_thread(self.m.driver.hypervisor_domains)
+        except Exception:  # an unreachable dom0 must not break `list`
+            return []
+
+    @staticmethod
+    def host_row(listing: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        d = next((d for d in listing or [] if d["domid"] == 0), None)
+        if d is not None:  # a Xen host: xl's own Domain-0
+            return {"name": "Domain-0", "domid": 0, "mem_mib": d["memory_kib"] >> 10,
+                    "vcpus": d["vcpus"], "state": "running", "letters": d["state"],
+                    "cpu_seconds": d["cpu_seconds"]}
         return {"name": "Domain-0", "domid": 0, "mem_mib": hostinfo.mem_total_mib(),
                 "vcpus": hostinfo.cpu_count(), "state": "running", "letters": "r-----",
                 "cpu_seconds": round(hostinfo.cpu_seconds(), 1)}
+
+    async def host(self) -> dict[str, Any]:
+        return self.host_row(await self._listing())
 
     def info(self, dom: Domain) -> dict[str, Any]:
         rec = dom.record
@@ -63,12 +73,13 @@ class HostService:
             "config": rec.spec.to_dict(),
         }
 
-    def domains(self) -> list[dict[str, Any]]:
+    async def domains(self) -> list[dict[str, Any]]:
+        listing = await self._listing()
         doms = sorted(self.m.domains.values(), key=lambda d: d.record.domid)
-        rows = [self.host_row()] + [self.info(d) for d in doms]
-        foreign = getattr(self.m.driver, "foreign", None)
-        if foreign is not None:  # xl's domains that sanvisor did not make: shown, untouched
-            for f in foreign({d.name for d in doms}):
+        rows = [self.host_row(listing)] + [self.info(d) for d in doms]
+        ours = {d.name for d in doms}
+        for f in listing:  # xl's domains that sanvisor did not make: shown, untouched
+            if f["domid"] != 0 and f["name"] not in ours:
                 rows.append({"name": f["name"], "domid": f["domid"], "uuid": "",
                              "mem_mib": f["memory_kib"] >> 10, "vcpus": f["vcpus"],
                              "letters": f["state"], "state": "foreign",

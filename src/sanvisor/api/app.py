@@ -80,11 +80,11 @@ def build_app(svc: HostService, storage: StorageService | None = None) -> FastAP
 
     @app.get("/v1/host")
     async def host() -> dict[str, Any]:
-        return {"version": __version__, "driver": svc.m.driver.name, **svc.host_row()}
+        return {"version": __version__, "driver": svc.m.driver.name, **(await svc.host())}
 
     @app.get("/v1/domains")
     async def list_domains() -> list[dict[str, Any]]:
-        return svc.domains()
+        return await svc.domains()
 
     @app.get("/v1/stats")
     async def stats() -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sanvisor.errors import SanvisorError, UsageError
+from sanvisor.errors import SanvisorError
 
 DOMAIN_VERBS_HELP = """\
 domain verbs (xm-compatible):
@@ -205,6 +205,3 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
 
-
-def die(msg: str) -> Any:
-    raise UsageError(msg)

@@ -129,6 +129,12 @@ class Driver(abc.ABC):
     name: str
     memory_block_mib: int = 128  # granularity of memory hot-plug
 
+    def hypervisor_domains(self) -> list[dict[str, Any]]:
+        """Every domain the hypervisor itself lists (Domain-0 and domains made outside
+        sanvisor included), as dicts of name, domid, state, memory_kib, vcpus,
+        cpu_seconds. Blocking. QEMU has no such list: []."""
+        return []
+
     @abc.abstractmethod
     async def launch(self, plan: LaunchPlan, events: EventSink) -> Instance: ...
 

@@ -209,11 +209,6 @@ class XenDriver(Driver):
         inst.start_watch()
         return inst
 
-    def dom0(self) -> dict[str, Any] | None:
-        """xl's own Domain-0 line (the host row of `list` on a Xen host)."""
-        d = next((d for d in self.xl.list() if d.domid == 0), None)
-        return vars(d) if d else None
-
-    def foreign(self, known: set[str]) -> list[dict[str, Any]]:
-        """Domains xl runs that sanvisor did not create: shown, never clobbered."""
-        return [vars(d) for d in self.xl.list() if d.domid != 0 and d.name not in known]
+    def hypervisor_domains(self) -> list[dict[str, Any]]:
+        """`xl list`, Domain-0 and domains made outside sanvisor included."""
+        return [vars(d) for d in self.xl.list()]
