@@ -23,15 +23,16 @@ from sanvisor.guestkit import build as guestbuild
 from sanvisor.guestkit import kernel
 from sanvisor.guestkit.cpio import Entry, NewcWriter
 from sanvisor.guestkit.modules import ModuleSet, collect_modules
-from sanvisor.xenhost import packages, scripts
+from sanvisor.xenhost import packages, pybundle, scripts
 from sanvisor.xenhost.packages import XenHostError
 
-BUILDER_VERSION = "3"
+BUILDER_VERSION = "4"
 KIT_JSON = "kit.json"
 XEN_GZ = "boot/xen-4.17-amd64.gz"
 DOM0_MODULES: tuple[str, ...] = (
     "xen_evtchn", "xen_gntdev", "xen_gntalloc", "xen_privcmd", "xenfs",
     "xen_blkback", "xen_netback", "bridge", "tun",
+    "virtio_pci", "virtio_console",  # the command channel's port (sanvisor.ctl)
 )
 #: Binaries whose shared libraries (ldd) are copied into dom0.
 LDD_BINARIES = (
@@ -115,7 +116,8 @@ class _Tree:
 
 
 def write_dom0_initrd(path: Path, xen_root: Path, mods: ModuleSet, libs: dict[str, Path],
-                      domu: dict[str, Path]) -> None:
+                      domu: dict[str, Path], py: tuple[Path, dict[str, Path],
+                                                       dict[str, bytes]]) -> None:
     with path.open("wb") as f:
         t = _Tree(NewcWriter(f))
         for d in _DIRS:
@@ -138,15 +140,22 @@ def write_dom0_initrd(path: Path, xen_root: Path, mods: ModuleSet, libs: dict[st
         t.file("lib/modules/load.order", "".join(f"{m}\n" for m in mods.order).encode())
         for name, src in domu.items():
             t.file(f"{DOMU_DIR}/{name}", src.read_bytes())
+        python, stdlib, server = py
+        t.file(f"{pybundle.PYTHON_HOME[1:]}/bin/python3", python.read_bytes(), 0o755)
+        for rel, src in sorted(stdlib.items()):
+            t.file(rel, src.read_bytes(), 0o755 if rel.endswith(".so") else 0o644)
+        for rel, data in sorted(server.items()):
+            t.file(rel, data)
         t.file("init", scripts.init_script().encode(), 0o755)
-        t.file("sbin/sv-xenctl", scripts.SERVER.encode(), 0o755)
         t.w.close()
 
 
 def input_hash(parts: list[str]) -> str:
     h = hashlib.sha256()
+    server = pybundle.server_files()
     for part in [BUILDER_VERSION, *parts, ",".join(DOM0_MODULES), scripts.init_script(),
-                 scripts.SERVER]:
+                 str(pybundle.interpreter()), *sorted(server),
+                 *[d.decode() for _k, d in sorted(server.items())]]:
         h.update(part.encode() + b"\0\0")
     return h.hexdigest()[:16]
 
@@ -209,12 +218,15 @@ def build_xen_kit(cache_dir: Path | None = None, *, force: bool = False,
         mods = collect_modules(kroot / "lib" / "modules" / release, DOM0_MODULES)
         say(f"dom0 modules: {' '.join(mods.order)}")
         lib_dirs = [xen_root / "usr/lib/x86_64-linux-gnu", xen_root / "lib/x86_64-linux-gnu"]
-        libs = packages.library_closure([xen_root / b for b in LDD_BINARIES], lib_dirs)
+        py = pybundle.bundle()
+        py_bins = [py[0], *[p for p in py[1].values() if p.suffix == ".so"]]
+        libs = packages.library_closure([xen_root / b for b in LDD_BINARIES] + py_bins,
+                                        lib_dirs)
         for extra in EXTRA_LIBS:
             libs.setdefault(extra, HOST_LIB_DIR / extra)
         # The ELF vmlinux boots as a PV domU ~4 s faster than the bzImage under TCG.
         domu = {"vmlinux": guest.kernel, "initrd.cpio": guest.initrd}
-        write_dom0_initrd(out / "dom0.cpio", xen_root, mods, libs, domu)
+        write_dom0_initrd(out / "dom0.cpio", xen_root, mods, libs, domu, py)
         version = debs[0].name.split("_")[1].replace("%3a", ":")
         meta = {"xen": "xen", "dom0_kernel": "vmlinuz", "dom0_initrd": "dom0.cpio",
                 "version": version, "kernel": release, "packages": [d.name for d in debs],

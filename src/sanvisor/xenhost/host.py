@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shlex
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ QEMU = "qemu-system-x86_64"
 
 
 def xen_cmdline(dom0_mib: int) -> str:
-    """Xen's own options: it uses COM1 only, so COM2 stays with dom0 (ttyS1)."""
+    """Xen's own options (its console on COM1, the console log)."""
     return (f"console=com1 com1=115200,8n1 dom0_mem={dom0_mib}M,max:{dom0_mib}M"
             " dom0_max_vcpus=2 noreboot")
 
@@ -45,8 +44,10 @@ def qemu_argv(kit: XenKit, workdir: Path, name: str, memory_mib: int,
         "-kernel", str(kit.xen), "-append", xen_cmdline(dom0_mib),
         "-initrd", f"{kit.dom0_kernel} {dom0_cmdline(name)},{kit.dom0_initrd}",
         "-chardev", f"file,id=con0,path={workdir / 'console.log'}",
+        "-serial", "chardev:con0",
+        "-device", "virtio-serial-pci,id=vser0",
         "-chardev", f"socket,id=ctl,path={workdir / 'ctl.sock'},server=on,wait=off",
-        "-serial", "chardev:con0", "-serial", "chardev:ctl",
+        "-device", f"virtserialport,bus=vser0.0,chardev=ctl,name={scripts.CTL_PORT_NAME}",
         "-net", "none",
     ]
 
@@ -64,7 +65,6 @@ class XenHost:
         self.proc: subprocess.Popen[bytes] | None = None
         self.channel: Channel | None = None
         self.boot_seconds: float | None = None
-        self._lock = threading.Lock()
 
     @property
     def console_log(self) -> Path:
@@ -94,12 +94,9 @@ class XenHost:
         self.proc = None
         return pid
 
-    def start(self, timeout: float = 120, attempts: int = 3) -> None:
-        """Boot QEMU and wait until dom0's command server answers.
-
-        Seen here about once in ten boots: dom0 is up (its ready marker is on the
-        console) but its command server never answers on the channel. Such a boot is
-        killed and done again (each attempt ~10 s when it works)."""
+    def start(self, timeout: float = 120, attempts: int = 2) -> None:
+        """Boot QEMU and wait until dom0's command server answers on the channel.
+        A boot that does not get there is killed and done again (``attempts``)."""
         if self.proc is not None:
             raise XenHostError(f"{self.name} already started")
         per_try = max(timeout / attempts, 45.0)
@@ -124,53 +121,32 @@ class XenHost:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            self._connect(sock, deadline)
-            self._wait_hello(deadline)
+            self.channel = self._connect(sock, deadline)
             self.boot_seconds = time.monotonic() - t0
         except BaseException:
             self.stop()
             raise
 
-    def _connect(self, sock: Path, deadline: float) -> None:
+    def _connect(self, sock: Path, deadline: float) -> Channel:
         while True:
             self._check_alive()
             try:
-                self.channel = Channel(str(sock))
-                return
-            except OSError:
+                left = deadline - time.monotonic()
+                return Channel(str(sock), hello_timeout=max(0.5, min(2.0, left)))
+            except (OSError, ChannelError):
                 if time.monotonic() > deadline:
-                    raise XenHostError(f"no control socket {sock}") from None
+                    raise XenHostError(f"{self.name}: dom0 not ready in time",
+                                       console=self.console_tail()) from None
                 time.sleep(0.05)
-
-    def _wait_hello(self, deadline: float) -> None:
-        """The server's HELLO on the channel; should we have missed it, the console's
-        ready marker followed by a successful ping."""
-        assert self.channel is not None
-        while True:
-            self._check_alive()
-            line = self.channel.readline(min(deadline, time.monotonic() + 0.5))
-            if line is not None and line.startswith("HELLO sv-xenctl"):
-                return
-            if scripts.READY_MARKER in self.console_tail(4000):
-                try:
-                    if self.channel.call(["true"], 5)[0] == 0:
-                        return
-                except ChannelError:
-                    deadline = min(deadline, time.monotonic() + 10)  # a stuck channel
-            if time.monotonic() > deadline:
-                raise XenHostError(f"{self.name}: dom0 not ready in time",
-                                   console=self.console_tail())
 
     def run(self, argv: list[str], timeout: float = 120,
             stdin: bytes | None = None) -> tuple[int, str, str]:
-        """Run ``argv`` in dom0 (through ``sh``); return (rc, stdout, stderr).
-
-        rc 137 means dom0's ``timeout`` killed the command."""
+        """Run ``argv`` in dom0; return (rc, stdout, stderr). rc 137 means dom0 killed
+        the command at ``timeout``."""
         self._check_alive()
         assert self.channel is not None
         try:
-            with self._lock:  # one request at a time on the serial line, from any thread
-                return self.channel.call(argv, timeout, stdin)
+            return self.channel.run(argv, timeout, stdin)
         except ChannelError:
             self._check_alive()
             raise

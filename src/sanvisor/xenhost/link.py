@@ -1,8 +1,8 @@
 """The agent's end of a nested Xen host's command channel (QEMU already running).
 
 `lab up --xen-hosts` boots the nested Xen and lets go of its channel; the host's
-agent then connects here. QEMU's socket takes one client at a time, so there is
-exactly one user of dom0's command server: this link, serialised by a lock.
+agent then connects here. QEMU's socket takes one client at a time, so this link is
+the only user of dom0's server; it reconnects after the connection broke.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 
-from sanvisor.xenhost.channel import Channel, ChannelError, put_file
+from sanvisor.xenhost.channel import Channel, ChannelError, Proc, Sink, put_file
 
 
 class Dom0Link:
@@ -20,29 +20,28 @@ class Dom0Link:
         self._channel: Channel | None = None
         self._timeout = connect_timeout
 
-    def _chan(self) -> Channel:
-        if self._channel is None:
+    def channel(self) -> Channel:
+        with self._lock:
+            if self._channel is not None and not self._channel.closed:
+                return self._channel
             deadline = time.monotonic() + self._timeout
             while True:
                 try:
                     self._channel = Channel(self.sock)
-                    break
-                except OSError:
+                    return self._channel
+                except (OSError, ChannelError) as exc:
                     if time.monotonic() > deadline:
-                        raise ChannelError(f"cannot reach dom0 at {self.sock}") from None
+                        raise ChannelError(f"cannot reach dom0 at {self.sock}: {exc}") from None
                     time.sleep(0.05)
-        return self._channel
 
     def run(self, argv: list[str], stdin: bytes | None = None,
             timeout: float = 120) -> tuple[int, str, str]:
-        with self._lock:
-            try:
-                return self._chan().call(argv, timeout, stdin)
-            except (ChannelError, OSError):
-                if self._channel is not None:
-                    self._channel.close()
-                self._channel = None
-                raise
+        return self.channel().run(argv, timeout, stdin)
+
+    def spawn(self, argv: list[str], *, timeout: float = 0, pty: bool = False,
+              on_out: Sink | None = None, on_err: Sink | None = None) -> Proc:
+        return self.channel().spawn(argv, timeout=timeout, pty=pty, on_out=on_out,
+                                    on_err=on_err)
 
     def put_file(self, path: str, data: bytes) -> None:
         put_file(self.run, path, data)

@@ -1,20 +1,20 @@
-"""The dom0 side: ``/init`` and the command server ``/sbin/sv-xenctl`` (busybox sh).
-
-See :mod:`sanvisor.xenhost.channel` for the wire protocol the server speaks on
-``/dev/ttyS1`` (the nested QEMU's second serial port, which Xen leaves to dom0).
+"""dom0's ``/init``: mounts, Xen daemons, then the command server
+(:mod:`sanvisor.xenhost.dom0server`) on the virtio-serial port named ``sanvisor.ctl``.
 """
 
 from __future__ import annotations
 
+from sanvisor.xenhost import pybundle
+
 READY_MARKER = "SANVISOR-XEN-READY"
-CTL_TTY = "/dev/ttyS1"
+CTL_PORT_NAME = "sanvisor.ctl"
 XEN_BIN = "/usr/lib/xen-4.17/bin"
 
 INIT = r"""#!/bin/busybox sh
 # dom0 /init: mounts, Xen modules, xenstored, xen-init-dom0, xenconsoled, command server.
 export PATH=@XEN_BIN@:/usr/sbin:/usr/bin:/sbin:/bin
 export LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu:/lib/x86_64-linux-gnu
-export HOME=/root
+export HOME=/root PYTHONHOME=@PYTHON_HOME@ PYTHONPATH=@SERVER_PATH@ PYTHONDONTWRITEBYTECODE=1
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
@@ -30,31 +30,24 @@ hostname "$(sed -n 's/.*sv\.hostname=\([^ ]*\).*/\1/p' /proc/cmdline)" 2>/dev/nu
 xenstored --pid-file=/run/xenstored.pid
 xen-init-dom0
 xenconsoled --pid-file=/run/xenconsoled.pid --log=guest --log-dir=/var/log/xen/console
-echo "@READY@ $(hostname)"
-exec /sbin/sv-xenctl @CTL_TTY@
-"""
-
-SERVER = r"""#!/bin/sh
-# sv-xenctl TTY: one request at a time, forever (protocol: sanvisor.xenhost.channel).
-tty=$1
-exec 3<>"$tty"
-stty -F "$tty" raw -echo -ixon -ixoff
-W=/tmp/sv-xenctl
-mkdir -p $W
-b64() { if [ -s "$1" ]; then base64 -w 0 "$1"; else printf -; fi; }
-printf 'HELLO sv-xenctl 1\n' >&3
-while read -r verb id limit nscript nin rest <&3; do
-    [ "$verb" = REQ ] || continue
-    head -c $((nscript + nin)) <&3 > $W/req
-    head -c "$nscript" $W/req | base64 -d > $W/cmd
-    tail -c +$((nscript + 1)) $W/req | base64 -d > $W/in
-    timeout -s KILL "$limit" sh $W/cmd < $W/in > $W/out 2> $W/err
-    rc=$?
-    printf 'RSP %s %s %s %s END\n' "$id" "$rc" "$(b64 $W/out)" "$(b64 $W/err)" >&3
+port=
+for _ in $(seq 100); do  # ports are announced by the device after the driver binds
+    for p in /sys/class/virtio-ports/*; do
+        [ "$(cat "$p/name" 2>/dev/null)" = @CTL_PORT@ ] && port=/dev/${p##*/}
+    done
+    [ -n "$port" ] && [ -e "$port" ] && break
+    sleep 0.05
+done
+echo "@READY@ $(hostname) ${port:-no-control-port}"
+while true; do  # pid 1 must not exit: restart the server should it die
+    @PYTHON_HOME@/bin/python3 -S @SERVER_PATH@/sanvisor/xenhost/dom0server.py "$port"
+    echo "sv-init: command server exited with $?"
+    sleep 1
 done
 """
 
-
 def init_script() -> str:
     return (INIT.replace("@XEN_BIN@", XEN_BIN).replace("@READY@", READY_MARKER)
-            .replace("@CTL_TTY@", CTL_TTY))
+            .replace("@CTL_PORT@", CTL_PORT_NAME)
+            .replace("@PYTHON_HOME@", pybundle.PYTHON_HOME)
+            .replace("@SERVER_PATH@", pybundle.SERVER_PATH))
