@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 
 
@@ -11,3 +19,28 @@ def kit() -> object:
     from sanvisor.guestkit import build_kit
 
     return build_kit()
+
+
+@pytest.fixture(scope="session")
+def xen_lab() -> Iterator[Path]:
+    """One nested Xen lab host, ``xen1`` (``lab up --xen-hosts 1``), for the whole
+    session; its agent's home is ``<lab>/xen1``. Skipped with the reason when this
+    machine cannot boot it (not root, no QEMU)."""
+    if os.geteuid() != 0:
+        pytest.skip("the Xen lab needs root")
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 is not installed (run .ci/run or scripts/setup.sh)")
+    root = Path(tempfile.mkdtemp(prefix="svxl", dir="/tmp"))
+    shutil.rmtree(root)
+    env = dict(os.environ, SANVISOR_LAB_HOME=str(root))
+    cmd = [sys.executable, "-m", "sanvisor"]
+    try:
+        up = subprocess.run([*cmd, "lab", "up", "--hosts", "0", "--xen-hosts", "1",
+                             "--loopback"], env=env, capture_output=True, text=True,
+                            timeout=600)
+        if up.returncode != 0:
+            raise AssertionError(f"lab up --xen-hosts 1 failed: {up.stderr}{up.stdout}")
+        yield root
+    finally:
+        subprocess.run([*cmd, "lab", "down"], env=env, capture_output=True, timeout=300)
+        shutil.rmtree(root, ignore_errors=True)

@@ -47,7 +47,14 @@ def netns() -> Iterator[str | None]:
 
 
 @pytest.fixture(scope="session")
-def sv(kit: object, netns: str | None) -> Iterator[Sanvisor]:
+def sv(qemu_sv: Sanvisor) -> Sanvisor:
+    """The CLI of the session's QEMU agent (the lifecycle suite overrides it per
+    hypervisor)."""
+    return qemu_sv
+
+
+@pytest.fixture(scope="session")
+def qemu_sv(kit: object, netns: str | None) -> Iterator[Sanvisor]:
     home = Path(tempfile.mkdtemp(prefix="svt", dir="/tmp"))
     s = Sanvisor(home, netns)
     try:

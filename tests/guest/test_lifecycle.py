@@ -1,7 +1,12 @@
-"""The xm verbs on one real guest (TCG), shared by the tests of this module in order.
+"""The xm verbs on one real guest, shared by the tests of this module in order, run
+against both hypervisors: QEMU (TCG) and a real Xen 4.17 nested under QEMU (the
+``xen`` runs use the lab's ``xen1`` host and are skipped, with the reason, where
+it cannot boot).
 
-The guest: guest-kit kernel, 128 MiB (maxmem 384), 1 vCPU (maxvcpus 2), a disk
-on sda and a NIC on a bridge inside the test's network namespace.
+QEMU guest: guest-kit kernel, 128 MiB (maxmem 384), 1 vCPU (maxvcpus 2), a disk on
+sda and a NIC on a bridge inside the test's network namespace. Xen guest: the
+seed's V-G config, paths substituted with dom0's (the guest kit in /srv/domu,
+a dom0 file as its disk) and sized like the QEMU one.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import select
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,17 +30,59 @@ pytestmark = pytest.mark.guest
 NAME = "lc1"
 GUEST_IP = "10.213.9.2"
 PEER_IP = "10.213.9.1"
+SEED = Path(__file__).parent.parent / "unit" / "data" / "seed-vg.cfg"
+DOMU = "/srv/domu"  # the guest kit inside a nested Xen's dom0
+
+
+@dataclass
+class Hv:
+    kind: str  # "qemu" or "xen"
+    sv: Sanvisor
+
+    def only(self, kind: str, why: str) -> None:
+        if self.kind != kind:
+            pytest.skip(f"{kind} only: {why}")
+
+
+@pytest.fixture(scope="module",
+                params=["qemu", pytest.param("xen", marks=pytest.mark.xen)])
+def hv(request: pytest.FixtureRequest) -> Hv:
+    if request.param == "qemu":
+        return Hv("qemu", request.getfixturevalue("qemu_sv"))
+    lab: Path = request.getfixturevalue("xen_lab")
+    return Hv("xen", Sanvisor(lab / "xen1", None))
 
 
 @pytest.fixture(scope="module")
-def guest(sv: Sanvisor, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuestShell]:
+def sv(hv: Hv) -> Sanvisor:
+    return hv.sv
+
+
+def _xen_config(d: Path) -> Path:
+    text = SEED.read_text()
+    text = text.replace("/boot/vmlinuz-2.6.18-6-xen-686", f"{DOMU}/vmlinux")
+    text = text.replace("/boot/initrd.img-2.6.18-6-xen-686", f"{DOMU}/initrd.cpio")
+    text = text.replace("/dev/vgvirtualdebian/lvsysteme", f"{DOMU}/initrd.cpio")
+    text = text.replace("bridge=xenbr0", f"bridge=xenbr0, ip={GUEST_IP}/24")
+    cfg = d / "virtualdebian.cfg"
+    cfg.write_text(text)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def guest(hv: Hv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuestShell]:
+    sv = hv.sv
     d = tmp_path_factory.mktemp("lc")
-    disk = d / "sda.img"
-    disk.write_bytes(b"SANVISOR-DISK-A" + b"\0" * (8 << 20))
-    cfg = write_config(d / "lc1.cfg", name=NAME, memory=128, maxmem=384, vcpus=1,
-                       maxvcpus=2, disk=[f"file:{disk},sda,w"],
-                       vif=[f"bridge=svbr0, ip={GUEST_IP}/24"])
-    sv.run("create", str(cfg))
+    if hv.kind == "xen":
+        sv.run("create", str(_xen_config(d)), f"name={NAME}", "memory=128", "maxmem=384",
+               "vcpus=1", "maxvcpus=2")
+    else:
+        disk = d / "sda.img"
+        disk.write_bytes(b"SANVISOR-DISK-A" + b"\0" * (8 << 20))
+        cfg = write_config(d / "lc1.cfg", name=NAME, memory=128, maxmem=384, vcpus=1,
+                           maxvcpus=2, disk=[f"file:{disk},sda,w"],
+                           vif=[f"bridge=svbr0, ip={GUEST_IP}/24"])
+        sv.run("create", str(cfg))
     try:
         sv.wait_marker(NAME)
         yield GuestShell(sv.domain(NAME)["console_socket"])
@@ -42,7 +90,7 @@ def guest(sv: Sanvisor, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gu
         sv.run("destroy", NAME, check=False)
 
 
-def test_list_shows_the_guest_like_xm(sv: Sanvisor, guest: GuestShell) -> None:
+def test_list_shows_the_guest_like_xm(hv: Hv, sv: Sanvisor, guest: GuestShell) -> None:
     out = sv.run("list").stdout.splitlines()
     assert out[0].split() == ["Name", "ID", "Mem", "VCPUs", "State", "Time(s)"]
     assert out[1].split()[:2] == ["Domain-0", "0"]
@@ -53,8 +101,12 @@ def test_list_shows_the_guest_like_xm(sv: Sanvisor, guest: GuestShell) -> None:
     assert sv.run("domid", NAME).stdout.strip() == str(info["domid"])
     assert sv.run("domname", str(info["domid"])).stdout.strip() == NAME
     assert NAME in sv.run("uptime").stdout
-    assert guest.run("cat /sys/block/sda/device/model; dd if=/dev/sda bs=15 count=1 "
-                     "2>/dev/null").endswith("SANVISOR-DISK-A")
+    if hv.kind == "qemu":
+        assert guest.run("cat /sys/block/sda/device/model; dd if=/dev/sda bs=15 count=1 "
+                         "2>/dev/null").endswith("SANVISOR-DISK-A")
+    else:  # the seed's phy: disk on sda, a dom0 file (the guest kit's cpio) behind it
+        assert guest.run("dd if=/dev/xvda bs=6 count=1 2>/dev/null") == "070701"
+        assert guest.run("cat /sys/class/net/eth0/address") == "00:16:3e:00:00:01"
 
 
 def _read_until(fd: int, token: bytes, buf: bytes, deadline: float) -> bytes:
@@ -100,7 +152,9 @@ def test_pause_stops_the_guest_and_unpause_resumes_it(sv: Sanvisor, guest: Guest
 
 
 @pytest.mark.skipif(not ROOT, reason="bridges and namespaces need root")
-def test_guest_answers_on_its_ip_through_the_bridge(sv: Sanvisor, guest: GuestShell) -> None:
+def test_guest_answers_on_its_ip_through_the_bridge(hv: Hv, sv: Sanvisor,
+                                                    guest: GuestShell) -> None:
+    hv.only("qemu", "the peer is a namespace on the agent's host (Xen: the next test)")
     assert sv.netns
     peer = f"svpeer{os.getpid()}"
     veth = f"svv{os.getpid() % 100000}"
@@ -131,7 +185,39 @@ def test_guest_answers_on_its_ip_through_the_bridge(sv: Sanvisor, guest: GuestSh
         run(["ip", "-n", sv.netns, "link", "del", veth], check=False)
 
 
-def test_block_attach_and_detach(sv: Sanvisor, guest: GuestShell, tmp_path: Path) -> None:
+def test_xen_guests_talk_through_dom0s_bridge(hv: Hv, sv: Sanvisor, guest: GuestShell,
+                                             tmp_path: Path) -> None:
+    """A second domU on dom0's xenbr0: netfront -> netback -> dom0 bridge and back."""
+    hv.only("xen", "Xen's vif hotplug in dom0 (QEMU: the test above)")
+    cfg = write_config(tmp_path / "peer.cfg", name="lc1peer", memory=96,
+                       vif=[f"bridge=xenbr0, ip={PEER_IP}/24"])
+    sv.run("create", str(cfg))
+    try:
+        sv.wait_marker("lc1peer")
+        peer = GuestShell(sv.domain("lc1peer")["console_socket"])
+        assert peer.run(f"ping -c 2 -W 5 {GUEST_IP} >/dev/null && echo ok") == "ok"
+        assert guest.run(f"ping -c 1 -W 5 {PEER_IP} >/dev/null && echo ok") == "ok"
+    finally:
+        sv.run("destroy", "lc1peer", check=False)
+
+
+def test_xen_block_attach_and_detach(hv: Hv, sv: Sanvisor, guest: GuestShell) -> None:
+    """block-attach of a dom0 device path (here a dom0 file, through a loop device)."""
+    hv.only("xen", "a dom0 path through blkback (QEMU: the next test)")
+    before = set(guest.run("ls /sys/block").split())
+    sv.run("block-attach", NAME, f"file:{DOMU}/vmlinux", "xvdc", "r")
+    wait_until("the disk in the guest", lambda: "xvdc" in guest.run("ls /sys/block"))
+    assert guest.run("dd if=/dev/xvdc bs=4 count=1 2>/dev/null | od -An -c | tr -d ' '"
+                     ) == "177ELF"
+    assert "xvdc" in sv.run("block-list", NAME).stdout
+    sv.run("block-detach", NAME, "xvdc")
+    wait_until("the disk to leave the guest",
+               lambda: set(guest.run("ls /sys/block").split()) == before)
+
+
+def test_block_attach_and_detach(hv: Hv, sv: Sanvisor, guest: GuestShell,
+                                 tmp_path: Path) -> None:
+    hv.only("qemu", "a file on the agent's host (Xen: the test above)")
     img = tmp_path / "extra.img"
     img.write_bytes(b"\0" * (16 << 20))
     before = set(guest.run("ls /sys/block").split())
@@ -194,11 +280,12 @@ def test_top_batch_mode(sv: Sanvisor, guest: GuestShell) -> None:
     assert float(row.split()[2]) > 0
 
 
-def test_agent_restart_keeps_the_guest(sv: Sanvisor, guest: GuestShell) -> None:
+def test_agent_restart_keeps_the_guest(hv: Hv, sv: Sanvisor, guest: GuestShell) -> None:
     before = sv.domain(NAME)
     c1 = guest.counter()
     sv.kill_agent()  # SIGKILL: no goodbye
-    assert before["pid"] in qemu_pids(sv.home)
+    if hv.kind == "qemu":
+        assert before["pid"] in qemu_pids(sv.home)
     sv.start_agent()
     after = sv.domain(NAME)
     assert (after["domid"], after["pid"], after["uuid"]) == \
@@ -209,7 +296,7 @@ def test_agent_restart_keeps_the_guest(sv: Sanvisor, guest: GuestShell) -> None:
     sv.run("unpause", NAME)
 
 
-def test_save_and_restore_continue_the_guest(sv: Sanvisor, guest: GuestShell,
+def test_save_and_restore_continue_the_guest(hv: Hv, sv: Sanvisor, guest: GuestShell,
                                              tmp_path: Path) -> None:
     guest.run("echo still-here > /run/mark")
     before = sv.domain(NAME)
@@ -217,7 +304,9 @@ def test_save_and_restore_continue_the_guest(sv: Sanvisor, guest: GuestShell,
     save = tmp_path / "lc1.save"
     sv.run("save", NAME, str(save))
     assert NAME not in sv.names()
-    assert before["pid"] not in qemu_pids(sv.home)
+    assert save.stat().st_size > 1 << 20  # the guest's memory is in the file
+    if hv.kind == "qemu":
+        assert before["pid"] not in qemu_pids(sv.home)
     sv.run("restore", str(save))
     after = sv.domain(NAME)
     assert after["domid"] != before["domid"]
@@ -229,7 +318,7 @@ def test_save_and_restore_continue_the_guest(sv: Sanvisor, guest: GuestShell,
     assert log.count(b"SANVISOR-READY") == 0  # a new log, and no boot in it
 
 
-def test_reboot_is_clean_and_keeps_the_mac(sv: Sanvisor, guest: GuestShell) -> None:
+def test_reboot_is_clean_and_keeps_the_mac(hv: Hv, sv: Sanvisor, guest: GuestShell) -> None:
     before = sv.domain(NAME)
     guest.run("echo gone-after-reboot > /run/mark2")
     sv.run("reboot", NAME)
@@ -237,15 +326,19 @@ def test_reboot_is_clean_and_keeps_the_mac(sv: Sanvisor, guest: GuestShell) -> N
     wait_until("a fresh boot", lambda: "mark2" not in guest.run("ls /run"))
     after = sv.domain(NAME)
     assert after["vifs"][0]["mac"] == before["vifs"][0]["mac"]
-    assert after["pid"] == before["pid"]  # the same QEMU, reset
+    if hv.kind == "qemu":
+        assert after["pid"] == before["pid"]  # the same QEMU, reset
+    else:
+        assert after["pid"] != before["pid"]  # xl restarted it: a new domid
 
 
-def test_shutdown_is_clean(sv: Sanvisor, guest: GuestShell) -> None:
+def test_shutdown_is_clean(hv: Hv, sv: Sanvisor, guest: GuestShell) -> None:
     pid = sv.domain(NAME)["pid"]
     sv.run("pause", NAME)  # a paused guest cannot see the power button: a clear timeout
     assert "did not shut down" in sv.fail("shutdown", "-w", "-t", "1", NAME)
     sv.run("unpause", NAME)  # ...and then it does see it
     wait_until("the guest to go", lambda: NAME not in sv.names(), 60)
     assert "does not exist" in sv.fail("shutdown", NAME)
-    wait_until("QEMU to exit", lambda: pid not in qemu_pids(sv.home), 10)
+    if hv.kind == "qemu":
+        wait_until("QEMU to exit", lambda: pid not in qemu_pids(sv.home), 10)
 

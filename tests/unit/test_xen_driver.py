@@ -138,3 +138,20 @@ def test_xl_reason_keeps_xls_words() -> None:
     assert xl_reason("", "", 3) == "exit status 3"
     assert xl_reason("Parsing config from a.cfg\nxl: some failure\n", "", 1) == \
         "xl: some failure"
+
+
+def test_xl_reason_prefers_the_first_error_and_the_scripts_word() -> None:
+    err = ("Parsing config from /etc/xen/t1.cfg\n"
+           "domainbuilder: detail: xc_dom_release: called\n"
+           "block: /dev/nope: no such device\n"
+           "libxl: error: libxl_exec.c:117:libxl_report_child_exitstatus: "
+           "/etc/xen/scripts/block add [139] exited with error status 1\n"
+           "libxl: error: libxl_create.c:1672:domcreate_launch_dm: Domain 1:unable to add "
+           "disk devices\n"
+           "libxl: error: libxl_domain.c:1064:domain_destroy_cb: Domain 1:Destruction of "
+           "domain failed\n")
+    assert xl_reason(err, "", 3) == ("/etc/xen/scripts/block add [139] exited with error "
+                                     "status 1 (block: /dev/nope: no such device)")
+    mem = ("libxl: error: libxl_create.c:720:libxl__domain_make: Domain 2:failed to "
+           "free memory for the domain\n")
+    assert xl_reason(mem, "", 1) == "Domain 2:failed to free memory for the domain"

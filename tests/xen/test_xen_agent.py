@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,16 +28,8 @@ class XLab(LabCli):
 
 
 @pytest.fixture(scope="module")
-def xlab() -> Iterator[XLab]:
-    root = Path(tempfile.mkdtemp(prefix="svxl", dir="/tmp"))
-    shutil.rmtree(root)
-    lab = XLab(root)
-    try:
-        lab.sv("lab", "up", "--hosts", "0", "--xen-hosts", "1", "--loopback")
-        yield lab
-    finally:
-        lab.sv("lab", "down", check=False)
-        shutil.rmtree(root, ignore_errors=True)
+def xlab(xen_lab: Path) -> XLab:
+    return XLab(xen_lab)
 
 
 def _until(what: str, fn: object, timeout: float = 120) -> None:

@@ -42,7 +42,8 @@ def xen() -> Iterator[Any]:
 
 
 def _driver(xen: Any) -> XenDriver:
-    return XenDriver(lambda argv, stdin: xen.run(argv, stdin=stdin), xen.put_file, poll=0.3)
+    return XenDriver(lambda argv, stdin: xen.run(argv, stdin=stdin), xen.put_file,
+                     spawn=xen.spawn, poll=0.3)
 
 
 def _plan(text: str, tmp: Path) -> LaunchPlan:

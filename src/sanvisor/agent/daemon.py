@@ -120,7 +120,8 @@ async def serve(layout: Layout) -> None:
         from sanvisor.xenhost.link import Dom0Link
 
         link = Dom0Link(str(host["ctl"]))
-        driver = XenDriver(lambda argv, stdin: link.run(argv, stdin), link.put_file)
+        driver = XenDriver(lambda argv, stdin: link.run(argv, stdin), link.put_file,
+                           spawn=link.spawn)
         kit_cache.append((Path(DOMU_KERNEL), Path(DOMU_RAMDISK)))  # inside dom0
         kit_args = "console=hvc0 quiet"
         log.info("driver: xen, dom0 through %s", host["ctl"])

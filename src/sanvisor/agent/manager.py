@@ -123,7 +123,7 @@ class Manager:
         return LaunchPlan(
             spec=rec.spec, rundir=self.layout.domain_dir(rec.uuid), kernel=Path(rec.kernel),
             initrd=Path(rec.initrd) if rec.initrd else None, cmdline=rec.cmdline,
-            nics=rec.nics, dimms_mib=rec.dimms_mib,
+            nics=rec.nics, dimms_mib=rec.dimms_mib, target_mib=rec.target_mib,
             vcpus_now=rec.vcpus_present or rec.vcpus,
             incoming=incoming, paused=paused, guest_channel=rec.spec.kernel is None,
             disk_sources={d.target: str(s) for d in rec.spec.disks
@@ -148,14 +148,16 @@ class Manager:
         return str(kernel), str(initrd)
 
     @staticmethod
-    def cmdline(spec: DomainSpec, nics: list[NicPlan], kit_args: str = KERNEL_ARGS) -> str:
+    def cmdline(spec: DomainSpec, nics: list[NicPlan], kit_args: str = KERNEL_ARGS,
+                console: str = "ttyS0") -> str:
         """The guest kernel's command line: console, root, extra, and for the guest
-        kit its tuned arguments and the sv.* keys its /init reads."""
+        kit its tuned arguments and the sv.* keys its /init reads. ``console``: the
+        guest's console device when its config names none (a Xen PV guest's is hvc0)."""
         parts = []
         if spec.kernel is None:
             parts.append(kit_args)
         elif "console=" not in spec.extra:
-            parts.append("console=ttyS0")
+            parts.append(f"console={console}")
         if spec.root:
             parts.append(f"root={spec.root}")
         parts.append(f"sv.hostname={spec.name}")
@@ -282,6 +284,9 @@ class Manager:
             self._set_state(dom, State.PAUSED)
         elif name == "RESUME":
             self._set_state(dom, State.RUNNING)
+        elif name == "RESET" and "domid" in data and dom.inst is not None:
+            dom.record.pid = dom.inst.pid  # xl restarted the domain under a new id
+            self._set_state(dom, State.RUNNING, "rebooted")
         elif name == "SHUTDOWN":
             reason = str(data.get("reason", ""))
             if dom.reboot_pending and reason != "guest-panic":

@@ -103,7 +103,8 @@ class HostService:
                                 f"{m.domains[spec.uuid].name}", uuid=spec.uuid)
         rec = DomainRecord(uuid=spec.uuid, domid=m.registry.next_domid(), spec=spec, nics=nics,
                            kernel=kernel, initrd=initrd,
-                           cmdline=m.cmdline(spec, nics, m.kit_args),
+                           cmdline=m.cmdline(spec, nics, m.kit_args,
+                                             "hvc0" if m.remote else "ttyS0"),
                            target_mib=spec.memory, max_mib=spec.maxmem, vcpus=spec.vcpus,
                            state=State.PAUSED if paused else State.RUNNING)
         return await self._start(rec, paused=paused)
@@ -125,6 +126,8 @@ class HostService:
                 rec.save(rundir)
                 if incoming_fd >= 0:
                     await inst.restore_from(incoming_fd)
+                    rec.pid = inst.pid  # a Xen domain's id is known once restored
+                    rec.save(rundir)
                     if not paused:
                         await inst.unpause()
             except BaseException:
@@ -176,6 +179,8 @@ class HostService:
         dom = self.m.find(ref)
         async with dom.lock:
             inst = self._live(dom)
+            if await inst.reboot():
+                return
             dom.reboot_pending = True
             await inst.powerdown()
 
@@ -287,7 +292,7 @@ class HostService:
                     raise ConflictError(f"MAC {nic.mac} is in use by {live[nic.mac]}")
             self.m.check_memory(rec.spec.memory + sum(rec.dimms_mib))
             for f in (rec.kernel, rec.initrd):
-                if f and not os.path.exists(f):
+                if f and not self.m.remote and not os.path.exists(f):  # dom0's: xl says
                     raise HypervisorError(f"{path}: the domain's boot file {f} is gone")
             self.m.check_disks(rec.spec)
             rec.domid = self.m.registry.next_domid()

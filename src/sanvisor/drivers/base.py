@@ -39,6 +39,7 @@ class LaunchPlan:
     cmdline: str
     nics: list[NicPlan] = field(default_factory=list)
     dimms_mib: list[int] = field(default_factory=list)  # hot-added memory to recreate
+    target_mib: int = 0  # the balloon target now (0: the config's memory)
     vcpus_now: int = 0  # 0 = spec.vcpus
     incoming: bool = False  # start waiting for a migration stream
     paused: bool = False
@@ -88,6 +89,11 @@ class Instance(abc.ABC):
     async def reset(self) -> None: ...
     @abc.abstractmethod
     async def destroy(self) -> None: ...
+
+    async def reboot(self) -> bool:
+        """Reboot cleanly if the hypervisor does it itself (xl reboot): True. False (the
+        default): the agent powers the guest down and starts it again on SHUTDOWN."""
+        return False
     @abc.abstractmethod
     async def save_to(self, fd: int) -> None: ...
     @abc.abstractmethod

@@ -20,6 +20,7 @@ m=/sys/devices/system/memory/auto_online_blocks
 
 # Modules, in dependency order (written by the kit builder).
 while read -r mod; do
+    case $mod in xen_*) [ -d /sys/bus/xen/devices ] || continue ;; esac  # not on Xen
     insmod /lib/modules/$mod.ko || echo "sanvisor-init: insmod $mod failed"
 done < /lib/modules/load.order
 

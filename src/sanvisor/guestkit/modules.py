@@ -28,6 +28,8 @@ WANTED_MODULES: tuple[str, ...] = (
     "pvpanic_pci",
     "button",  # ACPI power button -> input event for acpid
     "evdev",  # /dev/input/event* for acpid
+    "xen_blkfront",  # as a Xen PV domU (init loads xen_* only under Xen)
+    "xen_netfront",
 )
 
 _SUFFIXES = (".ko.xz", ".ko.zst", ".ko.gz", ".ko")

@@ -33,6 +33,7 @@ DOM0_MODULES: tuple[str, ...] = (
     "xen_evtchn", "xen_gntdev", "xen_gntalloc", "xen_privcmd", "xenfs",
     "xen_blkback", "xen_netback", "bridge", "tun",
     "virtio_pci", "virtio_console",  # the command channel's port (sanvisor.ctl)
+    "loop",  # file-backed disks for domUs
 )
 #: Binaries whose shared libraries (ldd) are copied into dom0.
 LDD_BINARIES = (
@@ -105,6 +106,8 @@ class _Tree:
                                  if not os.path.join(rel_dir, d).startswith(_SKIP_PREFIXES))
             for name in sorted(dirnames + filenames):
                 rel = os.path.join(rel_dir, name)
+                if rel in scripts.OVERRIDES:
+                    continue  # ours, written by write_dom0_initrd
                 full = Path(dirpath) / name
                 st = full.lstat()
                 if stat.S_ISLNK(st.st_mode):
@@ -147,6 +150,8 @@ def write_dom0_initrd(path: Path, xen_root: Path, mods: ModuleSet, libs: dict[st
         for rel, data in sorted(server.items()):
             t.file(rel, data)
         t.file("init", scripts.init_script().encode(), 0o755)
+        for rel, text in sorted(scripts.OVERRIDES.items()):
+            t.file(rel, text.encode(), 0o755)
         t.w.close()
 
 
@@ -154,6 +159,7 @@ def input_hash(parts: list[str]) -> str:
     h = hashlib.sha256()
     server = pybundle.server_files()
     for part in [BUILDER_VERSION, *parts, ",".join(DOM0_MODULES), scripts.init_script(),
+                 *scripts.OVERRIDES.values(),
                  str(pybundle.interpreter()), *sorted(server),
                  *[d.decode() for _k, d in sorted(server.items())]]:
         h.update(part.encode() + b"\0\0")

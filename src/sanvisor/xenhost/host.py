@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sanvisor.xenhost import scripts
 from sanvisor.xenhost.build import DOMU_KERNEL, DOMU_RAMDISK, XenKit
-from sanvisor.xenhost.channel import Channel, ChannelError, put_file
+from sanvisor.xenhost.channel import Channel, ChannelError, Proc, Sink, put_file
 from sanvisor.xenhost.packages import XenHostError
 
 QEMU = "qemu-system-x86_64"
@@ -150,6 +150,14 @@ class XenHost:
         except ChannelError:
             self._check_alive()
             raise
+
+    def spawn(self, argv: list[str], *, timeout: float = 0, pty: bool = False,
+              on_out: Sink | None = None, on_err: Sink | None = None) -> Proc:
+        """Start a streaming process in dom0 (see :meth:`Channel.spawn`)."""
+        self._check_alive()
+        assert self.channel is not None
+        return self.channel.spawn(argv, timeout=timeout, pty=pty, on_out=on_out,
+                                  on_err=on_err)
 
     def put_file(self, path: str, data: bytes) -> None:
         """Write ``data`` to ``path`` in dom0 (parent directories created)."""

@@ -51,3 +51,53 @@ def init_script() -> str:
             .replace("@CTL_PORT@", CTL_PORT_NAME)
             .replace("@PYTHON_HOME@", pybundle.PYTHON_HOME)
             .replace("@SERVER_PATH@", pybundle.SERVER_PATH))
+
+
+#: libxl runs these for every vif and every phy disk (Debian's are bash scripts and
+#: dom0 has only busybox). Environment from libxl: XENBUS_PATH (the backend's
+#: xenstore dir), vif (the backend interface name); argument: the action.
+VIF_BRIDGE = r"""#!/bin/sh
+# /etc/xen/scripts/vif-bridge (sanvisor, busybox): plug a vif into its bridge.
+rd() { xenstore-read "$XENBUS_PATH/$1" 2>/dev/null; }
+bridge=$(rd bridge); bridge=${bridge:-xenbr0}
+case "$1" in
+online|add)
+    [ -d "/sys/class/net/$bridge" ] || { brctl addbr "$bridge" && ip link set "$bridge" up; }
+    ip link set "$vif" up && brctl addif "$bridge" "$vif" || exit 1
+    xenstore-write "$XENBUS_PATH/hotplug-status" connected ;;
+offline|remove)
+    brctl delif "$bridge" "$vif" 2>/dev/null
+    ip link set "$vif" down 2>/dev/null ;;
+esac
+exit 0
+"""
+
+BLOCK = r"""#!/bin/sh
+# /etc/xen/scripts/block (sanvisor, busybox): a phy disk's major:minor for blkback;
+# a regular file goes through a loop device, as xm's file: disks did.
+rd() { xenstore-read "$XENBUS_PATH/$1" 2>/dev/null; }
+case "$1" in
+add)
+    dev=$(rd params)
+    [ -e "$dev" ] || { echo "block: $dev: no such device" >&2; exit 1; }
+    if [ -f "$dev" ]; then
+        file=$dev; mode=$(rd mode); ro=; [ "$mode" = r ] && ro=-r
+        for _ in 1 2 3 4 5; do  # another script may take the same free device
+            dev=$(losetup -f) && losetup $ro "$dev" "$file" 2>/dev/null && break
+            dev=
+        done
+        [ -n "$dev" ] || { echo "block: $file: no free loop device" >&2; exit 1; }
+    fi
+    [ -b "$dev" ] || { echo "block: $dev: not a block device" >&2; exit 1; }
+    xenstore-write "$XENBUS_PATH/physical-device" "$(stat -L -c %t:%T "$dev")" \
+        "$XENBUS_PATH/physical-device-path" "$dev" \
+        "$XENBUS_PATH/hotplug-status" connected ;;
+remove)
+    dev=$(rd physical-device-path)
+    case "$dev" in /dev/loop*) losetup -d "$dev" 2>/dev/null ;; esac ;;
+esac
+exit 0
+"""
+
+#: dom0 files sanvisor supplies in place of the packages' own.
+OVERRIDES = {"etc/xen/scripts/vif-bridge": VIF_BRIDGE, "etc/xen/scripts/block": BLOCK}

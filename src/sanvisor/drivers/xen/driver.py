@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,27 +28,43 @@ from sanvisor.drivers.base import (
     Stats,
 )
 from sanvisor.drivers.xen import xlcfg
+from sanvisor.drivers.xen.console import ConsoleRelay, Spawn
 from sanvisor.drivers.xen.xl import Runner, Xl
 from sanvisor.errors import HypervisorError, SanvisorError
 from sanvisor.model.domain import DiskSpec
 
 log = logging.getLogger(__name__)
 CFG_DIR = "/etc/xen/sanvisor"
+SAVE_DIR = "/var/lib/xen/sanvisor-save"  # dom0's tmpfs: images pass through here
+#: How long a domain that shut down to reboot may be absent from `xl list` while xl
+#: builds it again.
+REBOOT_GRACE = 30.0
 STATES = {"r": "running", "b": "running", "p": "paused", "s": "shutdown", "c": "crashed",
           "d": "dying"}
 
 
 class XenInstance(Instance):
-    def __init__(self, xl: Xl, plan: LaunchPlan, domid: int, events: EventSink,
-                 poll: float) -> None:
-        self.xl = xl
+    def __init__(self, drv: XenDriver, plan: LaunchPlan, domid: int, events: EventSink
+                 ) -> None:
+        self.drv = drv
+        self.xl = drv.xl
         self.plan = plan
-        self.pid = domid  # the agent's "pid" of a Xen domain is its domid
+        self.pid = domid  # the agent's "pid" of a Xen domain is its domid (-1: not yet)
         self._sink = events
-        self._poll = poll
+        self._poll = drv.poll
         self._last = ""
         self._task: asyncio.Task[None] | None = None
         self._cpu = 0.0
+        self._running = False
+        self.console = (ConsoleRelay(drv.spawn, plan.spec.name, plan.rundir)
+                        if drv.spawn is not None else None)
+
+    async def attach(self, domid: int) -> None:
+        """The domain exists (paused or running): console, then the state watcher."""
+        self.pid = domid
+        if self.console is not None:
+            await self.console.start()
+        self.start_watch()
 
     @property
     def name(self) -> str:
@@ -59,6 +77,7 @@ class XenInstance(Instance):
         self._task = asyncio.create_task(self._watch(), name=f"xl-watch-{self.name}")
 
     async def _watch(self) -> None:
+        rebooting_until = 0.0
         while True:
             await asyncio.sleep(self._poll)
             try:
@@ -67,19 +86,26 @@ class XenInstance(Instance):
                 log.warning("%s: xl list failed: %s", self.name, exc)
                 continue
             if info is None:
+                if time.monotonic() < rebooting_until:
+                    continue  # xl is making it again (on_reboot=restart): not gone
                 await self._sink("DOMAIN_GONE", {"domid": self.pid})
                 return
+            if info.rebooting:
+                rebooting_until = time.monotonic() + REBOOT_GRACE
+                continue
             if info.domid != self.pid:  # xl restarted it (on_reboot=restart): a new domid
                 self.pid = info.domid
+                rebooting_until = 0.0
                 await self._sink("RESET", {"domid": info.domid})
             self._cpu = info.cpu_seconds
-            letter = info.letter
-            if letter != self._last:
-                event = {"p": "STOP", "r": "RESUME", "b": "RESUME", "s": "SHUTDOWN",
-                         "c": "GUEST_PANICKED"}.get(letter)
+            self._running = info.letter in "rb"
+            state = STATES.get(info.letter, "running")
+            if state != self._last:
+                event = {"paused": "STOP", "running": "RESUME", "shutdown": "SHUTDOWN",
+                         "crashed": "GUEST_PANICKED"}.get(state)
                 if event and self._last:
                     await self._sink(event, {"xl_state": info.state, "handled_by": "xl"})
-                self._last = letter
+                self._last = state
 
     async def status(self) -> RunStatus:
         info = await asyncio.to_thread(self.xl.info, self.name)
@@ -95,24 +121,59 @@ class XenInstance(Instance):
         await self._x("unpause", self.name)
 
     async def powerdown(self) -> None:
+        """`xl shutdown`; to a paused domain, the request is only left in its xenstore
+        control node (what xl writes), to be seen when it runs again: xl itself would
+        wait a minute for an acknowledgement that cannot come, then fail."""
+        info = await asyncio.to_thread(self.xl.info, self.name)
+        if info is not None and info.letter == "p":
+            await self._x_sh(f"xenstore-write /local/domain/{info.domid}/control/shutdown "
+                             "poweroff")
+            return
         await self._x("shutdown", self.name)
 
     async def reset(self) -> None:
         await self._x("reboot", self.name)
+
+    async def reboot(self) -> bool:
+        """`xl reboot`: the guest reboots cleanly and xl starts it again (a new domid,
+        seen by the watcher) as on_reboot says."""
+        await self._x("reboot", self.name)
+        return True
 
     async def destroy(self) -> None:
         with contextlib.suppress(SanvisorError):  # already gone is fine
             await self._x("destroy", self.name)
 
     async def save_to(self, fd: int) -> None:
-        raise HypervisorError("save through the Xen driver writes the image inside dom0: "
-                              "use save_in_dom0")
+        """`xl save` into dom0's tmpfs, then the image streamed out into ``fd``."""
+        img = f"{SAVE_DIR}/{self.name}.{self.pid}"
+        await self._x_sh(f"mkdir -p {SAVE_DIR}")
+        try:
+            await self._x("save", self.name, img)
+            await asyncio.to_thread(self.drv.read_file, img, fd)
+        finally:
+            with contextlib.suppress(Exception):
+                await self._x_sh(f"rm -f {img}")
 
     async def restore_from(self, fd: int) -> None:
-        raise HypervisorError("restore through the Xen driver reads the image inside dom0")
+        """The image from ``fd`` into dom0, then `xl restore -p` (left paused)."""
+        img = f"{SAVE_DIR}/{self.name}.in"
+        await asyncio.to_thread(self.drv.write_file, img, fd)
+        try:
+            cfg = f"{CFG_DIR}/{self.name}.cfg"
+            await self._x("restore", "-p", cfg, img)
+        finally:
+            with contextlib.suppress(Exception):
+                await self._x_sh(f"rm -f {img}")
+        info = await asyncio.to_thread(self.xl.info, self.name)
+        if info is None:
+            raise HypervisorError(f"xl restored {self.name} but it is gone already")
+        await self.attach(info.domid)
 
-    async def save_in_dom0(self, path: str) -> None:
-        await self._x("save", self.name, path)
+    async def _x_sh(self, script: str) -> None:
+        rc, _out, err = await asyncio.to_thread(self.drv.run, ["sh", "-c", script], None)
+        if rc != 0:
+            raise HypervisorError(f"dom0: {script}: {err.strip()}")
 
     async def set_balloon(self, mib: int) -> None:
         await self._x("mem-set", self.name, f"{mib}m")
@@ -144,7 +205,7 @@ class XenInstance(Instance):
         await self._x("network-detach", self.name, nic.mac)
 
     def cpu_usage(self) -> tuple[float, int]:
-        return self._cpu, 1 if self._last == "r" else 0
+        return self._cpu, 1 if self._running else 0
 
     async def stats(self) -> Stats:
         info = await asyncio.to_thread(self.xl.info, self.name)
@@ -158,6 +219,8 @@ class XenInstance(Instance):
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self.console is not None:
+            await self.console.close()
 
     @property
     def console_socket(self) -> Path:
@@ -173,42 +236,81 @@ class XenDriver(Driver):
     memory_block_mib = 1  # PV guests balloon to any size up to maxmem
 
     def __init__(self, run: Runner, put_file: Callable[[str, bytes], None], *,
-                 poll: float = 0.5) -> None:
+                 spawn: Spawn | None = None, poll: float = 0.5) -> None:
+        """``run``/``put_file`` reach dom0; ``spawn`` (a streaming dom0 process, see
+        :meth:`sanvisor.xenhost.channel.Channel.spawn`) gives consoles and save files."""
+        self.run = run
         self.xl = Xl(run)
         self._put = put_file
-        self._poll = poll
+        self.spawn = spawn
+        self.poll = poll
 
     def config_text(self, plan: LaunchPlan) -> str:
         return xlcfg.render(plan.spec, kernel=str(plan.kernel),
                             ramdisk=str(plan.initrd) if plan.initrd else None,
-                            cmdline=plan.cmdline, nics=plan.nics)
+                            cmdline=plan.cmdline, nics=plan.nics,
+                            memory=plan.target_mib if plan.incoming else 0)
 
     async def launch(self, plan: LaunchPlan, events: EventSink) -> Instance:
+        """`xl create -p`, the console attached, then unpaused (unless asked paused).
+        With ``plan.incoming`` only the config is written: restore_from creates it."""
         path = f"{CFG_DIR}/{plan.spec.name}.cfg"
         data = self.config_text(plan).encode()
-
-        def put() -> None:
-            with self.xl.lock:  # the same channel as xl's commands
-                self._put(path, data)
-
-        await asyncio.to_thread(put)
-        args = ["create", *(["-p"] if plan.paused else []), path]
-        await asyncio.to_thread(functools.partial(self.xl, *args))
+        await asyncio.to_thread(self._put, path, data)
+        inst = XenInstance(self, plan, -1, events)
+        if plan.incoming:
+            return inst
+        await asyncio.to_thread(functools.partial(self.xl, "create", "-p", path))
         info = await asyncio.to_thread(self.xl.info, plan.spec.name)
         if info is None:
             raise HypervisorError(f"xl created {plan.spec.name} but it is gone already")
-        inst = XenInstance(self.xl, plan, info.domid, events, self._poll)
-        inst.start_watch()
+        try:
+            await inst.attach(info.domid)
+            if not plan.paused:
+                await inst.unpause()
+        except BaseException:
+            await inst.close()
+            with contextlib.suppress(SanvisorError):
+                await asyncio.to_thread(self.xl, "destroy", plan.spec.name)
+            raise
         return inst
 
     async def reattach(self, plan: LaunchPlan, pid: int, events: EventSink) -> Instance | None:
         info = await asyncio.to_thread(self.xl.info, plan.spec.name)
         if info is None or info.domid != pid:
             return None
-        inst = XenInstance(self.xl, plan, info.domid, events, self._poll)
-        inst.start_watch()
+        inst = XenInstance(self, plan, info.domid, events)
+        await inst.attach(info.domid)
         return inst
+
+    def read_file(self, path: str, fd: int) -> None:
+        """Copy dom0's ``path`` into the local ``fd`` (streamed, not held in memory)."""
+        if self.spawn is None:
+            raise HypervisorError("this dom0 link cannot stream files")
+        proc = self.spawn(["cat", path], on_out=lambda b: _write_all(fd, b))
+        proc.close_stdin()
+        if proc.wait() != 0:
+            raise HypervisorError(f"dom0: cannot read {path}: "
+                                  f"{bytes(proc.err).decode(errors='replace').strip()}")
+
+    def write_file(self, path: str, fd: int) -> None:
+        """Copy the rest of the local ``fd`` into dom0's ``path``."""
+        if self.spawn is None:
+            raise HypervisorError("this dom0 link cannot stream files")
+        proc = self.spawn(["sh", "-c", 'mkdir -p "$(dirname "$1")" && cat > "$1"', "sh", path])
+        while chunk := os.read(fd, 1 << 20):
+            proc.write(chunk)
+        proc.close_stdin()
+        if proc.wait() != 0:
+            raise HypervisorError(f"dom0: cannot write {path}: "
+                                  f"{bytes(proc.err).decode(errors='replace').strip()}")
 
     def hypervisor_domains(self) -> list[dict[str, Any]]:
         """`xl list`, Domain-0 and domains made outside sanvisor included."""
         return [vars(d) for d in self.xl.list()]
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

@@ -16,11 +16,13 @@ def quote(value: str) -> str:
 
 
 def disk_entry(d: DiskSpec) -> str:
-    """xl's key=value disk syntax; target= last (it takes the rest of the spec)."""
+    """xl's key=value disk syntax; target= last (it takes the rest of the spec).
+
+    Always blkback (``backendtype=phy``): dom0 has no qdisk (qemu-system-xen), and a
+    ``file:`` disk goes through a loop device in the block hotplug script, as xm did."""
     vdev = d.target if d.target.startswith("xvd") else "xvd" + d.target[-1]
-    parts = [f"vdev={vdev}", f"access={'ro' if d.readonly else 'rw'}", "format=raw"]
-    if d.backend == "phy":
-        parts.append("backendtype=phy")
+    parts = [f"vdev={vdev}", f"access={'ro' if d.readonly else 'rw'}", "format=raw",
+             "backendtype=phy"]
     if d.devtype == "cdrom":
         parts.append("devtype=cdrom")
     parts.append(f"target={d.path}")
@@ -39,7 +41,9 @@ def vif_entry(nic: NicPlan) -> str:
 
 
 def render(spec: DomainSpec, *, kernel: str, ramdisk: str | None, cmdline: str,
-           nics: list[NicPlan]) -> str:
+           nics: list[NicPlan], memory: int = 0) -> str:
+    """``memory``: the balloon target to start at, when not the config's (a restore
+    of a guest ballooned above it: xl restore would not find room for its pages)."""
     lines = [
         f"name = {quote(spec.name)}",
         'type = "pv"' if spec.builder in ("pv", "pvh") else 'type = "hvm"',
@@ -51,7 +55,7 @@ def render(spec: DomainSpec, *, kernel: str, ramdisk: str | None, cmdline: str,
         lines.append(f"ramdisk = {quote(ramdisk)}")
     lines += [
         f"extra = {quote(cmdline)}",
-        f"memory = {spec.memory}",
+        f"memory = {memory or spec.memory}",
         f"maxmem = {spec.maxmem}",
         f"vcpus = {spec.vcpus}",
         f"maxvcpus = {spec.maxvcpus}",
