@@ -36,11 +36,14 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="svxb", dir="/tmp"))
     host = XenHost(build_xen_kit(), work, name="xb1")
     results: dict[str, Any] = {}
+    loop = asyncio.new_event_loop()  # one loop: the domain's console relay lives in it
+    run = loop.run_until_complete
     try:
         t0 = time.monotonic()
         host.start(timeout=240)
         results["host_up_s"] = time.monotonic() - t0
-        drv = XenDriver(lambda a, s: host.run(a, stdin=s), host.put_file, poll=3600)
+        drv = XenDriver(lambda a, s: host.run(a, stdin=s), host.put_file, spawn=host.spawn,
+                        poll=3600)
         spec = parse_config("name='xb'\nmemory=128\nmaxmem=256\n").spec
         plan = LaunchPlan(spec=spec, rundir=work, kernel=Path(DOMU_KERNEL),
                           initrd=Path(DOMU_RAMDISK), cmdline="console=hvc0")
@@ -49,7 +52,7 @@ def main() -> int:
             return None
 
         t0 = time.monotonic()
-        inst = asyncio.run(drv.launch(plan, noop))
+        inst = loop.run_until_complete(drv.launch(plan, noop))
         results["create_s"] = time.monotonic() - t0
 
         def in_dom0(cmd: str) -> float:
@@ -66,9 +69,9 @@ def main() -> int:
             return (time.monotonic() - t) * 1e3
 
         verbs = {
-            "pause": ("xl pause xb", lambda: asyncio.run(inst.pause())),
-            "unpause": ("xl unpause xb", lambda: asyncio.run(inst.unpause())),
-            "mem-set": ("xl mem-set xb 120m", lambda: asyncio.run(inst.set_balloon(120))),
+            "pause": ("xl pause xb", lambda: run(inst.pause())),
+            "unpause": ("xl unpause xb", lambda: run(inst.unpause())),
+            "mem-set": ("xl mem-set xb 120m", lambda: run(inst.set_balloon(120))),
             "list": ("xl list", lambda: drv.xl.list()),
         }
         rows = []
@@ -81,10 +84,12 @@ def main() -> int:
                          "xl_via_channel_ms": statistics.median(chan_ms),
                          "sanvisor_driver_ms": statistics.median(our_ms)})
         results["verbs"] = rows
-        asyncio.run(inst.destroy())
+        loop.run_until_complete(inst.destroy())
+        loop.run_until_complete(inst.close())
         results["noop_channel_ms"] = statistics.median(
             [timed(lambda: host.run(["true"])) for _ in range(args.runs)])
     finally:
+        loop.close()
         host.stop()
         shutil.rmtree(work, ignore_errors=True)
     print(f"nested Xen host up: {results['host_up_s']:.1f} s; create of a 128 MiB PV "

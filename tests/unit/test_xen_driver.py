@@ -14,7 +14,7 @@ import pytest
 
 from sanvisor.drivers.base import LaunchPlan, NicPlan
 from sanvisor.drivers.xen.driver import XenDriver
-from sanvisor.drivers.xen.xl import Xl, xl_reason
+from sanvisor.drivers.xen.xl import DomInfo, Xl, xl_reason
 from sanvisor.errors import HypervisorError, NotFoundError
 from sanvisor.model.config import parse_config
 
@@ -155,3 +155,13 @@ def test_xl_reason_prefers_the_first_error_and_the_scripts_word() -> None:
     mem = ("libxl: error: libxl_create.c:720:libxl__domain_make: Domain 2:failed to "
            "free memory for the domain\n")
     assert xl_reason(mem, "", 1) == "Domain 2:failed to free memory for the domain"
+
+
+def test_dominfo_tells_a_reboot_from_a_poweroff() -> None:
+    def info(state: str) -> DomInfo:
+        return DomInfo(name="a", domid=3, state=state, memory_kib=0, vcpus=1,
+                       cpu_seconds=0.0)
+
+    assert info("---sr-").rebooting and info("---sr-").letter == "s"
+    assert not info("---s--").rebooting  # powered off
+    assert not info("-b----").rebooting and info("-b----").letter == "b"
