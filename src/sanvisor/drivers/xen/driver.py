@@ -39,6 +39,8 @@ SAVE_DIR = "/var/lib/xen/sanvisor-save"  # dom0's tmpfs: images pass through her
 #: How long a domain that shut down to reboot may be absent from `xl list` while xl
 #: builds it again.
 REBOOT_GRACE = 30.0
+#: Absent this long from `xl list` (no reboot seen), a domain is gone.
+ABSENT_GRACE = 5.0
 STATES = {"r": "running", "b": "running", "p": "paused", "s": "shutdown", "c": "crashed",
           "d": "dying"}
 
@@ -56,6 +58,7 @@ class XenInstance(Instance):
         self._task: asyncio.Task[None] | None = None
         self._cpu = 0.0
         self._running = False
+        self._rebooting_until = 0.0  # until then, absence from xl list is a reboot
         self.console = (ConsoleRelay(drv.spawn, plan.spec.name, plan.rundir)
                         if drv.spawn is not None else None)
 
@@ -77,7 +80,7 @@ class XenInstance(Instance):
         self._task = asyncio.create_task(self._watch(), name=f"xl-watch-{self.name}")
 
     async def _watch(self) -> None:
-        rebooting_until = 0.0
+        missing_since = 0.0
         while True:
             await asyncio.sleep(self._poll)
             try:
@@ -85,17 +88,22 @@ class XenInstance(Instance):
             except (SanvisorError, OSError) as exc:  # a channel hiccup: look again later
                 log.warning("%s: xl list failed: %s", self.name, exc)
                 continue
+            now = time.monotonic()
             if info is None:
-                if time.monotonic() < rebooting_until:
-                    continue  # xl is making it again (on_reboot=restart): not gone
+                # xl may be building it again (on_reboot): the shut-down-to-reboot state
+                # lasts less than a poll, so a short absence is not the end either
+                missing_since = missing_since or now
+                if now < self._rebooting_until or now - missing_since < ABSENT_GRACE:
+                    continue
                 await self._sink("DOMAIN_GONE", {"domid": self.pid})
                 return
+            missing_since = 0.0
             if info.rebooting:
-                rebooting_until = time.monotonic() + REBOOT_GRACE
+                self._rebooting_until = now + REBOOT_GRACE
                 continue
             if info.domid != self.pid:  # xl restarted it (on_reboot=restart): a new domid
                 self.pid = info.domid
-                rebooting_until = 0.0
+                self._rebooting_until = 0.0
                 await self._sink("RESET", {"domid": info.domid})
             self._cpu = info.cpu_seconds
             self._running = info.letter in "rb"
@@ -137,6 +145,7 @@ class XenInstance(Instance):
     async def reboot(self) -> bool:
         """`xl reboot`: the guest reboots cleanly and xl starts it again (a new domid,
         seen by the watcher) as on_reboot says."""
+        self._rebooting_until = time.monotonic() + REBOOT_GRACE
         await self._x("reboot", self.name)
         return True
 
