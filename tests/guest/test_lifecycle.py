@@ -197,6 +197,11 @@ def test_xen_guests_talk_through_dom0s_bridge(hv: Hv, sv: Sanvisor, guest: Guest
         peer = GuestShell(sv.domain("lc1peer")["console_socket"])
         assert peer.run(f"ping -c 2 -W 5 {GUEST_IP} >/dev/null && echo ok") == "ok"
         assert guest.run(f"ping -c 1 -W 5 {PEER_IP} >/dev/null && echo ok") == "ok"
+        added = sv.json("network-attach", "lc1peer", "bridge=xenbr0")
+        wait_until("eth1 in the guest", lambda: "eth1" in peer.run("ls /sys/class/net"))
+        assert peer.run("cat /sys/class/net/eth1/address") == added["mac"]
+        sv.run("network-detach", "lc1peer", added["mac"])
+        wait_until("eth1 to go", lambda: "eth1" not in peer.run("ls /sys/class/net"))
     finally:
         sv.run("destroy", "lc1peer", check=False)
 

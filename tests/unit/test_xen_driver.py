@@ -165,3 +165,14 @@ def test_dominfo_tells_a_reboot_from_a_poweroff() -> None:
     assert info("---sr-").rebooting and info("---sr-").letter == "s"
     assert not info("---s--").rebooting  # powered off
     assert not info("-b----").rebooting and info("-b----").letter == "b"
+
+
+def test_a_missing_boot_file_is_named() -> None:
+    from sanvisor.drivers.xen.driver import _name_boot_file
+
+    plan = LaunchPlan(spec=parse_config("name='a'\n").spec, rundir=Path("/tmp/x"),
+                      kernel=Path("/srv/k"), initrd=Path("/srv/i"), cmdline="")
+    err = HypervisorError("xl create failed: xc_dom_kernel_file failed: No such file")
+    assert str(_name_boot_file(err, plan)).endswith("(dom0 path /srv/k)")
+    other = HypervisorError("xl create failed: out of memory")
+    assert _name_boot_file(other, plan) is other

@@ -269,7 +269,10 @@ class XenDriver(Driver):
         inst = XenInstance(self, plan, -1, events)
         if plan.incoming:
             return inst
-        await asyncio.to_thread(functools.partial(self.xl, "create", "-p", path))
+        try:
+            await asyncio.to_thread(functools.partial(self.xl, "create", "-p", path))
+        except HypervisorError as exc:
+            raise _name_boot_file(exc, plan) from exc
         info = await asyncio.to_thread(self.xl.info, plan.spec.name)
         if info is None:
             raise HypervisorError(f"xl created {plan.spec.name} but it is gone already")
@@ -323,3 +326,14 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+def _name_boot_file(exc: HypervisorError, plan: LaunchPlan) -> HypervisorError:
+    """libxc's "xc_dom_kernel_file failed: No such file or directory" does not say
+    which file: add it (a path in dom0)."""
+    msg = str(exc)
+    for marker, path in (("xc_dom_kernel_file", plan.kernel),
+                         ("xc_dom_module_file", plan.initrd)):
+        if marker in msg and path is not None:
+            return HypervisorError(f"{msg} (dom0 path {path})", **exc.context)
+    return exc
