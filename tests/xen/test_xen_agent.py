@@ -72,7 +72,11 @@ def test_xm_verbs_on_a_xen_host(xlab: XLab, tmp_path: Path) -> None:
             # unpause and mem-set through the agent, xl shutdown is acked but the guest
             # never halts (xl list: r-----, CPU time frozen). The same sequence with
             # xl alone halts in 3 s; the lifecycle suite's shutdown passes.
-            pytest.xfail("xl shutdown acked but the guest did not halt (open)")
+            rows = xlab.js("-H", "xen1", "list", "xg1")
+            log = next((r["console_log"] for r in rows if r.get("console_log")), "")
+            tail = Path(log).read_text(errors="replace")[-400:] if log else "no log"
+            pytest.xfail(f"xl shutdown acked but the guest did not halt (open); "
+                         f"rows={rows!r} console tail={tail!r}")
         assert down.returncode == 0, down.stderr
         assert xlab.row("xg1") == []
     finally:
