@@ -23,9 +23,9 @@ def kit() -> object:
 
 @pytest.fixture(scope="session")
 def xen_lab() -> Iterator[Path]:
-    """One nested Xen lab host, ``xen1`` (``lab up --xen-hosts 1``), for the whole
-    session; its agent's home is ``<lab>/xen1``. Skipped with the reason when this
-    machine cannot boot it (not root, no QEMU)."""
+    """Two nested Xen lab hosts, ``xen1`` and ``xen2`` (``lab up --xen-hosts 2``), for
+    the whole session; their agents' homes are ``<lab>/xen1`` and ``<lab>/xen2``.
+    Skipped with the reason when this machine cannot boot them (not root, no QEMU)."""
     if os.geteuid() != 0:
         pytest.skip("the Xen lab needs root")
     if shutil.which("qemu-system-x86_64") is None:
@@ -35,11 +35,11 @@ def xen_lab() -> Iterator[Path]:
     env = dict(os.environ, SANVISOR_LAB_HOME=str(root))
     cmd = [sys.executable, "-m", "sanvisor"]
     try:
-        up = subprocess.run([*cmd, "lab", "up", "--hosts", "0", "--xen-hosts", "1",
+        up = subprocess.run([*cmd, "lab", "up", "--hosts", "0", "--xen-hosts", "2",
                              "--loopback"], env=env, capture_output=True, text=True,
                             timeout=600)
         if up.returncode != 0:
-            raise AssertionError(f"lab up --xen-hosts 1 failed: {up.stderr}{up.stdout}")
+            raise AssertionError(f"lab up --xen-hosts 2 failed: {up.stderr}{up.stdout}")
         yield root
     finally:
         subprocess.run([*cmd, "lab", "down"], env=env, capture_output=True, timeout=300)

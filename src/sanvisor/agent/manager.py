@@ -277,7 +277,7 @@ class Manager:
 
     async def _on_event(self, dom: Domain, name: str, data: dict[str, Any]) -> None:
         log.info("%s: %s %s", dom.name, name, data)
-        if dom.expect_exit or dom.busy == "saving":
+        if dom.expect_exit or dom.busy in ("saving", "migrating"):
             return
         st = dom.record.state
         if name == "STOP" and st not in (State.SHUTDOWN, State.CRASHED):

@@ -65,6 +65,17 @@ class ConfBody(BaseModel):
     source: str = "multipath.conf"
 
 
+class MigrateBody(BaseModel):
+    target: str = Field(description="the target host agent's unix socket")
+    live: bool = False
+
+
+class IncomingBody(BaseModel):
+    record: dict[str, Any]
+    disks: dict[str, str] = Field(default_factory=dict, description="path -> identity")
+    live: bool = False
+
+
 class DeviceBody(BaseModel):
     spec: str = Field(description="xl disk or vif spec, e.g. 'phy:/dev/sdb,sdc,w'")
 
@@ -131,6 +142,27 @@ def build_app(svc: HostService, storage: StorageService | None = None) -> FastAP
     async def save(ref: str, body: PathBody) -> dict[str, str]:
         await svc.save(ref, body.path)
         return {"ok": ref, "path": body.path}
+
+    from sanvisor.agent.migration import Migrations
+
+    migrations = Migrations(svc.m)
+
+    @app.post("/v1/domains/{ref}/migrate")
+    async def migrate(ref: str, body: MigrateBody) -> dict[str, Any]:
+        return await migrations.migrate(ref, body.target, body.live)
+
+    @app.post("/v1/migrate/incoming")
+    async def migrate_incoming(body: IncomingBody) -> dict[str, str]:
+        return await migrations.incoming(body.record, body.disks, body.live)
+
+    @app.post("/v1/migrate/{uuid}/abort")
+    async def migrate_abort(uuid: str) -> dict[str, str]:
+        await migrations.abort(uuid)
+        return {"ok": uuid}
+
+    @app.post("/v1/migrate/{uuid}/finish")
+    async def migrate_finish(uuid: str) -> dict[str, Any]:
+        return await migrations.finish(uuid)
 
     @app.post("/v1/restore")
     async def restore(body: PathBody) -> dict[str, Any]:

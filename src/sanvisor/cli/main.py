@@ -30,6 +30,7 @@ domain verbs (xm-compatible):
   network-attach DOM [KEY=VALUE ...]      hot-add a NIC (mac=, bridge=, ip=, model=)
   network-detach DOM DEVID|MAC            hot-remove a NIC
   network-list DOM                        the NICs of a domain
+  migrate [-l] DOM HOST                   move a running domain to HOST (Xen: xl migrate)
   domid NAME / domname ID / uptime [DOM] / info
 DOM is a domain name, id or uuid. Every verb takes --json.
 """
@@ -47,6 +48,7 @@ VERBS = frozenset((
     "create", "list", "pause", "unpause", "reboot", "destroy", "console", "block-list",
     "network-list", "shutdown", "save", "restore", "mem-set", "mem-max", "vcpu-set",
     "block-attach", "block-detach", "network-attach", "network-detach", "domid", "domname",
+    "migrate",
     "uptime", "info", "top", "agent", "guest-kit", "array", "scsi", "multipath", "lab", "demo",
 ))
 
@@ -106,6 +108,10 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
     sd.add_argument("-t", "--timeout", type=float, default=60.0, help="seconds to wait (-w)")
     sv = verb("save", "save a domain's state to FILE and stop it", "dom")
     sv.add_argument("file")
+    mg = verb("migrate", "move a running domain to another host (Xen: xl migrate)", "dom")
+    mg.add_argument("-l", "--live", action="store_true",
+                    help="live (xl migrate); without: stop, copy, restart (xl save/restore)")
+    mg.add_argument("host", help="the target host: a lab host name or an agent home")
     rs = verb("restore", "restore a domain from a save file")
     rs.add_argument("-p", "--paused", action="store_true", help="leave it paused")
     rs.add_argument("file")

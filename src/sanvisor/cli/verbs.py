@@ -111,6 +111,20 @@ def do_save(args: argparse.Namespace, layout: Layout) -> int:
     return 0
 
 
+def do_migrate(args: argparse.Namespace, layout: Layout) -> int:
+    target = Path(args.host)
+    if not (target / "host.json").exists() and not target.is_absolute():
+        from sanvisor.lab.topology import lab_root
+
+        target = lab_root() / args.host
+    sock = Layout(target).socket
+    if not sock.exists():
+        raise UsageError(f"migrate: no agent for host {args.host!r} (no {sock})")
+    info = _client(layout).verb(args.dom, "migrate", {"target": str(sock), "live": args.live})
+    _out(args, info, f"{args.dom} is now on {args.host} (id {info['domid']})")
+    return 0
+
+
 def do_restore(args: argparse.Namespace, layout: Layout) -> int:
     info = _client(layout).restore(str(Path(args.file).resolve()), paused=args.paused)
     _out(args, info)
@@ -357,6 +371,7 @@ HANDLERS: dict[str, Any] = {
     "create": do_create, "list": do_list, "pause": _simple("pause"),
     "unpause": _simple("unpause"), "reboot": _simple("reboot"), "destroy": do_destroy,
     "shutdown": do_shutdown, "save": do_save, "restore": do_restore, "console": do_console,
+    "migrate": do_migrate,
     "mem-set": _amount("mem-set"), "mem-max": _amount("mem-max"),
     "vcpu-set": _amount("vcpu-set"), "block-attach": do_block_attach,
     "block-detach": do_block_detach, "block-list": do_block_list,

@@ -260,12 +260,16 @@ class XenDriver(Driver):
                             cmdline=plan.cmdline, nics=plan.nics,
                             memory=plan.target_mib if plan.incoming else 0)
 
+    def write_config(self, plan: LaunchPlan) -> str:
+        """The domain's xl.cfg into dom0 (restore and migrate-in read it there)."""
+        path = f"{CFG_DIR}/{plan.spec.name}.cfg"
+        self._put(path, self.config_text(plan).encode())
+        return path
+
     async def launch(self, plan: LaunchPlan, events: EventSink) -> Instance:
         """`xl create -p`, the console attached, then unpaused (unless asked paused).
         With ``plan.incoming`` only the config is written: restore_from creates it."""
-        path = f"{CFG_DIR}/{plan.spec.name}.cfg"
-        data = self.config_text(plan).encode()
-        await asyncio.to_thread(self._put, path, data)
+        path = await asyncio.to_thread(self.write_config, plan)
         inst = XenInstance(self, plan, -1, events)
         if plan.incoming:
             return inst

@@ -1,0 +1,185 @@
+"""Live migration of a Xen domain between two hosts with ``xl migrate``, carried by the
+agents instead of ssh.
+
+Target: ``xl migrate-receive`` runs in its dom0 (stdin/stdout streamed over the
+host's channel) and its agent relays them to a one-shot unix socket
+(:class:`Receiver`). Source: ``xl migrate -s CMD DOM peer`` runs in its dom0, where
+CMD joins xl's stream to two FIFOs; two more dom0 processes stream the FIFOs over
+the source's channel, and the source agent relays them to the target's socket
+(:func:`send`). xl's own protocol (ready banner, memory rounds, the final "go")
+passes through unchanged, so xl keeps its guarantees: the domain stays on the source
+until the target has it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shlex
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sanvisor.errors import HypervisorError
+
+log = logging.getLogger(__name__)
+
+MIG_DIR = "/run/sv-migrate"
+ACCEPT_TIMEOUT = 60.0
+#: size and a hash of the first 64 KiB of each path (block device or file), in dom0
+IDENTITY_SCRIPT = r"""for p; do
+  if [ -b "$p" ]; then s=$(blockdev --getsize64 "$p"); elif [ -e "$p" ]; then
+  s=$(stat -L -c %s "$p"); else echo "$p -"; continue; fi
+  echo "$p $s:$(head -c 65536 "$p" | sha256sum | cut -d' ' -f1)"
+done"""
+
+Run = Callable[[list[str], bytes | None], tuple[int, str, str]]
+
+
+def disk_identities(run: Run, paths: list[str]) -> dict[str, str | None]:
+    """path -> "size:sha256-of-first-64KiB" in dom0, None when missing."""
+    if not paths:
+        return {}
+    rc, out, err = run(["sh", "-c", IDENTITY_SCRIPT, "sh", *paths], None)
+    if rc != 0:
+        raise HypervisorError(f"dom0: cannot identify disks: {err.strip()}")
+    ids: dict[str, str | None] = {}
+    for line in out.splitlines():
+        path, _, ident = line.rpartition(" ")
+        ids[path] = None if ident == "-" else ident
+    return ids
+
+
+def _pump_socket(conn: socket.socket, proc: Any) -> None:
+    """Bytes from the peer's socket into a dom0 process's stdin, then its EOF."""
+    with contextlib.suppress(Exception):
+        while data := conn.recv(1 << 20):
+            proc.write(data)
+    with contextlib.suppress(Exception):
+        proc.close_stdin()
+
+
+def _to_socket(conn: socket.socket) -> Callable[[bytes], None]:
+    def send(data: bytes) -> None:
+        with contextlib.suppress(OSError):  # the peer is gone: xl will notice
+            conn.sendall(data)
+    return send
+
+
+def receive_argv(live: bool, cfg: str) -> list[str]:
+    """The target's dom0 command: xl's live receiver, or a restore from the stream."""
+    if live:
+        return ["xl", "migrate-receive"]
+    return ["sh", "-c", 'exec xl restore -p "$1" /proc/self/fd/0', "sh", cfg]
+
+
+class Receiver:
+    """Target side: ``argv`` (:func:`receive_argv`) in dom0, fed from a unix socket."""
+
+    def __init__(self, spawn: Callable[..., Any], sock_path: Path, argv: list[str]) -> None:
+        self.spawn = spawn
+        self.argv = argv
+        self.sock_path = sock_path
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock_path.unlink(missing_ok=True)
+        self._listener.bind(str(sock_path))
+        os.chmod(sock_path, 0o600)
+        self._listener.listen(1)
+        self._listener.settimeout(ACCEPT_TIMEOUT)
+        self._done = threading.Event()
+        self.rc: int | None = None
+        self.error = ""
+        self._thread = threading.Thread(target=self._serve, name="xl-migrate-receive",
+                                        daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        conn: socket.socket | None = None
+        try:
+            conn, _ = self._listener.accept()
+            conn.settimeout(None)
+            proc = self.spawn(self.argv, on_out=_to_socket(conn))
+            feeder = threading.Thread(target=_pump_socket, args=(conn, proc), daemon=True)
+            feeder.start()
+            self.rc = proc.wait()
+            self.error = bytes(proc.err).decode(errors="replace")
+        except Exception as exc:  # no sender came, or the channel broke
+            self.error = str(exc)
+        finally:
+            if conn is not None:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+                conn.close()
+            self._listener.close()
+            self.sock_path.unlink(missing_ok=True)
+            self._done.set()
+
+    def wait(self, timeout: float) -> None:
+        """Until xl migrate-receive has finished; raises with xl's reason on failure."""
+        from sanvisor.drivers.xen.xl import xl_reason
+
+        if not self._done.wait(timeout):
+            raise HypervisorError(f"the migration did not finish within {timeout:.0f}s")
+        if self.rc != 0:
+            what = "xl migrate-receive" if self.argv[0] == "xl" else "xl restore"
+            raise HypervisorError(f"{what} on the target failed: "
+                                  f"{xl_reason(self.error, '', self.rc or 1)}")
+
+
+LOGDIRTY_HINT = ("live migration needs Xen's log-dirty mode, which this Xen refuses for "
+                 "PV guests (EOPNOTSUPP: no shadow paging); migrate without -l stops, "
+                 "copies and restarts the guest instead")
+
+
+def send(run: Run, spawn: Callable[..., Any], name: str, peer_sock: str,
+         timeout: float, *, live: bool) -> None:
+    """Source side: ``name`` to the target listening on ``peer_sock``; returns when the
+    domain is on the target. Live: ``xl migrate`` (xl's protocol both ways). Not
+    live (xm's default): ``xl save -p`` into the stream: the guest stops and is
+    copied, and stays here, paused, until the caller knows the target has it."""
+    from sanvisor.drivers.xen.xl import xl_reason
+
+    d = f"{MIG_DIR}/{name}"
+    rc, _, err = run(["sh", "-c", 'rm -rf "$1" && mkdir -p "$1" && mkfifo "$1/in" "$1/out"',
+                      "sh", d], None)
+    if rc != 0:
+        raise HypervisorError(f"dom0: cannot prepare the migration: {err.strip()}")
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    procs: list[Any] = []
+    try:
+        conn.connect(peer_sock)
+        procs.append(spawn(["cat", f"{d}/out"], on_out=_to_socket(conn)))
+        if live:  # the target talks back: into xl via the in FIFO
+            into = spawn(["sh", "-c", 'exec cat > "$1"', "sh", f"{d}/in"])
+            procs.append(into)
+            threading.Thread(target=_pump_socket, args=(conn, into), daemon=True).start()
+            bridge = f"sh -c {shlex.quote(f'cat {d}/in & exec cat > {d}/out')}"
+            argv = ["xl", "migrate", "-s", bridge, name, "peer"]
+        else:
+            argv = ["xl", "save", "-p", name, f"{d}/out"]
+        xl = spawn(argv, timeout=timeout)
+        procs.append(xl)
+        xl.close_stdin()
+        rc = xl.wait(timeout + 10)
+        if rc != 0:
+            err_text = bytes(xl.err).decode(errors="replace")
+            log.warning("xl %s %s failed (rc %s):\n%s", argv[1], name, rc, err_text)
+            if "Failed to enable logdirty" in err_text:
+                raise HypervisorError(f"xl migrate failed: {LOGDIRTY_HINT}")
+            raise HypervisorError(f"xl {argv[1]} failed: {xl_reason(err_text, '', rc)}")
+        if not live:
+            procs[0].wait(timeout)  # the whole image has left for the target
+    except OSError as exc:
+        raise HypervisorError(f"cannot reach the target host's agent: {exc}") from exc
+    finally:
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        for p in procs:
+            with contextlib.suppress(Exception):
+                p.kill()
+        with contextlib.suppress(Exception):
+            run(["rm", "-rf", d], None)
