@@ -121,3 +121,14 @@ def test_host_going_away_kills_its_processes(
     assert server.wait(10) == 0
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_a_new_host_session_kills_the_old_ones_processes(
+        served: tuple[Channel, subprocess.Popen[bytes]]) -> None:
+    """An agent that reconnects before dom0 saw its old connection end must not find
+    the old processes (an old `xl console` holds the console's lock)."""
+    chan, _ = served
+    old = chan.spawn(["sleep", "60"])
+    chan.send(b"H", 0, b"another-connection")  # what a new Channel says first
+    assert old.wait(10) == 137
+    assert chan.run(["echo", "still served"], 5)[1] == "still served\n"

@@ -57,6 +57,7 @@ class Server:
         else:
             self.fd = os.open(port, os.O_RDWR | os.O_NONBLOCK)
         self.running = True
+        self.session: bytes | None = None  # the nonce of the host connection we serve
         self.parser = wire.Parser()
         self.procs: dict[int, Proc] = {}
         self.by_fd: dict[int, Proc] = {}
@@ -84,6 +85,11 @@ class Server:
     # -- requests --------------------------------------------------------------------
     def handle(self, kind: bytes, stream: int, payload: bytes) -> None:
         if kind == b"H":
+            if self.session is not None and payload != self.session:
+                # a new host connection: the old one's processes have nobody to report
+                # to (the host may reconnect before this end ever reads end-of-file)
+                self.disconnect(reset_parser=False)
+            self.session = payload
             self.send(b"H", stream, payload)
         elif kind == b"S":
             self.spawn(stream, payload)
@@ -235,7 +241,7 @@ class Server:
         code = proc.status if proc.status is not None else 255
         self.send(b"X", proc.stream, str(128 - code if code < 0 else code).encode())
 
-    def disconnect(self) -> None:
+    def disconnect(self, reset_parser: bool = True) -> None:
         """The host went away: nobody will read what these processes say."""
         for proc in list(self.procs.values()):
             if proc.status is None:
@@ -243,7 +249,9 @@ class Server:
                 os.waitpid(proc.pid, 0)
                 proc.status = -9
             self.finish(proc)
-        self.parser.reset()
+        if reset_parser:
+            self.parser.reset()
+            self.session = None
 
     # -- main loop ---------------------------------------------------------------------
     def serve(self) -> None:
