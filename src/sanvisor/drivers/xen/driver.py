@@ -29,7 +29,7 @@ from sanvisor.drivers.base import (
 )
 from sanvisor.drivers.xen import xlcfg
 from sanvisor.drivers.xen.console import ConsoleRelay, Spawn
-from sanvisor.drivers.xen.xl import Runner, Xl
+from sanvisor.drivers.xen.xl import DomInfo, Runner, Xl
 from sanvisor.errors import HypervisorError, SanvisorError
 from sanvisor.model.domain import DiskSpec
 
@@ -53,9 +53,9 @@ class XenInstance(Instance):
         self.plan = plan
         self.pid = domid  # the agent's "pid" of a Xen domain is its domid (-1: not yet)
         self._sink = events
-        self._poll = drv.poll
         self._last = ""
-        self._task: asyncio.Task[None] | None = None
+        self._watching = False
+        self._missing_since = 0.0
         self._cpu = 0.0
         self._running = False
         self._rebooting_until = 0.0  # until then, absence from xl list is a reboot
@@ -77,43 +77,38 @@ class XenInstance(Instance):
         return await asyncio.to_thread(self.xl, *args)
 
     def start_watch(self) -> None:
-        self._task = asyncio.create_task(self._watch(), name=f"xl-watch-{self.name}")
+        self._watching = True
+        self.drv.watch(self)
 
-    async def _watch(self) -> None:
-        missing_since = 0.0
-        while True:
-            await asyncio.sleep(self._poll)
-            try:
-                info = await asyncio.to_thread(self.xl.info, self.name)
-            except (SanvisorError, OSError) as exc:  # a channel hiccup: look again later
-                log.warning("%s: xl list failed: %s", self.name, exc)
-                continue
-            now = time.monotonic()
-            if info is None:
-                # xl may be building it again (on_reboot): the shut-down-to-reboot state
-                # lasts less than a poll, so a short absence is not the end either
-                missing_since = missing_since or now
-                if now < self._rebooting_until or now - missing_since < ABSENT_GRACE:
-                    continue
-                await self._sink("DOMAIN_GONE", {"domid": self.pid})
-                return
-            missing_since = 0.0
-            if info.rebooting:
-                self._rebooting_until = now + REBOOT_GRACE
-                continue
-            if info.domid != self.pid:  # xl restarted it (on_reboot=restart): a new domid
-                self.pid = info.domid
-                self._rebooting_until = 0.0
-                await self._sink("RESET", {"domid": info.domid})
-            self._cpu = info.cpu_seconds
-            self._running = info.letter in "rb"
-            state = STATES.get(info.letter, "running")
-            if state != self._last:
-                event = {"paused": "STOP", "running": "RESUME", "shutdown": "SHUTDOWN",
-                         "crashed": "GUEST_PANICKED"}.get(state)
-                if event and self._last:
-                    await self._sink(event, {"xl_state": info.state, "handled_by": "xl"})
-                self._last = state
+    async def observe(self, info: DomInfo | None, now: float) -> bool:
+        """One look at the domain from the host's `xl list` (:meth:`XenDriver.watch`):
+        the agent's events from its changes. False once it is gone for good."""
+        if info is None:
+            # xl may be building it again (on_reboot): the shut-down-to-reboot state
+            # lasts less than a poll, so a short absence is not the end either
+            self._missing_since = self._missing_since or now
+            if now < self._rebooting_until or now - self._missing_since < ABSENT_GRACE:
+                return True
+            await self._sink("DOMAIN_GONE", {"domid": self.pid})
+            return False
+        self._missing_since = 0.0
+        if info.rebooting:
+            self._rebooting_until = now + REBOOT_GRACE
+            return True
+        if info.domid != self.pid:  # xl restarted it (on_reboot=restart): a new domid
+            self.pid = info.domid
+            self._rebooting_until = 0.0
+            await self._sink("RESET", {"domid": info.domid})
+        self._cpu = info.cpu_seconds
+        self._running = info.letter in "rb"
+        state = STATES.get(info.letter, "running")
+        if state != self._last:
+            event = {"paused": "STOP", "running": "RESUME", "shutdown": "SHUTDOWN",
+                     "crashed": "GUEST_PANICKED"}.get(state)
+            if event and self._last:
+                await self._sink(event, {"xl_state": info.state, "handled_by": "xl"})
+            self._last = state
+        return True
 
     async def status(self) -> RunStatus:
         info = await asyncio.to_thread(self.xl.info, self.name)
@@ -224,10 +219,9 @@ class XenInstance(Instance):
                      mem_kib=info.memory_kib, vcpus=info.vcpus)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        if self._watching:
+            self._watching = False
+            self.drv.unwatch(self)
         if self.console is not None:
             await self.console.close()
 
@@ -253,6 +247,36 @@ class XenDriver(Driver):
         self._put = put_file
         self.spawn = spawn
         self.poll = poll
+        self._watched: dict[int, XenInstance] = {}  # by id(): one poller for them all
+        self._poller: asyncio.Task[None] | None = None
+
+    def watch(self, inst: XenInstance) -> None:
+        self._watched[id(inst)] = inst
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(self._poll_xl(), name="xl-watch")
+
+    def unwatch(self, inst: XenInstance) -> None:
+        self._watched.pop(id(inst), None)
+
+    async def _poll_xl(self) -> None:
+        """One `xl list` per interval for every domain of the host (each run costs
+        ~100 ms of dom0 CPU under TCG), dispatched to the domains' observers."""
+        while self._watched:
+            await asyncio.sleep(self.poll)
+            try:
+                rows = {d.name: d for d in await asyncio.to_thread(self.xl.list)}
+            except (SanvisorError, OSError) as exc:  # a channel hiccup: look again later
+                log.warning("xl list failed: %s", exc)
+                continue
+            now = time.monotonic()
+            for key, inst in list(self._watched.items()):
+                try:
+                    alive = await inst.observe(rows.get(inst.name), now)
+                except Exception:  # one domain's trouble must not stop the others'
+                    log.exception("%s: watcher", inst.name)
+                    continue
+                if not alive:
+                    self._watched.pop(key, None)
 
     def config_text(self, plan: LaunchPlan) -> str:
         return xlcfg.render(plan.spec, kernel=str(plan.kernel),
