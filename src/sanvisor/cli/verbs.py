@@ -362,7 +362,7 @@ def do_lab(args: argparse.Namespace, layout: Layout) -> int:
 def do_demo(args: argparse.Namespace, layout: Layout) -> int:
     from sanvisor.lab import demo
 
-    return demo.main(keep=args.keep)
+    return demo.main(keep=args.keep, xen=args.xen)
 
 
 HANDLERS: dict[str, Any] = {
