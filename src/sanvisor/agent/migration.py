@@ -26,6 +26,17 @@ from sanvisor.model.domain import State
 MIGRATE_TIMEOUT = 600.0
 
 
+def check_same_disks(source: dict[str, str], target: dict[str, str | None]) -> None:
+    """Every disk of the source present on the target with the same identity."""
+    for path, ident in source.items():
+        here = target.get(path)
+        if here is None:
+            raise ConfigError(f"migrate: disk {path} does not exist on the target host")
+        if here != ident:
+            raise ConflictError(f"migrate: disk {path} on the target is not the same disk "
+                                f"(size:hash {here} there, {ident} here)")
+
+
 class Migrations:
     def __init__(self, manager: Manager) -> None:
         self.m = manager
@@ -99,13 +110,8 @@ class Migrations:
             if nic.mac in macs:
                 raise ConflictError(f"migrate: MAC {nic.mac} is in use on the target by "
                                     f"{macs[nic.mac]}")
-        mine = await asyncio.to_thread(disk_identities, drv.run, list(disks))
-        for path, ident in disks.items():
-            if mine.get(path) is None:
-                raise ConfigError(f"migrate: disk {path} does not exist on the target host")
-            if mine[path] != ident:
-                raise ConflictError(f"migrate: disk {path} on the target is not the same "
-                                    f"disk (size:hash {mine[path]} here, {ident} there)")
+        check_same_disks(disks, await asyncio.to_thread(disk_identities, drv.run,
+                                                        list(disks)))
         sock = m.layout.home / f"migrate-{rec.uuid[:8]}.sock"
         cfg = await asyncio.to_thread(drv.write_config, m._plan(rec))
         recv = await asyncio.to_thread(Receiver, drv.spawn, sock, receive_argv(live, cfg))
