@@ -72,7 +72,8 @@ echo 0 > /run/counter
     while :; do
         sleep 0.1
         n=$((n + 1))
-        echo $n > /run/counter
+        # a new file renamed over the old: a reader never sees it empty (truncated)
+        echo $n > /run/.counter && mv -f /run/.counter /run/counter
     done
 ) </dev/null >/dev/null 2>&1 &
 nc -ll -p 7 -e cat </dev/null >/dev/null 2>&1 &
