@@ -122,18 +122,11 @@ class Instance(abc.ABC):
     async def close(self) -> None:
         """Let go of the instance without stopping it (agent shutdown)."""
 
-    @property
-    @abc.abstractmethod
-    def console_socket(self) -> Path: ...
-
-    @property
-    @abc.abstractmethod
-    def console_log(self) -> Path: ...
-
 
 class Driver(abc.ABC):
     name: str
     memory_block_mib: int = 128  # granularity of memory hot-plug
+    console_device: str = "ttyS0"  # the guest's console when its config names none
 
     def hypervisor_domains(self) -> list[dict[str, Any]]:
         """Every domain the hypervisor itself lists (Domain-0 and domains made outside

@@ -35,6 +35,31 @@ on_reboot = "restart"
 """
 
 
+def run_cli(cmd: list[str], shown: tuple[str, ...], *, env: dict[str, str] | None = None,
+            show: bool = True, check: bool = True) -> str:
+    """Run a sanvisor command line, printed as ``sanvisor SHOWN`` with its output, as a
+    user would see it; exit the demo when it fails (``check``). Returns stdout."""
+    if show:
+        print(f"\n$ sanvisor {' '.join(shown)}", flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    out = proc.stdout + proc.stderr
+    if show and out.strip():
+        print(out.rstrip(), flush=True)
+    if check and proc.returncode != 0:
+        raise SystemExit(f"demo: 'sanvisor {' '.join(shown)}' failed")
+    return proc.stdout
+
+
+def wait_marker(log: Path, count: int = 1, timeout: float = 90) -> float:
+    """Seconds until the guest's console log holds ``count`` ready markers."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if log.exists() and log.read_bytes().count(b"SANVISOR-READY") >= count:
+            return time.monotonic() - t0
+        time.sleep(0.02)
+    raise SystemExit("demo: the guest did not reach its ready marker")
+
+
 class Demo:
     def __init__(self, keep: bool = False, xen: bool = True) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="svdemo", dir="/tmp"))
@@ -44,26 +69,10 @@ class Demo:
         self.xen = xen and os.geteuid() == 0  # the Xen lab needs root
 
     def sv(self, *args: str, show: bool = True, check: bool = True) -> str:
-        if show:
-            print(f"\n$ sanvisor {' '.join(args)}", flush=True)
         cmd = [sys.executable, "-m", "sanvisor", "--home", str(self.home), *args]
         if self.netns and args[:2] == ("agent", "start"):
             cmd = ["ip", "netns", "exec", self.netns, *cmd]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        out = proc.stdout + proc.stderr
-        if show and out.strip():
-            print(out.rstrip(), flush=True)
-        if check and proc.returncode != 0:
-            raise SystemExit(f"demo: 'sanvisor {' '.join(args)}' failed")
-        return proc.stdout
-
-    def wait_marker(self, log: Path, count: int = 1, timeout: float = 60) -> float:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if log.exists() and log.read_bytes().count(b"SANVISOR-READY") >= count:
-                return time.monotonic() - t0
-            time.sleep(0.02)
-        raise SystemExit("demo: the guest did not reach its ready marker")
+        return run_cli(cmd, args, show=show, check=check)
 
     def run(self) -> int:
         if self.netns:
@@ -85,7 +94,7 @@ class Demo:
         self.sv("create", str(cfg))
         info = self._info()
         log = Path(info["console_log"])
-        self.wait_marker(log)
+        wait_marker(log)
         took = time.monotonic() - t0
         marker = next(ln for ln in log.read_text(errors="replace").splitlines()
                       if "SANVISOR-READY" in ln)

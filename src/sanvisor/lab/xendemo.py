@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from sanvisor.lab.demo import run_cli, wait_marker
 from sanvisor.lab.guestshell import GuestShell
 
 CONFIG = """\
@@ -29,16 +29,8 @@ class XenAct:
         self.env = dict(os.environ, SANVISOR_LAB_HOME=str(tmp / "lab"))
 
     def sv(self, *args: str, show: bool = True, check: bool = True) -> str:
-        if show:
-            print(f"\n$ sanvisor {' '.join(args)}", flush=True)
-        proc = subprocess.run([sys.executable, "-m", "sanvisor", *args], capture_output=True,
-                              text=True, env=self.env)
-        out = proc.stdout + proc.stderr
-        if show and out.strip():
-            print(out.rstrip(), flush=True)
-        if check and proc.returncode != 0:
-            raise SystemExit(f"demo: 'sanvisor {' '.join(args)}' failed")
-        return proc.stdout
+        return run_cli([sys.executable, "-m", "sanvisor", *args], args, env=self.env,
+                       show=show, check=check)
 
     def info(self, host: str) -> dict[str, Any]:
         rows = json.loads(self.sv("-H", host, "--json", "list", "xdemo", show=False))
@@ -59,12 +51,7 @@ class XenAct:
         cfg.write_text(CONFIG)
         print(f"# the config file ({cfg}):\n{cfg.read_text()}")
         self.sv("-H", "xen1", "create", str(cfg))
-        log = Path(self.info("xen1")["console_log"])
-        deadline = time.monotonic() + 90
-        while b"SANVISOR-READY" not in (log.read_bytes() if log.exists() else b""):
-            if time.monotonic() > deadline:
-                raise SystemExit("demo: the Xen guest did not reach its ready marker")
-            time.sleep(0.1)
+        wait_marker(Path(self.info("xen1")["console_log"]))
         self.sv("-H", "xen1", "list")
         shell = GuestShell(self.info("xen1")["console_socket"])
         shell.run("echo written-on-xen1 > /run/mark")

@@ -64,7 +64,6 @@ class XenHost:
         self.dom0_mib = dom0_mib
         self.proc: subprocess.Popen[bytes] | None = None
         self.channel: Channel | None = None
-        self.boot_seconds: float | None = None
 
     @property
     def console_log(self) -> Path:
@@ -122,7 +121,6 @@ class XenHost:
                                          stderr=subprocess.STDOUT, start_new_session=True)
         try:
             self.channel = self._connect(sock, deadline)
-            self.boot_seconds = time.monotonic() - t0
         except BaseException:
             self.stop()
             raise

@@ -394,11 +394,3 @@ class QemuInstance(Instance):
                 st.net_rx_bytes += tx
                 st.net_tx_bytes += rx
         return st
-
-    @property
-    def console_socket(self) -> Path:
-        return self.plan.rundir / "console.sock"
-
-    @property
-    def console_log(self) -> Path:
-        return self.plan.rundir / "console.log"

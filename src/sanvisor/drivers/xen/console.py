@@ -16,7 +16,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 RESTART_DELAY = 0.5  # between two `xl console` runs, should one end at once
@@ -126,6 +126,3 @@ class ConsoleRelay:
             os.close(self._log_fd)
             self._log_fd = -1
         self.sock_path.unlink(missing_ok=True)
-
-    def info(self) -> dict[str, Any]:
-        return {"clients": len(self._clients), "attached": self._proc is not None}

@@ -6,10 +6,8 @@ surfaces as one line: `sanvisor: error: xl create failed: <xl's reason>`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from sanvisor.errors import HypervisorError, NotFoundError
 
@@ -98,8 +96,3 @@ class Xl:
 
     def info(self, name: str) -> DomInfo | None:
         return next((d for d in self.list() if d.name == name), None)
-
-    def config(self, name: str) -> dict[str, Any]:
-        """`xl list -l NAME`: the domain's libxl config as JSON."""
-        data = json.loads(self("list", "-l", name) or "[]")
-        return dict(data[0]) if data else {}
