@@ -152,7 +152,7 @@ class Manager:
                 console: str = "ttyS0") -> str:
         """The guest kernel's command line: console, root, extra, and for the guest
         kit its tuned arguments and the sv.* keys its /init reads. ``console``: the
-        guest's console device when its config names none (a Xen PV guest's is hvc0)."""
+        guest's console device when its config names none (the driver's)."""
         parts = []
         if spec.kernel is None:
             parts.append(kit_args)

@@ -17,8 +17,9 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from sanvisor.agent.manager import Domain, Manager
+from sanvisor.agent.manager import Domain
 from sanvisor.agent.records import DomainRecord
+from sanvisor.agent.service import HostService
 from sanvisor.api.client import AgentClient
 from sanvisor.errors import ConfigError, ConflictError, HypervisorError
 from sanvisor.model.domain import State
@@ -38,8 +39,9 @@ def check_same_disks(source: dict[str, str], target: dict[str, str | None]) -> N
 
 
 class Migrations:
-    def __init__(self, manager: Manager) -> None:
-        self.m = manager
+    def __init__(self, svc: HostService) -> None:
+        self.svc = svc
+        self.m = svc.m
         self.pending: dict[str, tuple[DomainRecord, Any, bool]] = {}
 
     def _xen(self) -> Any:
@@ -132,8 +134,7 @@ class Migrations:
         rec.state, rec.reason = State.RUNNING, "migrated in"
         for nic in rec.nics:
             nic.tap = None
-        dom = Domain(rec)
-        await asyncio.to_thread(drv.write_config, m._plan(rec))
+        dom = Domain(rec)  # its xl.cfg is in dom0 already (incoming wrote it)
         inst = await m.driver.reattach(m._plan(rec), info.domid, m._sink(dom))
         if inst is None:
             raise HypervisorError(f"migrate: cannot take {rec.spec.name} over")
@@ -143,9 +144,7 @@ class Migrations:
         rec.pid = inst.pid
         m.domains[rec.uuid] = dom
         rec.save(m.layout.domain_dir(rec.uuid))
-        from sanvisor.agent.service import HostService
-
-        return HostService(m).info(dom)
+        return self.svc.info(dom)
 
     async def abort(self, uuid: str) -> None:
         """The source gave up: forget the incoming domain (its receiver ends by itself:

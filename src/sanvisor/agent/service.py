@@ -104,7 +104,7 @@ class HostService:
         rec = DomainRecord(uuid=spec.uuid, domid=m.registry.next_domid(), spec=spec, nics=nics,
                            kernel=kernel, initrd=initrd,
                            cmdline=m.cmdline(spec, nics, m.kit_args,
-                                             "hvc0" if m.remote else "ttyS0"),
+                                             m.driver.console_device),
                            target_mib=spec.memory, max_mib=spec.maxmem, vcpus=spec.vcpus,
                            state=State.PAUSED if paused else State.RUNNING)
         return await self._start(rec, paused=paused)

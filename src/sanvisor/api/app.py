@@ -145,7 +145,7 @@ def build_app(svc: HostService, storage: StorageService | None = None) -> FastAP
 
     from sanvisor.agent.migration import Migrations
 
-    migrations = Migrations(svc.m)
+    migrations = Migrations(svc)
 
     @app.post("/v1/domains/{ref}/migrate")
     async def migrate(ref: str, body: MigrateBody) -> dict[str, Any]:

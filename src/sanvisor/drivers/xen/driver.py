@@ -15,7 +15,6 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from sanvisor.drivers.base import (
@@ -225,18 +224,11 @@ class XenInstance(Instance):
         if self.console is not None:
             await self.console.close()
 
-    @property
-    def console_socket(self) -> Path:
-        return self.plan.rundir / "console.sock"
-
-    @property
-    def console_log(self) -> Path:
-        return self.plan.rundir / "console.log"
-
 
 class XenDriver(Driver):
     name = "xen"
     memory_block_mib = 1  # PV guests balloon to any size up to maxmem
+    console_device = "hvc0"  # a PV guest's console
 
     def __init__(self, run: Runner, put_file: Callable[[str, bytes], None], *,
                  spawn: Spawn | None = None, poll: float = 0.5) -> None:
