@@ -13,6 +13,21 @@ from pathlib import Path
 import pytest
 
 
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Which accelerator this run's guests use, and why (CI prints it)."""
+    try:
+        from sanvisor.drivers.qemu.probe import AccelProbe
+        from sanvisor.guestkit import build_kit, default_cache_dir
+
+        kit = build_kit()
+        choice = AccelProbe(lambda: (kit.kernel, kit.initrd), qemu="qemu-system-x86_64",
+                            cache_dir=default_cache_dir().parent).decide()
+    except Exception as exc:  # a header must not stop the run
+        return [f"accelerator: unknown ({type(exc).__name__}: {exc})"]
+    extra = f"; warning: {choice.warning}" if choice.warning else ""
+    return [f"accelerator: {choice.accel} ({choice.reason}){extra}"]
+
+
 @pytest.fixture(scope="session")
 def kit() -> object:
     """The guest kit (built once, cached across runs)."""

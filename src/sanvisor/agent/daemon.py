@@ -2,7 +2,7 @@
 
 The socket is created 0600 in a 0700 directory, and every connection's peer
 credentials (SO_PEERCRED) are checked: only root and the agent's own user may
-talk to it. QEMU processes are started detached (``-daemonize``), so killing
+talk to it. QEMU processes are started in sessions of their own, so killing
 the agent never kills a guest; a restarted agent finds them again.
 """
 
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sanvisor.errors import AgentUnavailableError, ConflictError
+from sanvisor.errors import AgentUnavailableError, ConfigError, ConflictError, SanvisorError
 from sanvisor.paths import Layout
 
 log = logging.getLogger("sanvisor.agent")
@@ -90,6 +90,21 @@ def _host_conf(layout: Layout) -> dict[str, Any]:
         return {}
 
 
+def life_timeout(environ: dict[str, str] | None = None) -> float:
+    """SANVISOR_LIFE_TIMEOUT: seconds a new guest has to show a sign of life (30)."""
+    raw = (os.environ if environ is None else environ).get("SANVISOR_LIFE_TIMEOUT", "")
+    if not raw.strip():
+        return 30.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 86400:
+        raise ConfigError(f"SANVISOR_LIFE_TIMEOUT={raw!r}: not a number of seconds "
+                          "(0 < N < 86400)", variable="SANVISOR_LIFE_TIMEOUT")
+    return value
+
+
 async def serve(layout: Layout) -> None:
     import uvicorn
 
@@ -126,10 +141,14 @@ async def serve(layout: Layout) -> None:
         kit_args = "console=hvc0 quiet"
         log.info("driver: xen, dom0 through %s", host["ctl"])
     else:
-        # one probe per host boot for every agent of the machine (lab hosts included)
-        qemu = QemuDriver(cache_dir=default_cache_dir().parent)
-        # probe the accelerator now (up to 1.5 s, once per boot), not in the first create
-        log.info("accelerator: %s", await asyncio.to_thread(lambda: qemu.accel))
+        # one probe per host boot for every agent of the machine (lab hosts included):
+        # the guest kit booted under KVM, now rather than in the first create
+        qemu = QemuDriver(kit=kit, cache_dir=default_cache_dir().parent)
+        qemu.life_timeout = life_timeout()
+        choice = await asyncio.to_thread(lambda: qemu.choice)
+        log.info("accelerator: %s (%s)", choice.accel, choice.reason)
+        if choice.warning:
+            log.warning("warning: %s", choice.warning)
         driver = qemu
     from sanvisor.storage.multipathd import Multipathd
 
@@ -141,7 +160,8 @@ async def serve(layout: Layout) -> None:
     sock = _bind(layout.socket)
     from sanvisor.agent.storage_service import StorageService
 
-    app = build_app(HostService(manager), StorageService(layout.home, mpd))
+    app = build_app(HostService(manager, host_name=host.get("name")),
+                    StorageService(layout.home, mpd))
     config = uvicorn.Config(app, fd=sock.fileno(),
                             http=_peer_checked_protocol(), log_level="warning",
                             lifespan="off", timeout_graceful_shutdown=2)
@@ -165,6 +185,9 @@ def run_foreground(layout: Layout) -> int:
         asyncio.run(serve(layout))
     except KeyboardInterrupt:
         pass
+    except SanvisorError as exc:
+        log.error("sanvisor: error: %s", exc)
+        return exc.exit_status
     finally:
         os.close(lock)
     return 0
@@ -187,7 +210,7 @@ def agent_pid(layout: Layout) -> int | None:
         os.close(fd)
 
 
-def start_background(layout: Layout, timeout: float = 60.0) -> int:
+def start_background(layout: Layout, timeout: float = 180.0) -> int:
     """Start the agent detached; return its pid once its socket answers."""
     from sanvisor.api.client import AgentClient
 
@@ -205,8 +228,9 @@ def start_background(layout: Layout, timeout: float = 60.0) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            tail = layout.log.read_text(errors="replace").strip().splitlines()[-1:]
-            raise AgentUnavailableError(f"the agent exited at start: {' '.join(tail)}")
+            tail = (layout.log.read_text(errors="replace").strip().splitlines() or [""])[-1]
+            tail = tail.split("sanvisor: error: ", 1)[-1]
+            raise AgentUnavailableError(f"the agent exited at start: {tail}")
         with contextlib.suppress(AgentUnavailableError):
             client.host()
             return proc.pid

@@ -19,14 +19,21 @@ from sanvisor.agent import hostinfo, savefile
 from sanvisor.agent.manager import Domain, Manager
 from sanvisor.agent.records import DomainRecord
 from sanvisor.drivers.base import NicPlan
-from sanvisor.errors import ConflictError, DeviceError, HypervisorError, UsageError
+from sanvisor.errors import (
+    ConflictError,
+    DeviceError,
+    HypervisorError,
+    SanvisorError,
+    UsageError,
+)
 from sanvisor.model.config import parse_disk, parse_vif
 from sanvisor.model.domain import DomainSpec, State
 
 
 class HostService:
-    def __init__(self, manager: Manager) -> None:
+    def __init__(self, manager: Manager, host_name: str | None = None) -> None:
         self.m = manager
+        self.host_name = host_name or os.uname().nodename
 
     # ---- views -----------------------------------------------------------------------
     async def _listing(self) -> list[dict[str, Any]]:
@@ -50,6 +57,28 @@ class HostService:
 
     async def host(self) -> dict[str, Any]:
         return self.host_row(await self._listing())
+
+    async def facts(self) -> dict[str, Any]:
+        """`sanvisor info`: this host as `xm info` showed it, and its accelerator."""
+        u = os.uname()
+        mi = hostinfo.meminfo()
+        driver = self.m.driver
+        facts: dict[str, Any] = {
+            "host": self.host_name, "release": u.release, "machine": u.machine,
+            "nr_cpus": hostinfo.cpu_count(), "total_memory": mi.get("MemTotal", 0) // 1024,
+            "free_memory": mi.get("MemAvailable", 0) // 1024, "driver": driver.name}
+        try:
+            facts.update(await asyncio.to_thread(driver.host_facts))
+        except (SanvisorError, OSError) as exc:  # an unreachable dom0: say so, go on
+            facts["driver_error"] = str(exc)
+        acc = driver.accelerator()
+        facts["accelerator"] = acc["accel"]
+        facts["accelerator_reason"] = acc["reason"]
+        if acc.get("warning"):
+            facts["accelerator_warning"] = acc["warning"]
+        facts["domains"] = len(self.m.domains)
+        facts["home"] = str(self.m.layout.home)
+        return facts
 
     def info(self, dom: Domain) -> dict[str, Any]:
         rec = dom.record
@@ -124,6 +153,8 @@ class HostService:
                 rec.pid = inst.pid
                 m.domains[rec.uuid] = dom
                 rec.save(rundir)
+                if incoming_fd < 0 and not paused:
+                    await self._check_alive(dom, inst)
                 if incoming_fd >= 0:
                     await inst.restore_from(incoming_fd)
                     rec.pid = inst.pid  # a Xen domain's id is known once restored
@@ -134,6 +165,18 @@ class HostService:
                 await m.teardown(dom)
                 raise
         return self.info(dom)
+
+    async def _check_alive(self, dom: Domain, inst: Any) -> None:
+        """A guest that never leaves its firmware (an unusable accelerator) is refused,
+        not reported as started."""
+        driver = self.m.driver
+        stuck = await inst.wait_alive(driver.life_timeout)
+        if stuck is not None:
+            acc = driver.accelerator()
+            raise HypervisorError(
+                f"{dom.name} showed no sign of life within {driver.life_timeout:g} s under "
+                f"{acc['accel']}: {stuck}; it was destroyed (accelerator {acc['accel']}: "
+                f"{acc['reason']})", domain=dom.name, accelerator=acc)
 
     async def destroy(self, ref: str) -> None:
         dom = self.m.find(ref)

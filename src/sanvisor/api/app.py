@@ -93,6 +93,11 @@ def build_app(svc: HostService, storage: StorageService | None = None) -> FastAP
     async def host() -> dict[str, Any]:
         return {"version": __version__, "driver": svc.m.driver.name, **(await svc.host())}
 
+    @app.get("/v1/host/info")
+    async def host_info() -> dict[str, Any]:
+        """`sanvisor info`: host facts (xm info's), the driver and the accelerator."""
+        return {"version": __version__, **(await svc.facts())}
+
     @app.get("/v1/domains")
     async def list_domains() -> list[dict[str, Any]]:
         return await svc.domains()

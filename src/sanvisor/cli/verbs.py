@@ -207,13 +207,7 @@ def do_uptime(args: argparse.Namespace, layout: Layout) -> int:
 
 
 def do_info(args: argparse.Namespace, layout: Layout) -> int:
-    from sanvisor.agent import hostinfo
-
-    host = _client(layout).host()
-    mi = hostinfo.meminfo()
-    data = {**host, "total_memory": mi.get("MemTotal", 0) // 1024,
-            "free_memory": mi.get("MemAvailable", 0) // 1024, "nr_cpus": hostinfo.cpu_count(),
-            "home": str(layout.home)}
+    data = dict(_client(layout).call("GET", "/v1/host/info"))
     text = "\n".join(f"{k:<20}: {v}" for k, v in data.items())
     _out(args, data, text)
     return 0
@@ -230,11 +224,20 @@ def do_top(args: argparse.Namespace, layout: Layout) -> int:
 def do_agent(args: argparse.Namespace, layout: Layout) -> int:
     from sanvisor.agent import daemon
 
+    if args.action in ("start", "run"):
+        from sanvisor.drivers.qemu.probe import forced_accel
+
+        forced_accel()  # a bad SANVISOR_ACCEL is refused before anything starts
     if args.action == "run":
         return daemon.run_foreground(layout)
     if args.action == "start":
         pid = daemon.start_background(layout)
-        _out(args, {"pid": pid, "socket": str(layout.socket)}, f"agent running (pid {pid})")
+        facts = _client(layout).call("GET", "/v1/host/info")
+        if facts.get("accelerator_warning"):
+            print(f"sanvisor: warning: {facts['accelerator_warning']}", file=sys.stderr)
+        _out(args, {"pid": pid, "socket": str(layout.socket),
+                    "accelerator": facts.get("accelerator")},
+             f"agent running (pid {pid}, accelerator {facts.get('accelerator')})")
         return 0
     if args.action == "stop":
         stopped = daemon.stop(layout)

@@ -122,11 +122,27 @@ class Instance(abc.ABC):
     async def close(self) -> None:
         """Let go of the instance without stopping it (agent shutdown)."""
 
+    async def wait_alive(self, timeout: float) -> str | None:
+        """Wait until the freshly started guest shows a sign of life (it printed on its
+        console, or its kernel is running); None when it did, else where it is stuck.
+        Default: the hypervisor's own create already proved it (xl create)."""
+        return None
+
 
 class Driver(abc.ABC):
     name: str
     memory_block_mib: int = 128  # granularity of memory hot-plug
     console_device: str = "ttyS0"  # the guest's console when its config names none
+    life_timeout: float = 30.0  # seconds a new guest has to show a sign of life
+
+    def accelerator(self) -> dict[str, object]:
+        """What runs the guests' CPUs here, and why (``sanvisor info``)."""
+        return {"accel": self.name, "reason": f"domains run under {self.name}"}
+
+    def host_facts(self) -> dict[str, object]:
+        """Facts the hypervisor knows better than the host's /proc (Xen: `xl info`);
+        blocking. QEMU: none."""
+        return {}
 
     def hypervisor_domains(self) -> list[dict[str, Any]]:
         """Every domain the hypervisor itself lists (Domain-0 and domains made outside

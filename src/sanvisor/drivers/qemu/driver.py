@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 from sanvisor.drivers.base import Driver, EventSink, Instance, LaunchPlan
-from sanvisor.drivers.qemu import probe
 from sanvisor.drivers.qemu.argv import build_argv
 from sanvisor.drivers.qemu.instance import QemuInstance
+from sanvisor.drivers.qemu.probe import AccelChoice, AccelProbe, Kit
 from sanvisor.errors import HypervisorError
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -51,18 +51,32 @@ def _is_qemu(pid: int, rundir: Path) -> bool:
 class QemuDriver(Driver):
     name = "qemu"
 
-    def __init__(self, *, qemu: str | None = None, accel: str | None = None,
-                 cache_dir: Path | None = None) -> None:
+    def __init__(self, *, kit: Kit | None = None, qemu: str | None = None,
+                 accel: str | None = None, cache_dir: Path | None = None) -> None:
+        """``kit``: the guest kit's (kernel, initrd), booted by the accelerator probe.
+        ``accel``: skip the probe (tests, or a caller that decided already)."""
         self.qemu = qemu or shutil.which(QEMU_BINARY) or QEMU_BINARY
-        self._accel = accel
-        self._cache_dir = cache_dir
+        self._choice = AccelChoice(accel, "given by the caller") if accel else None
+        self._probe = AccelProbe(kit, qemu=self.qemu, cache_dir=cache_dir) if kit else None
         self._children: dict[int, subprocess.Popen[bytes]] = {}
 
     @property
+    def choice(self) -> AccelChoice:
+        """The accelerator and why (probes once, blocking: call it off the event loop
+        the first time). Raises ConfigError for a bad SANVISOR_ACCEL."""
+        if self._choice is None:
+            if self._probe is None:
+                self._choice = AccelChoice("tcg", "no guest kit to probe KVM with")
+            else:
+                self._choice = self._probe.decide()
+        return self._choice
+
+    @property
     def accel(self) -> str:
-        if self._accel is None:
-            self._accel = "kvm" if probe.kvm_usable(self._cache_dir, self.qemu) else "tcg"
-        return self._accel
+        return self.choice.accel
+
+    def accelerator(self) -> dict[str, object]:
+        return self.choice.to_dict()
 
     def argv(self, plan: LaunchPlan) -> list[str]:
         plan.accel = self.accel

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,9 @@ from sanvisor.model.domain import DiskSpec
 
 log = logging.getLogger(__name__)
 QMP_TIMEOUT = 30.0
+_CR0 = re.compile(r"\bCR0=([0-9a-fA-F]+)")
+_CR0_PG = 1 << 31
+_IP = re.compile(r"\b[RE]IP=([0-9a-fA-F]+)")
 Pred = Callable[[dict[str, Any]], bool]
 
 
@@ -212,6 +216,34 @@ class QemuInstance(Instance):
         status = await self._migration("migrate-incoming", {"uri": "fd:svrestore"}, 600)
         if status != "completed":
             raise HypervisorError(f"restore failed: {self.log_tail() or status}")
+
+    async def wait_alive(self, timeout: float) -> str | None:
+        """A sign of life: a byte on the console, or vCPU 0 running with paging on (a
+        kernel runs: firmware and option ROMs never enable paging). The PVM variant of
+        KVM leaves a normal guest in SeaBIOS forever, silent; that must not pass as a
+        started domain."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        log = self.plan.rundir / "console.log"
+        where = "its vCPU never ran"
+        while True:
+            if self.exited:
+                return f"QEMU exited ({self.log_tail() or 'no message'})"
+            with contextlib.suppress(OSError):
+                if log.stat().st_size > 0:
+                    return None
+            regs = str(await self.qmp("human-monitor-command",
+                                      {"command-line": "info registers"}))
+            cr0 = _CR0.search(regs)
+            if cr0 and int(cr0.group(1), 16) & _CR0_PG:
+                return None
+            ip = _IP.search(regs)
+            if ip:
+                where = (f"its vCPU is still in the firmware (instruction pointer "
+                         f"{int(ip.group(1), 16):#x}, paging off, not a byte on its console)")
+            if loop.time() >= deadline:
+                return where
+            await asyncio.sleep(0.05)
 
     def log_tail(self) -> str:
         """QEMU's last complaint, from its log (it explains failed migrations)."""

@@ -242,6 +242,19 @@ class XenDriver(Driver):
         self._watched: dict[int, XenInstance] = {}  # by id(): one poller for them all
         self._poller: asyncio.Task[None] | None = None
 
+    def accelerator(self) -> dict[str, object]:
+        return {"accel": "xen", "reason": "domains run under the Xen hypervisor (xl in dom0)"}
+
+    def host_facts(self) -> dict[str, object]:
+        """dom0's own facts from `xl info` (blocking: one xl run)."""
+        info = self.xl.host()
+        facts: dict[str, object] = {k: info[k] for k in (
+            "host", "release", "machine", "xen_version", "xen_caps") if k in info}
+        for k in ("nr_cpus", "total_memory", "free_memory"):
+            if info.get(k, "").isdigit():
+                facts[k] = int(info[k])
+        return facts
+
     def watch(self, inst: XenInstance) -> None:
         self._watched[id(inst)] = inst
         if self._poller is None or self._poller.done():

@@ -96,3 +96,12 @@ class Xl:
 
     def info(self, name: str) -> DomInfo | None:
         return next((d for d in self.list() if d.name == name), None)
+
+    def host(self) -> dict[str, str]:
+        """`xl info` as a dict (host, release, nr_cpus, total_memory, xen_caps...)."""
+        out: dict[str, str] = {}
+        for line in self("info").splitlines():
+            key, sep, value = line.partition(":")
+            if sep and key.strip():
+                out[key.strip()] = value.strip()
+        return out
