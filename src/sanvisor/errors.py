@@ -3,11 +3,35 @@
 Every error carries a stable ``code`` (machine-readable, never renamed) and a
 ``context`` dict with what a user needs to act on it. Library errors are
 translated at the boundary with ``raise SomeError(...) from exc``.
+
+Every class is defined here, not in the module that raises it: the agent sends an
+error as ``to_dict()`` and the CLI rebuilds it with :func:`from_dict` from its code,
+and a CLI process imports this module, not the storage, lab or Xen packages. A class
+registers itself by its code when it is defined; it must declare a code of its own,
+unique in the tree (docs/architecture.md, "Errors", lists them).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+
+TYPE_CHECKING = False  # typing costs ~4 ms to import: every CLI call would pay it
+if TYPE_CHECKING:
+    from typing import Any
+
+_BY_CODE: dict[str, type[SanvisorError]] = {}
+
+
+def _register(cls: type[SanvisorError]) -> None:
+    code = cls.__dict__.get("code")
+    if not isinstance(code, str) or not code:
+        raise TypeError(f"{cls.__qualname__} must declare its own error code")
+    old = _BY_CODE.get(code)
+    if old is not None and (old.__module__, old.__qualname__) != (
+            cls.__module__, cls.__qualname__):  # the same class again is a module reload
+        raise TypeError(f"error code {code!r} of {cls.__module__}.{cls.__qualname__} "
+                        f"is taken by {old.__module__}.{old.__qualname__}")
+    _BY_CODE[code] = cls
 
 
 class SanvisorError(Exception):
@@ -15,6 +39,10 @@ class SanvisorError(Exception):
 
     code = "error"
     exit_status = 1
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _register(cls)
 
     def __init__(self, message: str, **context: Any) -> None:
         super().__init__(message)
@@ -24,8 +52,17 @@ class SanvisorError(Exception):
     def __str__(self) -> str:
         return self.message
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # subclasses' __init__ differ (CommandError's); rebuild as from_dict does
+        return _rebuild, (type(self), self.message, self.context, self.code)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"code": self.code, "message": self.message, "context": self.context}
+        """What crosses the API: plain JSON (a context value JSON cannot carry, such as
+        a Path, a set or a NaN, is sent as its string)."""
+        return {"code": self.code, "message": self.message, "context": _jsonable(self.context)}
+
+
+_register(SanvisorError)
 
 
 class ConfigError(SanvisorError):
@@ -43,16 +80,32 @@ class ConfigError(SanvisorError):
         if file is not None:
             where = f"{file}:{line}: " if line is not None else f"{file}: "
         super().__init__(where + message, file=file, line=line, **ctx)
-        self.file = file
-        self.line = line
+
+    # read from the context, so that an error rebuilt by from_dict has them too
+    @property
+    def file(self) -> str | None:
+        file = self.context.get("file")
+        return None if file is None else str(file)
+
+    @property
+    def line(self) -> int | None:
+        line = self.context.get("line")
+        return line if isinstance(line, int) else None
 
 
 class UsageError(SanvisorError):
+    """The command line is wrong (an unknown option, a value of the wrong kind)."""
+
     code = "usage"
     exit_status = 2
 
 
 class NotFoundError(SanvisorError):
+    """What the request names does not exist (a domain, a LUN, a lab host, a device).
+
+    The code says ``domain`` for history's sake; it is kept (codes are never renamed).
+    """
+
     code = "domain.not_found"
 
 
@@ -75,6 +128,8 @@ class DeviceError(SanvisorError):
 
 
 class GuestKitError(SanvisorError):
+    """The guest kit cannot be built (a package not downloadable, a file missing)."""
+
     code = "guestkit"
 
 
@@ -91,13 +146,46 @@ class SaveFileError(SanvisorError):
 
 
 class TimeoutError_(SanvisorError):
+    """Something did not happen in the time it was given."""
+
     code = "timeout"
 
 
 class AgentUnavailableError(SanvisorError):
-    """The CLI cannot reach the host agent."""
+    """The CLI (or an agent, for a migration) cannot reach a host agent."""
 
     code = "agent.unavailable"
+
+
+class AgentProtocolError(SanvisorError):
+    """The agent's reply is not one the client understands (not JSON, or an HTTP error
+    without an error body: a request the API refused, e.g. a CLI newer than the agent)."""
+
+    code = "agent.protocol"
+
+
+class InternalError(SanvisorError):
+    """An exception the agent did not expect (a bug, or a case no check caught): its type
+    and message, the traceback in the agent log."""
+
+    code = "internal"
+
+    @classmethod
+    def wrap(cls, exc: BaseException, **ctx: Any) -> InternalError:
+        """The error that stands for ``exc``; an OSError says what the C library says
+        (``No such file or directory: '/x'``), anything else ``Type: message``."""
+        kind = type(exc).__name__
+        if isinstance(exc, OSError) and exc.strerror:
+            message = exc.strerror
+            if exc.filename is not None:
+                message += f": {exc.filename!r}"
+            if exc.filename2 is not None:
+                message += f" -> {exc.filename2!r}"
+            ctx.setdefault("errno", exc.errno)
+        else:
+            text = str(exc)
+            message = f"{kind}: {text}" if text else kind
+        return cls(message, type=kind, **ctx)
 
 
 class CommandError(SanvisorError):
@@ -105,34 +193,124 @@ class CommandError(SanvisorError):
 
     code = "command.failed"
 
-    def __init__(self, cmd: list[str], rc: int, out: str, err: str) -> None:
+    def __init__(self, cmd: list[str], rc: int, out: str, err: str, *,
+                 what: str | None = None) -> None:
+        """``what`` names the command in the message (default: its program)."""
         last = (err.strip() or out.strip()).splitlines()
         reason = last[-1] if last else f"exit status {rc}"
         super().__init__(
-            f"{cmd[0]} failed (rc={rc}): {reason}", cmd=cmd, rc=rc, out=out, err=err
+            f"{what or cmd[0]} failed (rc={rc}): {reason}", cmd=cmd, rc=rc, out=out, err=err
         )
-        self.cmd = cmd
-        self.rc = rc
-        self.out = out
-        self.err = err
+
+    # read from the context, so that an error rebuilt by from_dict has them too
+    @property
+    def cmd(self) -> list[str]:
+        cmd = self.context.get("cmd")
+        return [str(c) for c in cmd] if isinstance(cmd, list | tuple) else []
+
+    @property
+    def rc(self) -> int:
+        rc = self.context.get("rc")
+        return rc if isinstance(rc, int) else -1
+
+    @property
+    def out(self) -> str:
+        return str(self.context.get("out") or "")
+
+    @property
+    def err(self) -> str:
+        return str(self.context.get("err") or "")
 
 
-_BY_CODE: dict[str, type[SanvisorError]] = {}
+class NbdError(SanvisorError):
+    """The NBD client's exchange with a server (the array) failed or was refused."""
+
+    code = "nbd"
 
 
-def _register(cls: type[SanvisorError]) -> None:
-    _BY_CODE[cls.code] = cls
-    for sub in cls.__subclasses__():
-        _register(sub)
+class GuestCommandError(SanvisorError):
+    """A command typed into a guest's console shell failed or did not finish."""
+
+    code = "guest.command"
 
 
-_register(SanvisorError)
+class XenHostError(SanvisorError):
+    """A nested Xen host cannot be built or run (its packages, its kit, its boot)."""
+
+    code = "xenhost"
 
 
-def from_dict(data: dict[str, Any]) -> SanvisorError:
-    """Rebuild an error sent over the API (client side)."""
-    cls = _BY_CODE.get(str(data.get("code")), SanvisorError)
-    err = SanvisorError.__new__(cls)
-    ctx = dict(data.get("context") or {})
-    SanvisorError.__init__(err, str(data.get("message", "error")), **ctx)
+class ChannelError(XenHostError):
+    """The command channel to a nested Xen host's dom0 failed (closed, refused)."""
+
+    code = "xenhost.channel"
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, str | bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, set | frozenset):
+        return sorted((_jsonable(v) for v in value), key=repr)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def _rebuild(cls: type[SanvisorError], message: str, context: dict[str, Any],
+             code: str | None = None) -> SanvisorError:
+    """An instance of ``cls`` without its own ``__init__`` (whose arguments differ)."""
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    err.message = message
+    err.context = context
+    if code is not None and code != cls.code:
+        err.code = code  # an unknown code is kept, under its nearest known class
     return err
+
+
+def error_class(code: str) -> type[SanvisorError]:
+    """The class of ``code``; for a code this side does not know (a newer agent), the
+    class of its nearest known parent code ('xenhost.foo' -> XenHostError), else
+    SanvisorError."""
+    while code:
+        if (cls := _BY_CODE.get(code)) is not None:
+            return cls
+        code = code.rpartition(".")[0]
+    return SanvisorError
+
+
+def from_dict(data: object) -> SanvisorError:
+    """Rebuild an error sent over the API (client side): the class of its code, its
+    message and context. Never raises: what is not an error body gives a SanvisorError
+    that says so."""
+    try:
+        if not isinstance(data, dict):
+            return SanvisorError(f"the agent sent a malformed error: {_clip(data)}")
+        code = data.get("code")
+        code = code if isinstance(code, str) and code else "error"
+        message = data.get("message")
+        if message is None or message == "":
+            message = f"{code} (no message given)"
+        elif not isinstance(message, str):
+            message = _clip(message)
+        raw = data.get("context")
+        if raw is None:
+            context: dict[str, Any] = {}
+        elif isinstance(raw, dict):
+            context = {str(k): v for k, v in raw.items()}
+        else:
+            context = {"context": raw}
+        return _rebuild(error_class(code), message, context, code)
+    except Exception as exc:  # garbage in, one SanvisorError out
+        return SanvisorError(f"the agent sent a malformed error ({type(exc).__name__})")
+
+
+def _clip(value: object, limit: int = 200) -> str:
+    text = repr(value) if not isinstance(value, str) else value
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 import socket
-from pathlib import Path
-from typing import Any
 
-from sanvisor.errors import AgentUnavailableError, SanvisorError, from_dict
+from sanvisor.errors import AgentProtocolError, AgentUnavailableError, from_dict
+
+TYPE_CHECKING = False  # typing costs ~4 ms to import: every CLI call would pay it
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Any
 
 
 def _exchange(path: str, request: bytes, timeout: float) -> tuple[int, bytes]:
@@ -38,6 +41,19 @@ def _exchange(path: str, request: bytes, timeout: float) -> tuple[int, bytes]:
     if "content-length" in headers:
         body = body[: int(headers["content-length"])]
     return int(parts[1]), body
+
+
+def _detail(data: Any) -> str:
+    """An HTTP error body without an error of ours: FastAPI's ``{"detail": ...}``
+    (a string, or the list of what failed validation) or whatever came."""
+    detail = data.get("detail", data) if isinstance(data, dict) else data
+    if isinstance(detail, list) and detail and all(isinstance(d, dict) for d in detail):
+        return "; ".join(_where(d.get("loc")) + str(d.get("msg", d)) for d in detail)
+    return "no details" if detail is None else str(detail)
+
+
+def _where(loc: Any) -> str:
+    return ".".join(str(x) for x in loc) + ": " if isinstance(loc, list) and loc else ""
 
 
 class AgentClient:
@@ -64,12 +80,16 @@ class AgentClient:
         try:
             data = json.loads(raw) if raw else None
         except ValueError as exc:
-            raise SanvisorError(f"agent sent a malformed reply ({status})") from exc
+            raise AgentProtocolError(
+                f"agent sent a malformed reply to {method} {path} ({status}): "
+                f"{raw[:200].decode('utf-8', 'replace')!r}",
+                status=status, method=method, path=path) from exc
         if status >= 400:
             if isinstance(data, dict) and isinstance(data.get("error"), dict):
                 raise from_dict(data["error"])
-            detail = data.get("detail") if isinstance(data, dict) else data
-            raise SanvisorError(f"agent refused the request ({status}): {detail}")
+            raise AgentProtocolError(
+                f"agent refused {method} {path} ({status}): {_detail(data)}",
+                status=status, method=method, path=path)
         return data
 
     # typed helpers ------------------------------------------------------------------

@@ -11,11 +11,7 @@ import re
 import socket
 import time
 
-from sanvisor.errors import SanvisorError
-
-
-class GuestCommandError(SanvisorError):
-    code = "guest.command"
+from sanvisor.errors import GuestCommandError as GuestCommandError  # re-exported
 
 
 class GuestShell:

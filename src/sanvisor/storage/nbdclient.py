@@ -12,12 +12,8 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from sanvisor.errors import SanvisorError
+from sanvisor.errors import NbdError as NbdError  # re-exported
 from sanvisor.storage import nbdproto as P
-
-
-class NbdError(SanvisorError):
-    code = "nbd"
 
 
 @dataclass

@@ -14,7 +14,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sanvisor.errors import NotFoundError, SanvisorError, UsageError
+from sanvisor.errors import NotFoundError, UsageError
 from sanvisor.storage.nbdclient import NbdClient, NbdError
 
 
@@ -69,7 +69,7 @@ def load_hbas(home: Path) -> list[HbaConf]:
     try:
         data = json.loads((home / "host.json").read_text())
     except FileNotFoundError:
-        raise SanvisorError("this host has no HBAs (not a lab host: see 'sanvisor lab up')",
+        raise NotFoundError("this host has no HBAs (not a lab host: see 'sanvisor lab up')",
                             home=str(home)) from None
     return [HbaConf(**h) for h in data["hbas"]]
 

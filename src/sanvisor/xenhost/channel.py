@@ -21,8 +21,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from sanvisor.errors import ChannelError as ChannelError  # re-exported
 from sanvisor.xenhost import wire
-from sanvisor.xenhost.packages import XenHostError
 
 #: Input bytes in flight to one dom0 process before waiting for its acks.
 WINDOW = 1 << 20
@@ -30,10 +30,6 @@ CHUNK = 256 << 10
 HELLO_EVERY = 0.25
 
 Sink = Callable[[bytes], None]
-
-
-class ChannelError(XenHostError):
-    code = "xenhost.channel"
 
 
 class Proc:

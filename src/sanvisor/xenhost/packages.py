@@ -15,7 +15,7 @@ import subprocess
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from sanvisor.errors import SanvisorError
+from sanvisor.errors import XenHostError as XenHostError  # re-exported
 
 BASE_PACKAGES: tuple[str, ...] = (
     "xen-hypervisor-4.17-amd64",
@@ -25,10 +25,6 @@ BASE_PACKAGES: tuple[str, ...] = (
 )
 
 Log = Callable[[str], None]
-
-
-class XenHostError(SanvisorError):
-    code = "xenhost"
 
 
 def parse_depends(text: str) -> list[str]:
