@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 
 from sanvisor.lab.guestshell import GuestCommandError, GuestShell
 from tests.guest.conftest import write_config
-from tests.guest.helpers import Sanvisor, qemu_pids
+from tests.guest.helpers import Sanvisor, qemu_pids, wait_until
 
 pytestmark = pytest.mark.guest
 SEED = Path(__file__).parent.parent / "unit" / "data" / "seed-vg.cfg"
@@ -208,3 +210,102 @@ def test_create_dash_c_shows_the_boot_and_detaches(sv: Sanvisor, workdir: Path) 
         sv.run("destroy", "watched", check=False)
     info = sv.run("info").stdout
     assert "total_memory" in info and "driver" in info
+
+
+def _by_serial(shell: GuestShell, serial: str) -> str:
+    """The guest's sdX whose SCSI serial (the config's target) is ``serial``."""
+    return shell.run("for b in /sys/block/sd*; do "
+                     f"[ \"$(tail -c +5 $b/device/vpd_pg80)\" = {serial} ] && echo ${{b##*/}}; "
+                     "done; true")
+
+
+def test_partition_targets_as_xen_tools_writes_them(sv: Sanvisor, workdir: Path) -> None:
+    """xen-create-image's shape: swap on xvda1, root on xvda2, root = '/dev/xvda2 ro'.
+    On QEMU each volume is a disk of its own; root= is rewritten to the one the guest
+    sees, and the guest kit mounts its root from it."""
+    tree = workdir / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "marker").write_text("root from xvda2\n")
+    rootimg, swap = workdir / "root.img", workdir / "swap.img"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(rootimg), "8M"],
+                   check=True, capture_output=True)
+    with swap.open("wb") as f:
+        f.truncate(4 << 20)
+    cfg = workdir / "xt.cfg"
+    cfg.write_text("name = 'xtools'\nmemory = 128\nroot = '/dev/xvda2 ro'\n"
+                   f"disk = [ 'file:{rootimg},xvda2,w',\n         'file:{swap},xvda1,w' ]\n"
+                   "restart = 'onreboot'\n")
+    sv.run("create", str(cfg))
+    try:
+        sv.wait_marker("xtools")
+        shell = GuestShell(sv.domain("xtools")["console_socket"])
+        assert shell.run("cat /mnt/root/etc/marker") == "root from xvda2"
+        assert "root=/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_xvda2 ro" in \
+            shell.run("cat /proc/cmdline")
+        mounted = dict(kv.split("=", 1) for kv in shell.run("cat /run/sv-root").split())
+        assert (mounted["fstype"], mounted["mode"]) == ("ext4", "ro")
+        assert mounted["dev"] == "/dev/" + _by_serial(shell, "xvda2")
+        # one vCPU: the scan order docs/config.md gives (by letter, then partition)
+        assert (_by_serial(shell, "xvda1"), _by_serial(shell, "xvda2")) == ("sda", "sdb")
+        extra = workdir / "extra.img"
+        with extra.open("wb") as f:
+            f.truncate(1 << 20)
+        sv.run("block-attach", "xtools", f"file:{extra}", "xvdb1", "r")  # LUN 1041, hot
+        wait_until("the hot-added xvdb1", lambda: _by_serial(shell, "xvdb1") == "sdc", 20)
+    finally:
+        sv.run("destroy", "xtools", check=False)
+
+
+def test_an_nbd_disk(sv: Sanvisor, workdir: Path) -> None:
+    """xm's 'nbd:HOST PORT' form: QEMU's NBD client on a TCP export (a
+    qemu-storage-daemon here, in the agent's network namespace)."""
+    img, pidfile = workdir / "nbd.img", workdir / "qsd.pid"
+    with img.open("wb") as f:
+        f.truncate(8 << 20)
+    with socket.socket() as probe:  # a free port (the namespace, when there is one, is new)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    netns = ["ip", "netns", "exec", sv.netns] if sv.netns else []
+    qsd = subprocess.Popen(
+        [*netns, "qemu-storage-daemon", "--pidfile", str(pidfile),
+         "--blockdev", f"driver=file,node-name=f,filename={img}",
+         "--nbd-server", f"addr.type=inet,addr.host=127.0.0.1,addr.port={port}",
+         "--export", "type=nbd,id=e,node-name=f,name=,writable=on"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        # the pid file comes once the server listens (qemu-storage-daemon(1))
+        wait_until("qemu-storage-daemon to listen",
+                   lambda: pidfile.exists() or qsd.poll() is not None, 10)
+        assert qsd.poll() is None, qsd.communicate()[1]
+        cfg = write_config(workdir / "n.cfg", name="nbdguest", memory=128,
+                           disk=[f"nbd:127.0.0.1 {port},sdb,w"])
+        sv.run("create", str(cfg))
+        try:
+            sv.wait_marker("nbdguest")
+            assert sv.domain("nbdguest")["disks"][0]["path"] == f"nbd://127.0.0.1:{port}"
+            shell = GuestShell(sv.domain("nbdguest")["console_socket"])
+            dev = _by_serial(shell, "sdb")
+            assert dev == "sda"  # its only disk: the guest's first, whatever its target
+            assert shell.run(f"cat /sys/block/{dev}/size") == str((8 << 20) // 512)
+            shell.run(f"printf sanvisor-nbd | dd of=/dev/{dev} conv=fsync 2>/dev/null")
+            wait_until("the guest's write on the export",
+                       lambda: img.read_bytes()[:12] == b"sanvisor-nbd", 10)
+        finally:
+            sv.run("destroy", "nbdguest", check=False)
+    finally:
+        qsd.terminate()
+        try:
+            qsd.wait(10)
+        except subprocess.TimeoutExpired:
+            qsd.kill()
+            qsd.wait()
+
+
+def test_a_qcow2_file_is_refused(sv: Sanvisor, workdir: Path) -> None:
+    img = workdir / "vm.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "16M"], check=True)
+    cfg = write_config(workdir / "q.cfg", name="qcow", memory=128, disk=[f"file:{img},xvda,w"])
+    before = _snapshot(sv)
+    line = sv.fail("create", str(cfg))
+    assert re.search(r"disk xvda: .*vm\.qcow2 is a qcow2 image, not raw", line), line
+    assert _snapshot(sv) == before

@@ -1,4 +1,5 @@
-"""Unit tests for the xm/xl domain config parser (sanvisor.model.config)."""
+"""Unit tests for the xm/xl domain config parser (sanvisor.model.config), and what the
+drivers make of its disks: QEMU's LUNs, scan order and root=, Xen's xl.cfg."""
 
 from __future__ import annotations
 
@@ -6,8 +7,22 @@ from pathlib import Path
 
 import pytest
 
+from sanvisor.agent.diskprobe import image_format, probe_file
+from sanvisor.drivers.base import LaunchPlan
+from sanvisor.drivers.qemu.argv import build_argv, disk_blockdev, guest_cmdline
+from sanvisor.drivers.qemu.guestdisks import (
+    BY_ID,
+    creation_order,
+    disk_lun,
+    guest_names,
+    guest_root,
+    scan_order,
+    sd_name,
+)
+from sanvisor.drivers.xen.xlcfg import disk_entry, render, xen_vdev
 from sanvisor.errors import ConfigError
 from sanvisor.model.config import ParsedConfig, parse_config, parse_disk, parse_vif
+from sanvisor.model.diskspec import nbd_server, nbd_uri
 from sanvisor.model.domain import Action, DiskSpec, VifSpec
 
 DATA = Path(__file__).parent / "data"
@@ -377,7 +392,7 @@ def test_last_override_wins() -> None:
 
 
 def test_override_unknown_key_warning() -> None:
-    cfg = parse("name='a'", overrides=["memory=64", "foo=bar"])
+    cfg = parse("name='a'", overrides=["memory=256", "foo=bar"])
     assert cfg.warnings == ["command line:2: unknown key 'foo' (kept)"]
     assert cfg.spec.unknown == {"foo": "bar"}
 
@@ -392,7 +407,8 @@ def test_override_unknown_key_warning() -> None:
         (["vcpus=1", "bad key=1"], "command line:2: expected KEY=VALUE, got 'bad key=1'"),
         (["=5"], "command line:1: expected KEY=VALUE, got '=5'"),
         (["disk=['phy:/dev/a,zz,w']"],
-         "command line:1: disk: invalid disk target 'zz' (expected sdX, xvdX, hdX or vdX)"),
+         "command line:1: disk: invalid disk target 'zz' (expected sdX, xvdX, hdX or vdX, "
+         "or a partition of one such as xvda2)"),
         (["maxmem=64"], "command line:1: maxmem: 64 MiB is less than memory (128 MiB)"),
         (["cmdline=x"],
          "command line:1: cmdline: 'extra' and 'cmdline' are the same setting; give only one"),
@@ -551,3 +567,281 @@ def test_parse_vif_variants(spec: str, attrs: dict[str, object]) -> None:
 def test_parse_vif_errors(spec: str, fragment: str) -> None:
     with pytest.raises(ValueError, match=fragment):
         parse_vif(spec)
+
+
+# --------------------------------------------------------------------------- partition targets
+
+
+@pytest.mark.parametrize(
+    ("spec", "disk"),
+    [
+        ("phy:/dev/vg/dom-disk,xvda2,w", DiskSpec("xvda2", "phy", "/dev/vg/dom-disk", "w")),
+        ("phy:/dev/vg/dom-swap,xvda1,w", DiskSpec("xvda1", "phy", "/dev/vg/dom-swap", "w")),
+        ("file:/x.img,hda1,w", DiskSpec("hda1", "file", "/x.img", "w")),
+        ("phy:/dev/a,/dev/sdb15:r", DiskSpec("sdb15", "phy", "/dev/a", "r")),
+        ("vdev=xvdaa3, target=/dev/a", DiskSpec("xvdaa3", "phy", "/dev/a", "w")),
+    ],
+)
+def test_partition_targets_are_accepted(spec: str, disk: DiskSpec) -> None:
+    assert parse_disk(spec) == disk
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ("phy:/dev/a,xvda16,w", "partition numbers go from 1 to 15"),
+        ("phy:/dev/a,xvda0,w", "partition numbers go from 1 to 15"),
+        ("phy:/dev/a,xvda01,w", "partition numbers go from 1 to 15"),
+        ("file:/x.iso,hdc1:cdrom,r", "a CD-ROM cannot be a partition"),
+    ],
+)
+def test_partition_target_errors(spec: str, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        parse_disk(spec)
+
+
+def test_slots_and_what_collides() -> None:
+    assert [DiskSpec(t).slot for t in ("xvda", "sdb", "hda2", "xvdaa15")] == \
+        [(0, 0), (1, 0), (0, 2), (26, 15)]
+    ok = parse("name='a'\ndisk=['phy:/dev/a,xvda1,w', 'phy:/dev/b,xvda2,w', 'phy:/dev/c,xvdb']")
+    assert [d.target for d in ok.spec.disks] == ["xvda1", "xvda2", "xvdb"]
+    assert str(error("name='a'\ndisk=['phy:/dev/a,sda,w', 'phy:/dev/b,xvda,w']")) == \
+        "vm.cfg:2: disk: sda and xvda name the same disk"
+    assert str(error("name='a'\ndisk=['phy:/dev/a,xvda2', 'phy:/dev/b,sda2']")) == \
+        "vm.cfg:2: disk: xvda2 and sda2 name the same disk"
+    assert str(error("name='a'\n\ndisk=['phy:/dev/a,xvda1', 'phy:/dev/b,xvda']")) == \
+        "vm.cfg:3: disk: xvda1 is a partition of xvda, which is also a disk of this " \
+        "domain (give one or the other)"
+
+
+# --------------------------------------------------------------------------- nbd disks
+
+
+@pytest.mark.parametrize(
+    ("spec", "path"),
+    [
+        ("nbd:127.0.0.1 10809,xvda,w", "nbd://127.0.0.1:10809"),  # xm's block-nbd form
+        ("nbd:192.168.0.1  3456,hda1,w", "nbd://192.168.0.1:3456"),
+        ("nbd:::1 10810,xvda,w", "nbd://[::1]:10810"),
+        ("nbd:array.lab:10811,xvda,w", "nbd://array.lab:10811"),  # QEMU's legacy form
+        ("nbd:array,xvda,w", "nbd://array:10809"),
+        ("nbd:10.0.0.1:10809:exportname=sys,xvda,w", "nbd://10.0.0.1:10809/sys"),
+        ("nbd:[fe80::1]:99,xvda,w", "nbd://[fe80::1]:99"),
+        ("nbd://array:10809/lun-1,xvda,w", "nbd://array:10809/lun-1"),
+        ("nbd://array/lun-1,xvda,w", "nbd://array:10809/lun-1"),
+        ("NBD://[::1]:1/x,xvda,w", "nbd://[::1]:1/x"),
+        ("vdev=xvda, access=rw, target=nbd://h:2/e", "nbd://h:2/e"),
+    ],
+)
+def test_nbd_disk_forms(spec: str, path: str) -> None:
+    assert parse_disk(spec) == DiskSpec("xvda" if "hda1" not in spec else "hda1", "nbd",
+                                        path, "w")
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ("nbd:host 99999,xvda,w", "invalid NBD port '99999'"),
+        ("nbd:host 0,xvda,w", "invalid NBD port '0'"),
+        ("nbd:host port,xvda,w", "invalid NBD port 'port'"),
+        ("nbd:bad_host! 1,xvda,w", "invalid NBD server 'bad_host!'"),
+        ("nbd:a b c,xvda,w", "invalid NBD disk"),
+        ("nbd://,xvda,w", "invalid NBD URI"),
+        ("nbd://h:1/a b,xvda,w", "invalid NBD export name"),
+        ("target=nbd:h 1, vdev=xvda, backendtype=phy", "backendtype= does not apply"),
+    ],
+)
+def test_nbd_disk_errors(spec: str, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        parse_disk(spec)
+
+
+def test_nbd_server_of_the_canonical_uri() -> None:
+    assert nbd_server("nbd://127.0.0.1:10809") == ("127.0.0.1", 10809, "")
+    assert nbd_server("nbd://[::1]:1/sys") == ("::1", 1, "sys")
+    assert nbd_server(nbd_uri("nbd:h 7")) == ("h", 7, "")
+    with pytest.raises(ValueError):
+        nbd_server("nbd://h/x")  # not canonical: no port
+
+
+# --------------------------------------------------------------------------- restart=
+
+
+@pytest.mark.parametrize(
+    ("value", "actions"),
+    [
+        ("onreboot", (Action.DESTROY, Action.RESTART, Action.DESTROY)),
+        ("always", (Action.RESTART,) * 3),
+        ("never", (Action.DESTROY,) * 3),
+    ],
+)
+def test_restart_sets_the_three_actions(value: str, actions: tuple[Action, ...]) -> None:
+    cfg = parse(f"name='a'\nrestart = '{value}'\n")
+    assert (cfg.spec.on_poweroff, cfg.spec.on_reboot, cfg.spec.on_crash) == actions
+    assert cfg.warnings == [] and cfg.spec.unknown == {}
+
+
+def test_explicit_on_keys_win_over_restart() -> None:
+    cfg = parse("name='a'\nrestart = 'always'\non_crash = 'preserve'\non_reboot = 'restart'\n")
+    s = cfg.spec
+    assert (s.on_poweroff, s.on_reboot, s.on_crash) == \
+        (Action.RESTART, Action.RESTART, Action.PRESERVE)
+    assert cfg.warnings == ["vm.cfg:2: restart: 'always' would make on_crash restart; "
+                            "on_crash = 'preserve' (vm.cfg:3) wins"]
+    over = parse("name='a'\nrestart='never'\n", overrides=["on_poweroff=restart"])
+    assert over.spec.on_poweroff is Action.RESTART and over.spec.on_crash is Action.DESTROY
+    assert over.warnings == ["vm.cfg:2: restart: 'never' would make on_poweroff destroy; "
+                             "on_poweroff = 'restart' (command line:1) wins"]
+
+
+def test_restart_errors() -> None:
+    assert str(error("name='a'\n\nrestart='sometimes'")) == \
+        "vm.cfg:3: restart: invalid value 'sometimes' (allowed: onreboot, always, never)"
+    assert "expected a quoted string" in str(error("name='a'\nrestart=1"))
+
+
+# --------------------------------------------------------------------------- memory warning
+
+
+def test_too_little_memory_for_the_guest_kit_warns() -> None:
+    assert parse("name='a'\nmemory = 64\n").warnings == [
+        "vm.cfg:2: memory: 64 MiB is less than the guest kit needs to boot (96 MiB)"]
+    assert parse("name='a'", overrides=["memory=80"]).warnings == [
+        "command line:1: memory: 80 MiB is less than the guest kit needs to boot (96 MiB)"]
+    assert parse("name='a'\nmemory=96").warnings == []
+    assert parse("name='a'\nmemory=32\nkernel='/boot/vmlinuz'").warnings == []
+
+
+# --------------------------------------------------------------------------- QEMU: LUNs, order
+
+
+def _disks(*targets: str) -> list[DiskSpec]:
+    return [DiskSpec(t, "file", f"/d/{t}.img") for t in targets]
+
+
+def test_luns_never_collide_and_keep_the_whole_disk_numbers() -> None:
+    assert [disk_lun(t) for t in ("sda", "xvdb", "hdc", "sdz", "sdaa")] == [0, 1, 2, 25, 26]
+    assert [disk_lun(t) for t in ("xvda1", "xvda2", "sda15", "xvdb1", "xvdaa1")] == \
+        [1025, 1026, 1039, 1041, 1024 + 16 * 26 + 1]
+    every = [f"xvd{c}{p}" for c in "abcdefghijklmnopqrstuvwxyz" for p in ["", *range(1, 16)]]
+    assert len({disk_lun(t) for t in every}) == len(every)
+    assert max(disk_lun(f"xvd{a}{b}15") for a in "ai" for b in "az") <= 16383  # virtio-scsi
+
+
+def test_scan_order_names_and_creation_order() -> None:
+    disks = [*_disks("xvdb", "xvda2", "xvda1"), DiskSpec("hdc", "file", "/x.iso", "r", "cdrom")]
+    assert [d.target for d in scan_order(disks)] == ["xvda1", "xvda2", "xvdb", "hdc"]
+    assert [d.target for d in creation_order(disks)] == ["hdc", "xvdb", "xvda2", "xvda1"]
+    assert guest_names(disks) == {"xvda1": "/dev/sda", "xvda2": "/dev/sdb", "xvdb": "/dev/sdc"}
+    assert [sd_name(i) for i in (0, 25, 26, 701)] == ["sda", "sdz", "sdaa", "sdzz"]
+
+
+@pytest.mark.parametrize(
+    ("targets", "root", "udev", "new"),
+    [
+        # xen-tools: partition targets; the guest has no xvda2, only a disk with that serial
+        (("xvda2", "xvda1"), "/dev/xvda2", True, BY_ID + "xvda2"),
+        (("xvda2", "xvda1"), "/dev/xvda2", False, "/dev/sdb"),
+        (("xvda2", "xvda1"), "xvda1", False, "/dev/sda"),
+        (("sda2", "sda1"), "/dev/sda2", False, "/dev/sdb"),
+        (("hda1",), "/dev/xvda1", False, "/dev/sda"),  # the same slot, another prefix
+        # a whole disk with a partition table: its partition
+        (("xvda",), "/dev/xvda1", True, BY_ID + "xvda-part1"),
+        (("xvda",), "/dev/xvda1", False, "/dev/sda1"),
+        (("sdb",), "/dev/sdb1", False, "/dev/sda1"),  # no sda: the guest calls it sda
+        # already the guest's name, or not one of the domain's disks: as written
+        (("sda", "sdb"), "/dev/sdb1", True, None),
+        (("sda",), "/dev/sda", True, None),
+        (("xvda2",), "/dev/xvda3", True, None),
+        (("xvda",), "/dev/mapper/vg-root", True, None),
+        (("xvda",), "LABEL=root", True, None),
+        (("xvda",), "/dev/xvdb1", True, None),
+    ],
+)
+def test_guest_root(targets: tuple[str, ...], root: str, udev: bool, new: str | None) -> None:
+    assert guest_root(root, _disks(*targets), udev=udev) == new
+
+
+def test_argv_partition_targets_root_and_order(tmp_path: Path) -> None:
+    spec = parse("name='xt'\nroot='/dev/xvda2 ro'\nextra='x=1 root=/dev/xvda2'\n"
+                 "disk=['phy:/dev/vg/dom-disk,xvda2,w', 'phy:/dev/vg/dom-swap,xvda1,w']\n").spec
+    plan = LaunchPlan(spec=spec, rundir=tmp_path, kernel=tmp_path / "k", initrd=tmp_path / "i",
+                      cmdline="console=ttyS0 root=/dev/xvda2 ro x=1 root=/dev/xvda2")
+    argv = build_argv(plan, qemu="q", accel="tcg")
+    assert argv[argv.index("-append") + 1] == \
+        f"console=ttyS0 root={BY_ID}xvda2 ro x=1 root={BY_ID}xvda2"
+    devices = [a for a in argv if a.startswith("scsi-hd,")]
+    assert devices == [
+        "scsi-hd,id=dev-xvda2,bus=scsi0.0,channel=0,scsi-id=0,lun=1026,drive=disk-xvda2,"
+        "serial=xvda2",
+        "scsi-hd,id=dev-xvda1,bus=scsi0.0,channel=0,scsi-id=0,lun=1025,drive=disk-xvda1,"
+        "serial=xvda1"]
+    plan.initrd = None  # no initramfs, no udev: the name the kernel gives it
+    assert "root=/dev/sdb ro" in guest_cmdline(plan)
+    assert plan.cmdline == "console=ttyS0 root=/dev/xvda2 ro x=1 root=/dev/xvda2"  # kept
+
+
+def test_nbd_blockdev() -> None:
+    bd = disk_blockdev(DiskSpec("sdb", "nbd", "nbd://127.0.0.1:10809"))
+    assert bd["file"] == {"driver": "nbd", "server": {"type": "inet", "host": "127.0.0.1",
+                                                      "port": "10809"},
+                          "reconnect-delay": 30, "node-name": "proto-sdb", "read-only": False,
+                          "auto-read-only": False, "discard": "unmap"}
+    ro = disk_blockdev(DiskSpec("sdc", "nbd", "nbd://[::1]:7/lun0", "r"))
+    assert ro["file"]["server"] == {"type": "inet", "host": "::1", "port": "7"}  # type: ignore[index]
+    assert ro["file"]["export"] == "lun0" and ro["read-only"] is True  # type: ignore[index]
+    mp = disk_blockdev(DiskSpec("sda", "phy", "/dev/mapper/sys"), "/run/mp/sys.sock")
+    assert mp["file"]["server"] == {"type": "unix", "path": "/run/mp/sys.sock"}  # type: ignore[index]
+    assert mp["file"]["export"] == "sys"  # type: ignore[index]
+
+
+# --------------------------------------------------------------------------- Xen: xl.cfg
+
+
+def test_xen_vdevs_and_root() -> None:
+    assert [xen_vdev(t) for t in ("xvda", "xvda2", "sda", "sdb1", "hda1", "sdaa")] == \
+        ["xvda", "xvda2", "xvda", "xvdb1", "xvda1", "xvdaa"]
+    assert disk_entry(DiskSpec("xvda2", "phy", "/dev/vg/dom-disk")) == \
+        "vdev=xvda2, access=rw, format=raw, backendtype=phy, target=/dev/vg/dom-disk"
+    spec = parse("name='x'\ndisk=['phy:/dev/a,sda2,w']\n").spec
+    text = render(spec, kernel="/k", ramdisk=None, nics=[],
+                  cmdline="console=hvc0 root=/dev/sda2 ro other=/dev/sda2")
+    assert 'extra = "console=hvc0 root=/dev/xvda2 ro other=/dev/sda2"' in text
+    assert 'disk = [ "vdev=xvda2, access=rw' in text
+    same = render(spec, kernel="/k", ramdisk=None, nics=[], cmdline="root=/dev/xvda2 ro")
+    assert 'extra = "root=/dev/xvda2 ro"' in same
+
+
+def test_xen_refuses_nbd_disks() -> None:
+    with pytest.raises(ConfigError, match=r"^disk xvdb: nbd://h:1: NBD disks are not "
+                       r"supported on Xen hosts"):
+        disk_entry(DiskSpec("xvdb", "nbd", "nbd://h:1"))
+
+
+# --------------------------------------------------------------------------- image formats
+
+
+def test_image_formats_are_recognised(tmp_path: Path) -> None:
+    assert image_format(b"QFI\xfb\x00\x00\x00\x03" + bytes(64)) == "qcow2"
+    assert image_format(b"QFI\xfb\x00\x00\x00\x01" + bytes(64)) == "qcow"
+    assert image_format(b"KDMV" + bytes(80)) == "vmdk"
+    assert image_format(bytes(0x40) + b"\x7f\x10\xda\xbe") == "vdi"
+    assert image_format(bytes(512)) is None
+    assert image_format(b"\xebc\x90" + bytes(509)) is None  # an MBR: raw
+    assert image_format(b"") is None
+    assert probe_file(tmp_path / "missing") is None
+
+
+def test_check_disks_refuses_a_qcow2_file(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from sanvisor.agent.manager import Manager
+
+    img = tmp_path / "vm.img"
+    img.write_bytes(b"QFI\xfb\x00\x00\x00\x03" + bytes(4096))
+    spec = parse(f"name='a'\ndisk=['file:{img},xvda,w', 'nbd:h 1,xvdb,w']\n").spec
+    host = SimpleNamespace(remote=False, mapper=None)
+    with pytest.raises(ConfigError, match=r"disk xvda: .*vm\.img is a qcow2 image, not raw"):
+        Manager.check_disks(host, spec)  # type: ignore[arg-type]
+    img.write_bytes(bytes(4096))
+    Manager.check_disks(host, spec)  # type: ignore[arg-type]  # raw; nbd: not a host path

@@ -10,12 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from sanvisor.drivers.qemu.guestdisks import BY_ID
 from sanvisor.errors import GuestKitError
 from sanvisor.guestkit import GuestKit, default_cache_dir
-from sanvisor.guestkit.build import SCRIPTS, input_hash, script_text
+from sanvisor.guestkit.build import SCRIPTS, input_hash, script_text, write_initrd
 from sanvisor.guestkit.cpio import Entry, NewcWriter, read_newc
 from sanvisor.guestkit.kernel import extract_vmlinux, parse_depends
 from sanvisor.guestkit.modules import (
+    FS_MODULES,
+    WANTED_MODULES,
+    ModuleSet,
     collect_modules,
     dependency_order,
     modinfo_depends,
@@ -150,3 +154,37 @@ def test_kit_dict_cache_dir_and_hash(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     for name in SCRIPTS:
         assert script_text(name).startswith(("#!/bin/sh", "#"))
     assert "SANVISOR-READY" in script_text("init.sh")
+
+
+def test_filesystem_modules_are_in_the_kit_but_loaded_on_demand() -> None:
+    mods = ModuleSet(("virtio", "crc16", "ext4"), {m: b"\x7fELF" + m.encode() for m in
+                                                    ("virtio", "crc16", "ext4")})
+    buf = io.BytesIO()
+    write_initrd(buf, b"\x7fELFbusybox", ["sh", "mount"], mods, on_demand=("crc16", "ext4"))
+    files = {e.name: e.data for e in read_newc(buf.getvalue())}
+    assert files["lib/modules/load.order"] == b"virtio\n"
+    assert files["lib/modules/fs.order"] == b"crc16\next4\n"
+    assert files["lib/modules/ext4.ko"] == b"\x7fELFext4"
+    assert files["sbin/sv-root"] == script_text("sv-root.sh").encode()
+    assert "ext4" in FS_MODULES and "crc32c_generic" in FS_MODULES
+    assert not set(FS_MODULES) & set(WANTED_MODULES)
+
+
+def test_init_hands_root_to_sv_root() -> None:
+    init = script_text("init.sh")
+    assert "root=*) root=${arg#root=}" in init
+    assert '/sbin/sv-root "$root"' in init
+    assert init.index("/sbin/sv-root") < init.index('echo "SANVISOR-READY')
+    sv_root = script_text("sv-root.sh")
+    assert "scsi-0QEMU_QEMU_HARDDISK_$serial" in sv_root  # guestdisks.BY_ID, as udev names it
+    assert BY_ID == "/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_"
+
+
+@pytest.mark.skipif(not Path("/bin/busybox").exists(), reason="busybox is not installed")
+def test_kit_scripts_parse_with_busybox_sh() -> None:
+    import subprocess
+
+    for name in SCRIPTS:
+        res = subprocess.run(["/bin/busybox", "sh", "-n", "-c", script_text(name)],
+                             capture_output=True, text=True, check=False)
+        assert res.returncode == 0, (name, res.stderr)

@@ -173,9 +173,11 @@ class Manager:
     def check_disks(self, spec: DomainSpec) -> None:
         if self.remote:
             return  # paths are dom0's: xl checks them and says so
+        from sanvisor.agent.diskprobe import probe_file
+
         for disk in spec.disks:
-            if not disk.path:
-                continue
+            if not disk.path or disk.backend == "nbd":
+                continue  # an empty CD-ROM; a network disk QEMU connects to at start
             p = Path(disk.path)
             if disk.path.startswith("/dev/mapper/") and self.mapper is not None:
                 if self.mapped(disk.path) is None:
@@ -190,6 +192,11 @@ class Manager:
             if disk.backend == "file" and not p.is_file():
                 raise ConfigError(f"disk {disk.target}: {disk.path}: not a regular file",
                                   file=spec.source)
+            if disk.backend == "file" and (fmt := probe_file(p)) is not None:
+                raise ConfigError(
+                    f"disk {disk.target}: {disk.path} is a {fmt} image, not raw (sanvisor "
+                    f"gives guests raw disks: qemu-img convert -O raw {disk.path} NEW.img)",
+                    file=spec.source)
 
     def check_memory(self, mib: int) -> None:
         if self.remote:
@@ -200,18 +207,21 @@ class Manager:
                                 f"on this host (a QEMU also needs ~{MEM_OVERHEAD_MIB} MiB)",
                                 asked=mib, available=avail)
 
-    def plan_nics(self, name: str, vifs: list[VifSpec], start: int = 0) -> list[NicPlan]:
+    def plan_nics(self, name: str, vifs: list[VifSpec], start: int = 0, *,
+                  dry: bool = False) -> list[NicPlan]:
+        """MACs (given, remembered for the name, or new), NAT addresses; ``dry``: what
+        they would be, remembering nothing."""
         live = self.live_macs()
         nics: list[NicPlan] = []
         for i, vif in enumerate(vifs, start):
-            mac = vif.mac or self.registry.mac_for(name, i, None)
+            mac = vif.mac or self.registry.mac_for(name, i, None, dry=dry)
             owner = live.get(mac)
             if owner is not None and owner != name:
                 raise ConflictError(f"vif {i}: MAC {mac} is already used by domain {owner}",
                                     mac=mac)
             if any(n.mac == mac for n in nics):
                 raise ConflictError(f"vif {i}: MAC {mac} used twice", mac=mac)
-            if vif.mac:
+            if vif.mac and not dry:
                 self.registry.mac_for(name, i, vif.mac)
             if vif.type == "nat" and is_root():
                 self._nat_address(vif, nics)

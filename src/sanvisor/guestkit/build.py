@@ -18,7 +18,7 @@ from typing import BinaryIO
 from sanvisor.errors import GuestKitError
 from sanvisor.guestkit import kernel
 from sanvisor.guestkit.cpio import Entry, NewcWriter
-from sanvisor.guestkit.modules import WANTED_MODULES, ModuleSet, collect_modules
+from sanvisor.guestkit.modules import FS_MODULES, WANTED_MODULES, ModuleSet, collect_modules
 
 #: Bump when the builder's output changes for the same inputs.
 BUILDER_VERSION = "1"
@@ -40,6 +40,7 @@ SCRIPTS: dict[str, tuple[str, int]] = {
     "sv-counter.sh": ("sbin/sv-counter", 0o755),
     "sv-status.sh": ("sbin/sv-status", 0o755),
     "sv-ctl.sh": ("sbin/sv-ctl", 0o755),
+    "sv-root.sh": ("sbin/sv-root", 0o755),
     "halt.sh": ("sbin/poweroff", 0o755),
     "acpi-power.sh": ("etc/acpi/PWRF/00000080", 0o755),
     "profile.sh": ("etc/profile", 0o644),
@@ -87,7 +88,8 @@ def _busybox_applets(busybox: Path) -> list[str]:
 
 def input_hash(package_version: str, busybox_sha: str) -> str:
     h = hashlib.sha256()
-    parts = [BUILDER_VERSION, package_version, busybox_sha, ",".join(WANTED_MODULES)]
+    parts = [BUILDER_VERSION, package_version, busybox_sha, ",".join(WANTED_MODULES),
+             ",".join(FS_MODULES)]
     parts += [f"{name}\0{script_text(name)}" for name in sorted(SCRIPTS)]
     for part in parts:
         h.update(part.encode() + b"\0\0")
@@ -95,8 +97,10 @@ def input_hash(package_version: str, busybox_sha: str) -> str:
 
 
 def write_initrd(out: BinaryIO, busybox: bytes, applets: list[str],
-                 mods: ModuleSet) -> None:
-    """The newc initramfs: busybox + applet symlinks, our scripts, ordered modules."""
+                 mods: ModuleSet, on_demand: tuple[str, ...] = ()) -> None:
+    """The newc initramfs: busybox + applet symlinks, our scripts, ordered modules.
+    ``on_demand``: modules of ``mods`` that /init does not load (``fs.order``, for
+    sv-root), in their order."""
     w = NewcWriter(out)
     for d in _DIRS:
         w.directory(d, 0o700 if d == "root" else 0o755)
@@ -113,7 +117,9 @@ def write_initrd(out: BinaryIO, busybox: bytes, applets: list[str],
     w.symlink("usr", ".")
     for name in mods.order:
         w.file(f"lib/modules/{name}.ko", mods.blobs[name], 0o644)
-    w.file("lib/modules/load.order", "".join(f"{m}\n" for m in mods.order).encode())
+    boot = [m for m in mods.order if m not in on_demand]
+    w.file("lib/modules/load.order", "".join(f"{m}\n" for m in boot).encode())
+    w.file("lib/modules/fs.order", "".join(f"{m}\n" for m in on_demand).encode())
     w.close()
 
 
@@ -157,13 +163,17 @@ def build_kit(cache_dir: Path | None = None, *, force: bool = False,
         say("extracting vmlinux from the bzImage")
         vmlinux = kernel.extract_vmlinux((root / "boot" / f"vmlinuz-{release}").read_bytes())
         (out / "vmlinux").write_bytes(vmlinux)
-        mods = collect_modules(root / "lib" / "modules" / release)
-        say(f"modules: {' '.join(mods.order)}")
+        moddir = root / "lib" / "modules" / release
+        boot = collect_modules(moddir).order
+        mods = collect_modules(moddir, WANTED_MODULES + FS_MODULES)
+        on_demand = tuple(m for m in mods.order if m not in boot)
+        say(f"modules: {' '.join(boot)} (on demand: {' '.join(on_demand)})")
         with (out / "initrd.cpio").open("wb") as f:
-            write_initrd(f, busybox, _busybox_applets(BUSYBOX), mods)
+            write_initrd(f, busybox, _busybox_applets(BUSYBOX), mods, on_demand)
         config = kernel.read_config(root, release)
         meta = {"kernel": "vmlinux", "initrd": "initrd.cpio", "version": release,
-                "package": pkg_version, "modules": list(mods.order),
+                "package": pkg_version, "modules": list(boot),
+                "modules_on_demand": list(on_demand),
                 "config": {k: config.get(k, "n") for k in _CONFIG_FACTS}}
         (out / KIT_JSON).write_text(json.dumps(meta, indent=2) + "\n")
         if kit_dir.exists():  # force: move the old kit aside, then swap in the new one

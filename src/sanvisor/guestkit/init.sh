@@ -2,6 +2,7 @@
 # sanvisor guest /init (busybox sh as PID 1). Kernel command line:
 #   sv.ip0=10.0.0.2/24 [sv.ip1=...] [sv.gw=10.0.0.1] [sv.hostname=NAME]
 #   [sv.console=plain]  (console shell without echo/line editing)
+#   [root=DEV [rootfstype=T] [rootflags=O] [ro|rw]]  mounted on /mnt/root (sv-root)
 # Services: TCP echo on 7, counter on 8000 (ticks every 0.1 s), status on 8001.
 # Prints "SANVISOR-READY <hostname>" on the console, then a root shell there forever.
 export PATH=/sbin:/bin HOME=/root TERM=vt100 PS1='# '
@@ -44,6 +45,7 @@ acpid -c /etc/acpi -l /run/acpid.log
 host=guest
 gw=
 console=
+root= rootfstype= rootflags= rootmode=ro
 read -r cmdline < /proc/cmdline
 ip link set lo up
 set -f
@@ -52,6 +54,10 @@ for arg in $cmdline; do
         sv.hostname=*) host=${arg#sv.hostname=} ;;
         sv.gw=*) gw=${arg#sv.gw=} ;;
         sv.console=*) console=${arg#sv.console=} ;;
+        root=*) root=${arg#root=} ;;
+        rootfstype=*) rootfstype=${arg#rootfstype=} ;;
+        rootflags=*) rootflags=${arg#rootflags=} ;;
+        ro|rw) rootmode=$arg ;;
         sv.ip[0-9]*=*)
             key=${arg%%=*}
             dev=eth${key#sv.ip}
@@ -64,6 +70,9 @@ set +f
 hostname "$host"
 echo "$host" > /etc/hostname
 echo "127.0.0.1 localhost $host" > /etc/hosts
+
+# The root= filesystem, when one is named: on /mnt/root (the kit stays in its initramfs).
+[ -n "$root" ] && /sbin/sv-root "$root" "$rootfstype" "$rootflags" "$rootmode"
 
 # Services.
 echo 0 > /run/counter

@@ -31,6 +31,10 @@ WANTED_MODULES: tuple[str, ...] = (
     "xen_blkfront",  # as a Xen PV domU (init loads xen_* only under Xen)
     "xen_netfront",
 )
+#: Loaded by /sbin/sv-root only when the command line names a root= to mount (ext4 is
+#: 2 MB of module: no boot pays for it otherwise). crc32c: ext4's metadata checksums
+#: ask the crypto API for it, which would modprobe (absent) to find it.
+FS_MODULES: tuple[str, ...] = ("crc32c_generic", "ext4")
 
 _SUFFIXES = (".ko.xz", ".ko.zst", ".ko.gz", ".ko")
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
 from sanvisor.errors import ConfigError
-from sanvisor.model.domain import Action, DiskSpec, DomainSpec, VifSpec
+from sanvisor.model.diskspec import parse_disk as parse_disk  # re-exported
+from sanvisor.model.domain import GUEST_KIT_MIN_MIB, Action, DomainSpec, VifSpec
 
 Scalar = str | int | float
 Value = Scalar | list[Scalar]
@@ -222,6 +223,38 @@ _TYPES = {"pv": "pv", "pvh": "pvh", "hvm": "hvm"}
 _INT_KEYS = ("memory", "maxmem", "vcpus", "maxvcpus")
 _STR_KEYS = ("name", "kernel", "ramdisk", "root", "extra", "cmdline")
 _FALLBACK_KEY = {"vcpus": "maxvcpus", "maxmem": "memory"}
+_ON_KEYS = ("on_poweroff", "on_reboot", "on_crash")
+#: xm's deprecated ``restart`` key -> (on_poweroff, on_reboot, on_crash), as xend 3.0
+#: read it (XendDomainInfo: "let on_xyz override it if they are present").
+_RESTART: dict[str, tuple[Action, ...]] = {
+    "onreboot": (Action.DESTROY, Action.RESTART, Action.DESTROY),
+    "always": (Action.RESTART,) * 3,
+    "never": (Action.DESTROY,) * 3,
+}
+
+
+def _restart(e: _Entry, kw: dict[str, Any], entries: dict[str, _Entry]) -> list[str]:
+    """Apply ``restart = 'onreboot'|'always'|'never'`` under the on_* keys given; warn
+    where an explicit on_* key says otherwise (it wins)."""
+    warnings = []
+    actions = _choice("restart", e, _RESTART)
+    for key, action in zip(_ON_KEYS, actions, strict=True):
+        if key not in kw:
+            kw[key] = action
+        elif kw[key] is not action:
+            at = entries[key]
+            warnings.append(f"{e.file}:{e.line}: restart: {e.value!r} would make {key} "
+                            f"{action.value}; {key} = {kw[key].value!r} ({at.file}:{at.line}) "
+                            "wins")
+    return warnings
+
+
+def _warn_memory(spec: DomainSpec, entries: dict[str, _Entry]) -> list[str]:
+    e = entries.get("memory")
+    if spec.kernel is None and e is not None and spec.memory < GUEST_KIT_MIN_MIB:
+        return [f"{e.file}:{e.line}: memory: {spec.memory} MiB is less than the guest kit "
+                f"needs to boot ({GUEST_KIT_MIN_MIB} MiB)"]
+    return []
 
 
 def parse_config(
@@ -247,8 +280,10 @@ def parse_config(
                 raise _fail(key, e, f"invalid UUID {e.value!r}") from None
         elif key in ("disk", "vif"):
             kw[key + "s"] = _items(key, e, parse_disk if key == "disk" else parse_vif)
-        elif key in ("on_poweroff", "on_reboot", "on_crash"):
+        elif key in _ON_KEYS:
             kw[key] = _choice(key, e, _ACTIONS)
+        elif key == "restart":
+            continue  # once the on_* keys are known
         elif key in ("builder", "type"):
             builder = _choice(key, e, _BUILDERS if key == "builder" else _TYPES)
             if kw.setdefault("builder", builder) != builder:
@@ -259,6 +294,8 @@ def parse_config(
             warnings.append(f"{e.file}:{e.line}: unknown key {key!r} (kept)")
     if "name" not in kw:
         raise ConfigError("name: missing (every domain needs a name)", file=filename)
+    if "restart" in entries:
+        warnings += _restart(entries["restart"], kw, entries)
     spec = DomainSpec(**kw, unknown=unknown)
     try:
         spec.validate()  # source is still None: the message carries no location
@@ -268,88 +305,8 @@ def parse_config(
         raise ConfigError(exc.message, file=at.file if at else filename,
                           line=at.line if at else None) from exc
     spec.source = filename
+    warnings += _warn_memory(spec, entries)
     return ParsedConfig(spec, warnings, {k: e.value for k, e in entries.items()})
-
-
-_MODES = {"r": "r", "ro": "r", "w": "w", "rw": "w", "w!": "w"}
-_PREFIXES = {"phy": "phy", "file": "file", "tap": "file", "tap2": "file", "tapdisk": "file",
-             "aio": "file", "raw": ""}
-_FORMATS = ("qcow", "qcow2", "vhd", "qed")
-_DISK_KEYS = ("target", "vdev", "access", "format", "devtype", "backendtype")
-_DISK_FLAGS = ("discard", "no-discard", "direct-io-safe")  # hints; accepted, ignored
-_PREFIX_RE = re.compile(r"([A-Za-z0-9]+):")
-
-
-def _check_format(fmt: str) -> None:
-    if fmt in _FORMATS:
-        raise ValueError(f"disk format {fmt!r} is not supported (only raw images)")
-    if fmt not in ("", "raw", "empty"):
-        raise ValueError(f"unknown disk format {fmt!r}")
-
-
-def parse_disk(spec: str) -> DiskSpec:
-    """``[prefix:]path,vdev[:devtype|:mode],mode`` or ``key=value`` (xl-disk-configuration)."""
-    pos: list[str] = []
-    kv: dict[str, str] = {}
-    head = spec
-    # xl: target= comes last and takes the rest of the spec, commas included
-    # (when key=value items follow it, it was not meant that way: parse as items)
-    m = re.search(r"(?:^|,)\s*target\s*=", spec)
-    if m and not re.search(r",\s*[a-z][a-z-]*\s*=", spec[m.end():]):
-        head, kv["target"] = spec[: m.start()], spec[m.end():].strip()
-    for item in (raw.strip() for raw in head.split(",") if head.strip()):
-        key, sep, val = (s.strip() for s in item.partition("="))
-        if sep and key in _DISK_KEYS:
-            if key in kv:
-                raise ValueError(f"{key}= given twice in disk {spec!r}")
-            kv[key] = val
-        elif item == "cdrom":
-            kv["devtype"] = "cdrom"
-        elif sep and re.fullmatch(r"[a-z][a-z-]*", key):
-            raise ValueError(f"unknown disk setting {key!r} in {spec!r}")
-        elif item not in _DISK_FLAGS:
-            pos.append(item)
-    while pos and not pos[-1]:
-        pos.pop()  # trailing comma
-    if len(pos) > 4:
-        raise ValueError(f"too many fields in disk {spec!r} (expected path,vdev,mode)")
-    path, fmt, vdev, access = pos if len(pos) == 4 else [*pos[:1], "", *pos[1:], "", "", ""][:4]
-    if "target" in kv and path:
-        raise ValueError(f"disk {spec!r} gives the path twice (positional and target=)")
-    path, vdev = kv.get("target", path), kv.get("vdev", vdev).removeprefix("ioemu:")
-    access, fmt = kv.get("access", access).lower(), kv.get("format", fmt).lower()
-    _check_format(fmt)
-    backend = {"phy": "phy", "qdisk": "", "tap": "", "": ""}.get(kv.get("backendtype", ""))
-    if backend is None:
-        raise ValueError(f"unknown backendtype {kv['backendtype']!r} (use phy, qdisk or tap)")
-    while m := _PREFIX_RE.match(path):
-        if (prefix := m.group(1).lower()) in _FORMATS:
-            _check_format(prefix)
-        if prefix not in _PREFIXES:
-            raise ValueError(f"unknown disk type prefix {prefix + ':'!r} in {spec!r} "
-                             "(use phy:, file: or tap:aio:)")
-        backend, path = backend or _PREFIXES[prefix], path[m.end():]
-    if backend == "phy" and path and not path.startswith("/"):
-        path = "/dev/" + path  # xm: phy:sda1 means /dev/sda1
-    devtype = kv.get("devtype", "disk")
-    vdev, _, suffix = vdev.partition(":")
-    if suffix in ("cdrom", "disk"):
-        devtype = suffix
-    elif suffix in _MODES:
-        access = access or suffix
-    elif suffix:
-        raise ValueError(f"invalid suffix {suffix!r} on disk target in {spec!r}")
-    if devtype not in ("disk", "cdrom"):
-        raise ValueError(f"invalid devtype {devtype!r} (use disk or cdrom)")
-    if not vdev:
-        raise ValueError(f"disk {spec!r} has no guest device (vdev), e.g. 'xvda'")
-    if access and access not in _MODES:
-        raise ValueError(f"invalid access mode {access!r} in {spec!r} (use r, ro, w or rw)")
-    if not path and devtype != "cdrom":
-        raise ValueError(f"disk {spec!r} has no host path")
-    mode = "r" if devtype == "cdrom" else _MODES[access or "w"]
-    backend = backend or ("phy" if path.startswith("/dev/") else "file")
-    return DiskSpec(DiskSpec.normalise_target(vdev), backend, path, mode, devtype)
 
 
 _MODELS = {"virtio": "virtio-net-pci", "virtio-net": "virtio-net-pci",

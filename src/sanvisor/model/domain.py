@@ -15,7 +15,10 @@ from sanvisor.errors import ConfigError
 
 XEN_OUI = "00:16:3e"
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-_TARGET_RE = re.compile(r"^(?:/dev/)?((?:sd|xvd|hd|vd)[a-z]{1,2})$")
+_TARGET_RE = re.compile(r"^(?:/dev/)?((sd|xvd|hd|vd)([a-z]{1,2})([0-9]*))$")
+MAX_PARTITION = 15  # xvdX1..xvdX15, as blkfront numbers them (16 minors a disk)
+#: The guest kit boots in this much memory (docs/guest-kit.md); less gets a warning.
+GUEST_KIT_MIN_MIB = 96
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -59,11 +62,14 @@ class State(enum.StrEnum):
 
 @dataclass
 class DiskSpec:
-    """One ``disk = [...]`` entry: ``phy:/dev/vg/lv,sda,w``."""
+    """One ``disk = [...]`` entry: ``phy:/dev/vg/lv,sda,w``.
 
-    target: str  # guest-side name as written, normalised: "sda", "xvdb"
-    backend: str = "phy"  # phy | file
-    path: str = ""  # host-side path; empty for an empty CD-ROM
+    A target may name a partition (``xvda2``), as xen-tools writes them: the volume
+    is then a disk of its own to the guest (docs/config.md, "What the guest sees")."""
+
+    target: str  # guest-side name as written, normalised: "sda", "xvdb", "xvda2"
+    backend: str = "phy"  # phy | file | nbd
+    path: str = ""  # host-side path (nbd: nbd://HOST:PORT[/EXPORT]); empty: empty CD-ROM
     mode: str = "w"  # r | w
     devtype: str = "disk"  # disk | cdrom
 
@@ -71,12 +77,42 @@ class DiskSpec:
     def readonly(self) -> bool:
         return self.mode == "r"
 
+    @property
+    def slot(self) -> tuple[int, int]:
+        """(disk index, partition): xvda -> (0, 0), sdb -> (1, 0), xvda2 -> (0, 2)."""
+        return target_slot(self.target)
+
     @staticmethod
     def normalise_target(raw: str) -> str:
         m = _TARGET_RE.match(raw.strip())
         if not m:
-            raise ValueError(f"invalid disk target {raw!r} (expected sdX, xvdX, hdX or vdX)")
+            raise ValueError(f"invalid disk target {raw!r} (expected sdX, xvdX, hdX or vdX, "
+                             "or a partition of one such as xvda2)")
+        part = m.group(4)
+        if part and not (part[0] != "0" and int(part) <= MAX_PARTITION):
+            raise ValueError(f"invalid disk target {raw!r} (partition numbers go from 1 "
+                             f"to {MAX_PARTITION})")
         return m.group(1)
+
+
+def target_slot(target: str) -> tuple[int, int]:
+    """(disk index, partition) of a normalised target, whatever its prefix: sda, xvda
+    and hda are disk 0, sdaa is disk 26; a whole disk has partition 0."""
+    m = _TARGET_RE.match(target)
+    if not m:
+        raise ValueError(f"invalid disk target {target!r}")
+    n = 0
+    for ch in m.group(3):
+        n = n * 26 + (ord(ch) - ord("a") + 1)
+    return n - 1, int(m.group(4) or 0)
+
+
+def target_split(target: str) -> tuple[str, str, int]:
+    """(prefix, letters, partition): xvda2 -> ("xvd", "a", 2)."""
+    m = _TARGET_RE.match(target)
+    if not m:
+        raise ValueError(f"invalid disk target {target!r}")
+    return m.group(2), m.group(3), int(m.group(4) or 0)
 
 
 @dataclass
@@ -152,11 +188,18 @@ class DomainSpec:
             raise bad(f"vcpus: {self.vcpus} is more than maxvcpus ({self.maxvcpus})")
         if self.maxvcpus > 64:
             raise bad(f"maxvcpus: {self.maxvcpus} is more than 64")
-        seen: set[str] = set()
+        seen: dict[tuple[int, int], str] = {}
         for d in self.disks:
-            if d.target in seen:
-                raise bad(f"disk: target {d.target} used twice")
-            seen.add(d.target)
+            slot = d.slot
+            if slot in seen:
+                if seen[slot] == d.target:
+                    raise bad(f"disk: target {d.target} used twice")
+                raise bad(f"disk: {seen[slot]} and {d.target} name the same disk")
+            seen[slot] = d.target
+        for (n, part), target in seen.items():
+            if part and (n, 0) in seen:
+                raise bad(f"disk: {target} is a partition of {seen[n, 0]}, which is also "
+                          "a disk of this domain (give one or the other)")
         macs: set[str] = set()
         for v in self.vifs:
             if v.mac:

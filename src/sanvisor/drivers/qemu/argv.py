@@ -1,9 +1,9 @@
 """Build QEMU's command line from a LaunchPlan. Pure: no I/O.
 
 Disks sit on one virtio-scsi controller (hot-add/remove without the four-IDE
-limit the seed hits under full virtualisation); the target letter gives the
-SCSI LUN, so the guest enumerates sda, sdb... in the config's order, and the
-target name is the disk's serial (visible in the guest's VPD page 0x80).
+limit the seed hits under full virtualisation); the target gives the SCSI LUN and
+is the disk's serial (the guest's VPD page 0x80); guestdisks.py says how the guest
+sees them, and ``root=`` is rewritten to match.
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from sanvisor.drivers.base import LaunchPlan, NicPlan
+from sanvisor.drivers.qemu.guestdisks import creation_order, guest_root
+from sanvisor.drivers.qemu.guestdisks import disk_lun as disk_lun  # re-exported
+from sanvisor.model.diskspec import nbd_server, rewrite_root
 from sanvisor.model.domain import DiskSpec
 
 MEM_BLOCK_MIB = 128  # Linux x86_64 memory block: hot-added DIMMs come in these
@@ -19,19 +22,6 @@ MAX_DIMM_SLOTS = 8
 
 def align_up(value: int, step: int) -> int:
     return -(-value // step) * step
-
-
-def disk_lun(target: str) -> int:
-    """sda -> 0, sdb -> 1, ..., sdz -> 25, sdaa -> 26 (same for xvd/hd/vd)."""
-    letters = target.removeprefix("/dev/")
-    for prefix in ("xvd", "sd", "hd", "vd"):
-        if letters.startswith(prefix):
-            letters = letters[len(prefix):]
-            break
-    n = 0
-    for ch in letters:
-        n = n * 26 + (ord(ch) - ord("a") + 1)
-    return n - 1
 
 
 def disk_node(disk: DiskSpec) -> str:
@@ -43,15 +33,23 @@ def disk_blockdev(disk: DiskSpec, nbd_socket: str | None = None) -> dict[str, ob
 
     A multipath device (/dev/mapper/NAME) is the host multipath daemon's NBD
     export on a unix socket; QEMU reconnects to it for 30 s if it goes away
-    (an agent restart), holding the guest's I/O meanwhile instead of failing it."""
+    (an agent restart), holding the guest's I/O meanwhile instead of failing it.
+    An ``nbd:`` disk is QEMU's NBD client over TCP, reconnecting the same way."""
     path = disk.path
     is_dev = path.startswith("/dev/")
     proto: dict[str, object]
-    if nbd_socket is not None:
-        proto = {"driver": "nbd", "server": {"type": "unix", "path": nbd_socket},
-                 "export": path.removeprefix("/dev/mapper/"), "reconnect-delay": 30,
+    if nbd_socket is not None or disk.backend == "nbd":
+        if nbd_socket is not None:
+            server: dict[str, object] = {"type": "unix", "path": nbd_socket}
+            export = path.removeprefix("/dev/mapper/")
+        else:
+            host, port, export = nbd_server(path)
+            server = {"type": "inet", "host": host, "port": str(port)}
+        proto = {"driver": "nbd", "server": server, "export": export, "reconnect-delay": 30,
                  "node-name": f"proto-{disk.target}", "read-only": disk.readonly,
                  "auto-read-only": False, "discard": "unmap"}
+        if not export:
+            del proto["export"]  # the server's default export
     else:
         proto = {
             "driver": "host_device" if is_dev else "file",
@@ -127,6 +125,13 @@ def _blockdev_opts(bd: dict[str, object]) -> str:
     return _opts(_flatten(bd))
 
 
+def guest_cmdline(plan: LaunchPlan) -> str:
+    """The kernel command line, ``root=`` naming a disk as this guest will see it."""
+    disks = plan.spec.disks
+    udev = plan.initrd is not None
+    return rewrite_root(plan.cmdline, lambda dev: guest_root(dev, disks, udev=udev))
+
+
 def memory_arg(memory: int, maxmem: int) -> str:
     if maxmem <= memory:
         return f"{memory}M"
@@ -152,7 +157,7 @@ def build_argv(plan: LaunchPlan, *, qemu: str, accel: str) -> list[str]:
                     f"logfile={rd / 'console.log'},logappend=on",
         "-serial", "chardev:con0",
         "-kernel", str(plan.kernel),
-        "-append", plan.cmdline,
+        "-append", guest_cmdline(plan),
         # fixed queue count: QEMU's default follows the vCPU count at start, which
         # differs after a vCPU hot-plug and breaks restore/migration
         "-device", f"virtio-scsi-pci,id=scsi0,num_queues={min(spec.maxvcpus, 8)}",
@@ -170,7 +175,7 @@ def build_argv(plan: LaunchPlan, *, qemu: str, accel: str) -> list[str]:
         argv += ["-initrd", str(plan.initrd)]
     if spec.on_reboot.value != "restart":
         argv.append("-no-reboot")
-    for disk in spec.disks:
+    for disk in creation_order(spec.disks):  # the guest scans them in reverse
         if disk.path:
             sock = plan.disk_sources.get(disk.target)
             argv += ["-blockdev", _blockdev_opts(disk_blockdev(disk, sock))]

@@ -198,7 +198,7 @@ class XenInstance(Instance):
         await self._x("block-attach", self.name, xlcfg.disk_entry(disk))
 
     async def detach_disk(self, disk: DiskSpec) -> None:
-        vdev = disk.target if disk.target.startswith("xvd") else "xvd" + disk.target[-1]
+        vdev = xlcfg.xen_vdev(disk.target)
         await self._x("block-detach", self.name, vdev)
 
     async def attach_nic(self, nic: NicPlan) -> None:

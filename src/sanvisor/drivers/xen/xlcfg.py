@@ -7,7 +7,9 @@ key. Guest-kit domains boot their kernel as a PV guest, as in the seed.
 from __future__ import annotations
 
 from sanvisor.drivers.base import NicPlan
-from sanvisor.model.domain import DiskSpec, DomainSpec
+from sanvisor.errors import ConfigError
+from sanvisor.model.diskspec import rewrite_root
+from sanvisor.model.domain import DiskSpec, DomainSpec, target_split
 
 
 def quote(value: str) -> str:
@@ -15,12 +17,34 @@ def quote(value: str) -> str:
     return f'"{out}"'
 
 
+def xen_vdev(target: str) -> str:
+    """The PV guest's name for a target: xvd names as given (partitions too: blkfront
+    makes xvda2 a disk of its own), sd/hd/vd names as the same xvd letter."""
+    prefix, letters, part = target_split(target)
+    return target if prefix == "xvd" else f"xvd{letters}{part or ''}"
+
+
+def guest_root(dev: str) -> str | None:
+    """``root=/dev/sda1`` -> ``/dev/xvda1``: the name the PV guest gives that disk."""
+    name = dev.removeprefix("/dev/")
+    try:
+        vdev = xen_vdev(name)
+    except ValueError:
+        return None
+    return None if vdev == name else "/dev/" + vdev
+
+
 def disk_entry(d: DiskSpec) -> str:
     """xl's key=value disk syntax; target= last (it takes the rest of the spec).
 
     Always blkback (``backendtype=phy``): dom0 has no qdisk (qemu-system-xen), and a
-    ``file:`` disk goes through a loop device in the block hotplug script, as xm did."""
-    vdev = d.target if d.target.startswith("xvd") else "xvd" + d.target[-1]
+    ``file:`` disk goes through a loop device in the block hotplug script, as xm did.
+    So no NBD disk: dom0 would need an NBD client (nbd-client) to make it a block device."""
+    if d.backend == "nbd":
+        raise ConfigError(f"disk {d.target}: {d.path}: NBD disks are not supported on Xen "
+                          "hosts (dom0 has no NBD disk backend); connect it in dom0 with "
+                          "nbd-client and give the device as phy:")
+    vdev = xen_vdev(d.target)
     parts = [f"vdev={vdev}", f"access={'ro' if d.readonly else 'rw'}", "format=raw",
              "backendtype=phy"]
     if d.devtype == "cdrom":
@@ -54,7 +78,7 @@ def render(spec: DomainSpec, *, kernel: str, ramdisk: str | None, cmdline: str,
     if ramdisk:
         lines.append(f"ramdisk = {quote(ramdisk)}")
     lines += [
-        f"extra = {quote(cmdline)}",
+        f"extra = {quote(rewrite_root(cmdline, guest_root))}",
         f"memory = {memory or spec.memory}",
         f"maxmem = {spec.maxmem}",
         f"vcpus = {spec.vcpus}",
