@@ -5,8 +5,9 @@ the domain's record and its disks' identities), sends the domain through the
 socket the target returns, then asks the target to finish
 (``POST /v1/migrate/{uuid}/finish``: the target takes the domain in its table).
 Preflight, before anything moves: same hypervisor, no clash of name, uuid or MAC
-on the target, and every disk present there with the same identity (size and a
-hash of its first 64 KiB, read in each dom0: the "same LUN" check).
+on the target, and every disk present there with the same identity, read in each
+dom0 (the WWID or device-mapper uuid of a device; a read-only file's full hash;
+a writable file is refused: see drivers/xen/diskid.py).
 """
 
 from __future__ import annotations
@@ -21,21 +22,15 @@ from sanvisor.agent.manager import Domain
 from sanvisor.agent.records import DomainRecord
 from sanvisor.agent.service import HostService
 from sanvisor.api.client import AgentClient
-from sanvisor.errors import ConfigError, ConflictError, HypervisorError
+from sanvisor.errors import ConflictError, HypervisorError
 from sanvisor.model.domain import State
 
 MIGRATE_TIMEOUT = 600.0
 
 
-def check_same_disks(source: dict[str, str], target: dict[str, str | None]) -> None:
-    """Every disk of the source present on the target with the same identity."""
-    for path, ident in source.items():
-        here = target.get(path)
-        if here is None:
-            raise ConfigError(f"migrate: disk {path} does not exist on the target host")
-        if here != ident:
-            raise ConflictError(f"migrate: disk {path} on the target is not the same disk "
-                                f"(size:hash {here} there, {ident} here)")
+def _modes(rec: DomainRecord) -> dict[str, str]:
+    """path -> "r"/"w" for each of the domain's disks with a backing path."""
+    return {d.path: d.mode for d in rec.spec.disks if d.path}
 
 
 class Migrations:
@@ -52,7 +47,8 @@ class Migrations:
 
     # ---- source ----------------------------------------------------------------------
     async def migrate(self, ref: str, target_socket: str, live: bool) -> dict[str, Any]:
-        from sanvisor.drivers.xen.migrate import disk_identities, send
+        from sanvisor.drivers.xen.diskid import check_movable, identities
+        from sanvisor.drivers.xen.migrate import send
 
         m = self.m
         drv = self._xen()
@@ -62,10 +58,8 @@ class Migrations:
                 raise ConflictError(f"migrate: {dom.name} is {dom.record.state.value}",
                                     domain=dom.name)
             rec = dom.record
-            paths = [d.path for d in rec.spec.disks if d.path]
-            ids = await asyncio.to_thread(disk_identities, drv.run, paths)
-            if missing := [p for p, i in ids.items() if i is None]:
-                raise ConfigError(f"migrate: disk {missing[0]} is missing on this host")
+            ids = await asyncio.to_thread(identities, drv.run, _modes(rec))
+            check_movable(ids)
             target = AgentClient(Path(target_socket))
             prep = await asyncio.to_thread(
                 target.call, "POST", "/v1/migrate/incoming",
@@ -97,7 +91,8 @@ class Migrations:
     # ---- target ----------------------------------------------------------------------
     async def incoming(self, record: dict[str, Any], disks: dict[str, str],
                        live: bool) -> dict[str, str]:
-        from sanvisor.drivers.xen.migrate import Receiver, disk_identities, receive_argv
+        from sanvisor.drivers.xen.diskid import check_same, identities
+        from sanvisor.drivers.xen.migrate import Receiver, receive_argv
 
         m = self.m
         drv = self._xen()
@@ -112,8 +107,11 @@ class Migrations:
             if nic.mac in macs:
                 raise ConflictError(f"migrate: MAC {nic.mac} is in use on the target by "
                                     f"{macs[nic.mac]}")
-        check_same_disks(disks, await asyncio.to_thread(disk_identities, drv.run,
-                                                        list(disks)))
+        modes = _modes(rec)
+        if set(disks) != set(modes):
+            raise ConflictError("migrate: the source's disk identities do not match the "
+                                "domain's disks")
+        check_same(disks, await asyncio.to_thread(identities, drv.run, modes))
         sock = m.layout.home / f"migrate-{rec.uuid[:8]}.sock"
         cfg = await asyncio.to_thread(drv.write_config, m._plan(rec))
         recv = await asyncio.to_thread(Receiver, drv.spawn, sock, receive_argv(live, cfg))

@@ -29,28 +29,7 @@ log = logging.getLogger(__name__)
 
 MIG_DIR = "/run/sv-migrate"
 ACCEPT_TIMEOUT = 60.0
-#: size and a hash of the first 64 KiB of each path (block device or file), in dom0
-IDENTITY_SCRIPT = r"""for p; do
-  if [ -b "$p" ]; then s=$(blockdev --getsize64 "$p"); elif [ -e "$p" ]; then
-  s=$(stat -L -c %s "$p"); else echo "$p -"; continue; fi
-  echo "$p $s:$(head -c 65536 "$p" | sha256sum | cut -d' ' -f1)"
-done"""
-
 Run = Callable[[list[str], bytes | None], tuple[int, str, str]]
-
-
-def disk_identities(run: Run, paths: list[str]) -> dict[str, str | None]:
-    """path -> "size:sha256-of-first-64KiB" in dom0, None when missing."""
-    if not paths:
-        return {}
-    rc, out, err = run(["sh", "-c", IDENTITY_SCRIPT, "sh", *paths], None)
-    if rc != 0:
-        raise HypervisorError(f"dom0: cannot identify disks: {err.strip()}")
-    ids: dict[str, str | None] = {}
-    for line in out.splitlines():
-        path, _, ident = line.rpartition(" ")
-        ids[path] = None if ident == "-" else ident
-    return ids
 
 
 def _pump_socket(conn: socket.socket, proc: Any) -> None:
