@@ -3,24 +3,31 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
+
+from sanvisor import where
 
 
 def default_home() -> Path:
-    env = os.environ.get("SANVISOR_HOME")
-    if env:
-        return Path(env)
-    if os.geteuid() == 0:
-        return Path("/var/lib/sanvisor")
-    return Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local/state")) / "sanvisor"
+    return Path(where.default_home())
 
 
-@dataclass(frozen=True)
 class Layout:
     """The files of one host agent under its home directory."""
 
-    home: Path
+    __slots__ = ("home",)
+
+    def __init__(self, home: Path) -> None:
+        self.home = Path(home)
+
+    def __repr__(self) -> str:
+        return f"Layout({str(self.home)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Layout) and other.home == self.home
+
+    def __hash__(self) -> int:
+        return hash(self.home)
 
     @property
     def socket(self) -> Path:

@@ -150,10 +150,3 @@ def test_kernel_command_line_for_the_guest_kit() -> None:
     spec.kernel = "/boot/vmlinuz"
     assert Manager.cmdline(spec, nics).split()[0] == "console=ttyS0"
     assert "quiet" not in Manager.cmdline(spec, nics)
-
-
-def test_cli_verb_list_matches_the_parser() -> None:
-    from sanvisor.cli.main import VERBS, _parser
-
-    sub = next(a for a in _parser()._actions if a.dest == "verb")
-    assert set(sub.choices) == set(VERBS)  # type: ignore[arg-type]

@@ -34,3 +34,8 @@ def cpu_seconds() -> float:
 def cpu_count() -> int:
     return os.cpu_count() or 1
 
+
+
+def uptime() -> float:
+    """Seconds since this host booted."""
+    return round(float(Path("/proc/uptime").read_text().split()[0]), 1)

@@ -98,24 +98,30 @@ class Registry:
     def save(self) -> None:
         write_json(self.path, self.data)
 
-    def next_domid(self) -> int:
+    def next_domid(self, *, dry: bool = False) -> int:
+        """The next domain id (``dry``: the one the next create would get, unused)."""
         n = int(self.data["next_domid"])
-        self.data["next_domid"] = n + 1
-        self.save()
+        if not dry:
+            self.data["next_domid"] = n + 1
+            self.save()
         return n
 
-    def _entry(self, name: str) -> dict[str, Any]:
+    def _entry(self, name: str, dry: bool = False) -> dict[str, Any]:
         names: dict[str, Any] = self.data["names"]
+        if dry:
+            return dict(names.get(name) or {"macs": {}}, macs=dict(
+                (names.get(name) or {}).get("macs", {})))
         entry: dict[str, Any] = names.setdefault(name, {"macs": {}})
         return entry
 
-    def uuid_for(self, name: str, given: str | None) -> str:
-        e = self._entry(name)
+    def uuid_for(self, name: str, given: str | None, *, dry: bool = False) -> str:
+        e = self._entry(name, dry)
         if given:
             e["uuid"] = given
         elif "uuid" not in e:
             e["uuid"] = str(uuidlib.uuid4())
-        self.save()
+        if not dry:
+            self.save()
         return str(e["uuid"])
 
     def all_macs(self, except_name: str | None = None) -> dict[str, str]:
@@ -127,9 +133,10 @@ class Registry:
                 out[mac] = name
         return out
 
-    def mac_for(self, name: str, index: int, given: str | None) -> str:
-        """The MAC for NIC ``index`` of ``name``: given, remembered, or new (Xen OUI)."""
-        e = self._entry(name)
+    def mac_for(self, name: str, index: int, given: str | None, *, dry: bool = False) -> str:
+        """The MAC for NIC ``index`` of ``name``: given, remembered, or new (Xen OUI).
+        ``dry``: what it would be, remembering nothing."""
+        e = self._entry(name, dry)
         macs: dict[str, str] = e["macs"]
         if given:
             macs[str(index)] = given
@@ -141,5 +148,6 @@ class Registry:
                 if mac not in taken:
                     break
             macs[str(index)] = mac
-        self.save()
+        if not dry:
+            self.save()
         return macs[str(index)]

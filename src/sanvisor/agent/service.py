@@ -7,7 +7,6 @@ nothing behind (no process, no tap, no record).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
@@ -15,108 +14,31 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sanvisor.agent import hostinfo, savefile
+from sanvisor.agent import savefile
 from sanvisor.agent.manager import Domain, Manager
 from sanvisor.agent.records import DomainRecord
+from sanvisor.agent.views import Views, nic_bridge
 from sanvisor.drivers.base import NicPlan
 from sanvisor.errors import (
+    ConfigError,
     ConflictError,
     DeviceError,
     HypervisorError,
-    SanvisorError,
     UsageError,
 )
 from sanvisor.model.config import parse_disk, parse_vif
 from sanvisor.model.domain import DomainSpec, State
 
 
-class HostService:
+class HostService(Views):
     def __init__(self, manager: Manager, host_name: str | None = None) -> None:
         self.m = manager
         self.host_name = host_name or os.uname().nodename
 
-    # ---- views -----------------------------------------------------------------------
-    async def _listing(self) -> list[dict[str, Any]]:
-        """The hypervisor's own list (xl's, on a Xen host), read once per view and off
-        the event loop (a nested dom0 answers over a serial line); [] for QEMU."""
-        try:
-            return await asyncio.to_thread(self.m.driver.hypervisor_domains)
-        except Exception:  # an unreachable dom0 must not break `list`
-            return []
-
-    @staticmethod
-    def host_row(listing: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        d = next((d for d in listing or [] if d["domid"] == 0), None)
-        if d is not None:  # a Xen host: xl's own Domain-0
-            return {"name": "Domain-0", "domid": 0, "mem_mib": d["memory_kib"] >> 10,
-                    "vcpus": d["vcpus"], "state": "running", "letters": d["state"],
-                    "cpu_seconds": d["cpu_seconds"]}
-        return {"name": "Domain-0", "domid": 0, "mem_mib": hostinfo.mem_total_mib(),
-                "vcpus": hostinfo.cpu_count(), "state": "running", "letters": "r-----",
-                "cpu_seconds": round(hostinfo.cpu_seconds(), 1)}
-
-    async def host(self) -> dict[str, Any]:
-        return self.host_row(await self._listing())
-
-    async def facts(self) -> dict[str, Any]:
-        """`sanvisor info`: this host as `xm info` showed it, and its accelerator."""
-        u = os.uname()
-        mi = hostinfo.meminfo()
-        driver = self.m.driver
-        facts: dict[str, Any] = {
-            "host": self.host_name, "release": u.release, "machine": u.machine,
-            "nr_cpus": hostinfo.cpu_count(), "total_memory": mi.get("MemTotal", 0) // 1024,
-            "free_memory": mi.get("MemAvailable", 0) // 1024, "driver": driver.name}
-        try:
-            facts.update(await asyncio.to_thread(driver.host_facts))
-        except (SanvisorError, OSError) as exc:  # an unreachable dom0: say so, go on
-            facts["driver_error"] = str(exc)
-        acc = driver.accelerator()
-        facts["accelerator"] = acc["accel"]
-        facts["accelerator_reason"] = acc["reason"]
-        if acc.get("warning"):
-            facts["accelerator_warning"] = acc["warning"]
-        facts["domains"] = len(self.m.domains)
-        facts["home"] = str(self.m.layout.home)
-        return facts
-
-    def info(self, dom: Domain) -> dict[str, Any]:
-        rec = dom.record
-        state = rec.state
-        cpu, busy = (dom.inst.cpu_usage() if dom.inst is not None and state is not State.LOST
-                     else (0.0, 0))
-        if state is State.RUNNING and busy == 0:
-            state = State.BLOCKED
-        return {
-            "name": rec.spec.name, "domid": rec.domid, "uuid": rec.uuid,
-            "state": state.value, "letters": state.letters, "reason": rec.reason,
-            "mem_mib": rec.target_mib, "maxmem_mib": rec.max_mib,
-            "vcpus": rec.vcpus, "maxvcpus": rec.spec.maxvcpus,
-            "cpu_seconds": round(cpu, 1), "uptime": round(time.time() - rec.created, 1),
-            "pid": rec.pid,
-            "console_socket": str(self.m.layout.domain_dir(rec.uuid) / "console.sock"),
-            "console_log": str(self.m.layout.domain_dir(rec.uuid) / "console.log"),
-            "disks": [vars(d) for d in rec.spec.disks],
-            "vifs": [{"index": n.index, "mac": n.mac, "tap": n.tap, "bridge": n.vif.bridge,
-                      "type": n.vif.type, "ip": n.vif.ip} for n in rec.nics],
-            "config": rec.spec.to_dict(),
-        }
-
-    async def domains(self) -> list[dict[str, Any]]:
-        listing = await self._listing()
-        doms = sorted(self.m.domains.values(), key=lambda d: d.record.domid)
-        rows = [self.host_row(listing)] + [self.info(d) for d in doms]
-        ours = {d.name for d in doms}
-        for f in listing:  # xl's domains that sanvisor did not make: shown, untouched
-            if f["domid"] != 0 and f["name"] not in ours:
-                rows.append({"name": f["name"], "domid": f["domid"], "uuid": "",
-                             "mem_mib": f["memory_kib"] >> 10, "vcpus": f["vcpus"],
-                             "letters": f["state"], "state": "foreign",
-                             "cpu_seconds": f["cpu_seconds"], "foreign": True})
-        return rows
-
     # ---- create / destroy --------------------------------------------------------------
-    async def create(self, spec: DomainSpec, *, paused: bool = False) -> dict[str, Any]:
+    def _plan_create(self, spec: DomainSpec, *, paused: bool, dry: bool) -> DomainRecord:
+        """Every check of create, in order; the record of the domain that would start.
+        ``dry`` (create -n): nothing is remembered (MACs, uuid, domain id)."""
         m = self.m
         spec.validate()
         if (other := m.by_name(spec.name)) is not None:
@@ -125,18 +47,43 @@ class HostService:
         kernel, initrd = m._boot_files(spec)
         m.check_disks(spec)
         m.check_memory(spec.memory)
-        nics = m.plan_nics(spec.name, spec.vifs)
-        spec.uuid = m.registry.uuid_for(spec.name, spec.uuid)
+        nics = m.plan_nics(spec.name, spec.vifs, dry=dry)
+        spec.uuid = m.registry.uuid_for(spec.name, spec.uuid, dry=dry)
         if spec.uuid in m.domains:
             raise ConflictError(f"uuid {spec.uuid} is already used by "
                                 f"{m.domains[spec.uuid].name}", uuid=spec.uuid)
-        rec = DomainRecord(uuid=spec.uuid, domid=m.registry.next_domid(), spec=spec, nics=nics,
-                           kernel=kernel, initrd=initrd,
-                           cmdline=m.cmdline(spec, nics, m.kit_args,
-                                             m.driver.console_device),
-                           target_mib=spec.memory, max_mib=spec.maxmem, vcpus=spec.vcpus,
-                           state=State.PAUSED if paused else State.RUNNING)
+        return DomainRecord(uuid=spec.uuid, domid=m.registry.next_domid(dry=dry), spec=spec,
+                            nics=nics, kernel=kernel, initrd=initrd,
+                            cmdline=m.cmdline(spec, nics, m.kit_args,
+                                              m.driver.console_device),
+                            target_mib=spec.memory, max_mib=spec.maxmem, vcpus=spec.vcpus,
+                            state=State.PAUSED if paused else State.RUNNING)
+
+    async def create(self, spec: DomainSpec, *, paused: bool = False) -> dict[str, Any]:
+        rec = self._plan_create(spec, paused=paused, dry=False)
         return await self._start(rec, paused=paused)
+
+    async def preview(self, spec: DomainSpec) -> dict[str, Any]:
+        """create -n: run every check create runs; show the domain that would start (its
+        kernel and initrd, each disk's backend, the MACs it would get); start nothing."""
+        rec = self._plan_create(spec, paused=False, dry=True)
+        out = rec.to_dict()
+        out["disks"] = []
+        for d in spec.disks:
+            sock = self.m.mapped(d.path)
+            via = (f"multipath map {d.path.removeprefix('/dev/mapper/')} (NBD {sock})"
+                   if sock else f"{d.backend}:{d.path}" if d.path else "empty")
+            out["disks"].append({**vars(d), "via": via})
+        out["nics"] = []
+        for n in rec.nics:
+            bridge = nic_bridge(n) if self.m.remote or n.vif.type != "user" else None
+            out["nics"].append({"index": n.index, "mac": n.mac, "type": n.vif.type,
+                                "bridge": bridge, "ip": n.vif.ip,
+                                "bridge_exists": bridge is not None and self.m.remote is False
+                                and Path("/sys/class/net", bridge).exists()})
+        out["driver"] = self.m.driver.name
+        out["accelerator"] = self.m.driver.accelerator()["accel"]
+        return out
 
     async def _start(self, rec: DomainRecord, *, paused: bool = False, incoming_fd: int = -1,
                      ) -> dict[str, Any]:
@@ -144,6 +91,9 @@ class HostService:
         rundir = m.layout.domain_dir(rec.uuid)
         shutil.rmtree(rundir, ignore_errors=True)
         dom = Domain(rec)
+        # reserved before the first await: a concurrent create/restore of the same name,
+        # uuid or MAC now sees it (the checks and this line run without yielding)
+        m.domains[rec.uuid] = dom
         async with dom.lock:
             try:
                 m.plumb(rec.domid, rec.nics)
@@ -151,7 +101,6 @@ class HostService:
                 inst = await m.driver.launch(plan, m._sink(dom))
                 dom.inst = inst
                 rec.pid = inst.pid
-                m.domains[rec.uuid] = dom
                 rec.save(rundir)
                 if incoming_fd < 0 and not paused:
                     await self._check_alive(dom, inst)
@@ -234,7 +183,8 @@ class HostService:
         async with dom.lock:
             inst = self._live(dom)
             if mib < 64:
-                raise UsageError(f"mem-set: {mib} MiB is too little for a guest (64 MiB min)")
+                raise ConflictError(f"mem-set: {mib} MiB is too little for a guest "
+                                    "(64 MiB min)", domain=dom.name)
             if mib > rec.max_mib:
                 raise ConflictError(f"mem-set: {mib} MiB is above the domain's maximum "
                                     f"({rec.max_mib} MiB; see mem-max)", domain=dom.name)
@@ -270,7 +220,8 @@ class HostService:
                     f"({ceiling} MiB: QEMU fixes the hot-pluggable range at boot from maxmem)",
                     domain=dom.name)
             if mib < 64:
-                raise UsageError(f"mem-max: {mib} MiB is too little for a guest")
+                raise ConflictError(f"mem-max: {mib} MiB is too little for a guest "
+                                    "(64 MiB min)", domain=dom.name)
             rec.max_mib = mib
             if rec.target_mib > mib:
                 await self._live(dom).set_balloon(mib)
@@ -292,10 +243,23 @@ class HostService:
     # ---- save / restore ---------------------------------------------------------------
     async def save(self, ref: str, path: str) -> None:
         dom = self.m.find(ref)
+        target = Path(path)
+        if not target.parent.is_dir():
+            raise ConfigError(f"save: {target.parent}: no such directory", path=path)
+        if target.is_dir():
+            raise ConfigError(f"save: {path} is a directory", path=path)
         async with dom.lock:
             inst = self._live(dom)
             tmp = f"{path}.part"
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            # a new file, never through a symlink planted at its name
+            try:
+                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o600)
+            except FileExistsError:
+                raise ConflictError(f"save: {tmp} exists (another save in progress, or "
+                                    "left by a crash: remove it)", path=tmp) from None
+            except OSError as exc:
+                raise ConfigError(f"save: {tmp}: {exc.strerror}", path=path) from exc
             dom.busy = "saving"
             try:
                 os.pwrite(fd, b" " * savefile.HEADER_SIZE, 0)
@@ -388,6 +352,10 @@ class HostService:
             raise UsageError(f"network-attach: {exc}") from exc
         async with dom.lock:
             inst = self._live(dom)
+            if vif.mac and (same := next((n for n in dom.record.nics if n.mac == vif.mac),
+                                         None)):
+                raise ConflictError(f"network-attach: {dom.name} already has MAC {vif.mac} "
+                                    f"(NIC {same.index})", domain=dom.name, mac=vif.mac)
             index = max((n.index for n in dom.record.nics), default=-1) + 1
             nics = self.m.plan_nics(dom.name, [vif], start=index)
             self.m.plumb(dom.record.domid, nics)
@@ -399,7 +367,10 @@ class HostService:
             dom.record.nics.append(nics[0])
             dom.record.spec.vifs.append(vif)
             dom.record.save(self.m.layout.domain_dir(dom.record.uuid))
-            return {"index": index, "mac": nics[0].mac, "tap": nics[0].tap}
+            warnings = [f"network-attach: vif key {k!r} is not used by sanvisor (kept)"
+                        for k in vif.extra]
+            return {"index": index, "mac": nics[0].mac, "tap": nics[0].tap,
+                    "bridge": nic_bridge(nics[0]), "warnings": warnings}
 
     async def network_detach(self, ref: str, which: str) -> None:
         dom = self.m.find(ref)
@@ -416,16 +387,6 @@ class HostService:
             with contextlib.suppress(ValueError):
                 dom.record.spec.vifs.remove(nic.vif)
             dom.record.save(self.m.layout.domain_dir(dom.record.uuid))
-
-    async def stats(self) -> list[dict[str, Any]]:
-        out = []
-        for dom in sorted(self.m.domains.values(), key=lambda d: d.record.domid):
-            row = self.info(dom)
-            if dom.inst is not None and dom.record.state is not State.LOST:
-                with contextlib.suppress(Exception):
-                    row["stats"] = vars(await dom.inst.stats())
-            out.append(row)
-        return out
 
 
 def _align_up(value: int, step: int) -> int:

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sanvisor import __version__
 from sanvisor.agent.service import HostService
 from sanvisor.agent.storage_service import StorageService
 from sanvisor.errors import (
+    AgentProtocolError,
+    AgentUnavailableError,
     ConfigError,
     ConflictError,
     DeviceError,
+    InternalError,
     NotFoundError,
     ResourceError,
     SanvisorError,
@@ -24,15 +29,65 @@ from sanvisor.errors import (
 )
 from sanvisor.model.domain import DomainSpec
 
-_STATUS = [
-    (NotFoundError, 404), (ConflictError, 409), (ConfigError, 400), (UsageError, 400),
-    (DeviceError, 409), (SaveFileError, 400), (ResourceError, 507), (TimeoutError_, 504),
-]
+log = logging.getLogger("sanvisor.agent.api")
+
+#: The HTTP status of an error reply: that of the nearest class in the error's MRO, else
+#: 500. 4xx: the request does not fit (fix it and retry); 502: another agent failed us.
+#: Our client goes by the error's code, not by this (docs/architecture.md, "Errors").
+_STATUS: dict[type[SanvisorError], int] = {
+    UsageError: 400, ConfigError: 400, SaveFileError: 400, NotFoundError: 404,
+    ConflictError: 409, DeviceError: 409, ResourceError: 507, TimeoutError_: 504,
+    AgentUnavailableError: 502, AgentProtocolError: 502,
+}
+
+
+def http_status(exc: SanvisorError) -> int:
+    return next((_STATUS[c] for c in type(exc).__mro__ if c in _STATUS), 500)
+
+
+def _error_reply(exc: SanvisorError) -> JSONResponse:
+    return JSONResponse(status_code=http_status(exc), content={"error": exc.to_dict()})
+
+
+class _Unexpected:
+    """ASGI middleware: an exception no handler meant (anything but a SanvisorError)
+    becomes an ``internal`` error reply with its type and message, its traceback in the
+    agent log; so the user sees the cause, not a bare 500 without a body."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as exc:
+            if started or scope["type"] != "http":
+                raise  # too late for a reply of ours: the server logs it, drops the line
+            cause: BaseException = exc
+            while isinstance(cause, BaseExceptionGroup) and len(cause.exceptions) == 1:
+                cause = cause.exceptions[0]  # a task group's one failure
+            request = f"{scope.get('method')} {scope.get('path')}"
+            if isinstance(cause, SanvisorError):
+                err = cause
+            else:
+                log.error("%s: unexpected %s: %s", request, type(cause).__name__, cause,
+                          exc_info=exc)
+                err = InternalError.wrap(cause, request=request)
+            await _error_reply(err)(scope, receive, send)
 
 
 class CreateBody(BaseModel):
     spec: dict[str, Any] = Field(description="a parsed domain config (DomainSpec)")
     paused: bool = False
+    dry_run: bool = Field(False, description="run every check, start nothing, return "
+                          "the domain that would start (create -n)")
 
 
 class ShutdownBody(BaseModel):
@@ -86,8 +141,9 @@ def build_app(svc: HostService, storage: StorageService | None = None) -> FastAP
 
     @app.exception_handler(SanvisorError)
     async def on_error(_: Request, exc: SanvisorError) -> JSONResponse:
-        status = next((s for cls, s in _STATUS if isinstance(exc, cls)), 500)
-        return JSONResponse(status_code=status, content={"error": exc.to_dict()})
+        return _error_reply(exc)
+
+    app.add_middleware(_Unexpected)  # around on_error, which answered SanvisorErrors already
 
     @app.get("/v1/host")
     async def host() -> dict[str, Any]:
@@ -112,41 +168,50 @@ def build_app(svc: HostService, storage: StorageService | None = None) -> FastAP
             spec = DomainSpec.from_dict(body.spec)
         except (TypeError, ValueError) as exc:
             raise UsageError(f"malformed domain spec: {exc}") from exc
+        if body.dry_run:
+            return await svc.preview(spec)
         return await svc.create(spec, paused=body.paused)
 
     @app.get("/v1/domains/{ref}")
     async def info(ref: str) -> dict[str, Any]:
-        return svc.info(svc.m.find(ref))
+        return await svc.lookup(ref)
 
+    # the verbs answer with the domain as it is afterwards (state "gone" once gone)
     @app.delete("/v1/domains/{ref}")
-    async def destroy(ref: str) -> dict[str, str]:
+    async def destroy(ref: str) -> dict[str, Any]:
+        dom = svc.m.find(ref)
         await svc.destroy(ref)
-        return {"ok": ref}
+        return svc.view(dom)
 
     @app.post("/v1/domains/{ref}/pause")
-    async def pause(ref: str) -> dict[str, str]:
+    async def pause(ref: str) -> dict[str, Any]:
+        dom = svc.m.find(ref)
         await svc.pause(ref)
-        return {"ok": ref}
+        return svc.view(dom)
 
     @app.post("/v1/domains/{ref}/unpause")
-    async def unpause(ref: str) -> dict[str, str]:
+    async def unpause(ref: str) -> dict[str, Any]:
+        dom = svc.m.find(ref)
         await svc.unpause(ref)
-        return {"ok": ref}
+        return svc.view(dom)
 
     @app.post("/v1/domains/{ref}/shutdown")
-    async def shutdown(ref: str, body: ShutdownBody) -> dict[str, str]:
+    async def shutdown(ref: str, body: ShutdownBody) -> dict[str, Any]:
+        dom = svc.m.find(ref)
         await svc.shutdown(ref, wait=body.wait, timeout=body.timeout)
-        return {"ok": ref}
+        return svc.view(dom)
 
     @app.post("/v1/domains/{ref}/reboot")
-    async def reboot(ref: str) -> dict[str, str]:
+    async def reboot(ref: str) -> dict[str, Any]:
+        dom = svc.m.find(ref)
         await svc.reboot(ref)
-        return {"ok": ref}
+        return svc.view(dom)
 
     @app.post("/v1/domains/{ref}/save")
-    async def save(ref: str, body: PathBody) -> dict[str, str]:
+    async def save(ref: str, body: PathBody) -> dict[str, Any]:
+        dom = svc.m.find(ref)
         await svc.save(ref, body.path)
-        return {"ok": ref, "path": body.path}
+        return {**svc.view(dom), "path": body.path}
 
     from sanvisor.agent.migration import Migrations
 
@@ -174,38 +239,44 @@ def build_app(svc: HostService, storage: StorageService | None = None) -> FastAP
         return await svc.restore(body.path, paused=body.paused)
 
     @app.post("/v1/domains/{ref}/mem-set")
-    async def mem_set(ref: str, body: AmountBody) -> dict[str, str]:
+    async def mem_set(ref: str, body: AmountBody) -> dict[str, Any]:
+        dom = svc.m.find(ref)
         await svc.mem_set(ref, body.value)
-        return {"ok": ref}
+        return svc.view(dom)
 
     @app.post("/v1/domains/{ref}/mem-max")
-    async def mem_max(ref: str, body: AmountBody) -> dict[str, str]:
+    async def mem_max(ref: str, body: AmountBody) -> dict[str, Any]:
+        dom = svc.m.find(ref)
         await svc.mem_max(ref, body.value)
-        return {"ok": ref}
+        return svc.view(dom)
 
     @app.post("/v1/domains/{ref}/vcpu-set")
-    async def vcpu_set(ref: str, body: AmountBody) -> dict[str, str]:
+    async def vcpu_set(ref: str, body: AmountBody) -> dict[str, Any]:
+        dom = svc.m.find(ref)
         await svc.vcpu_set(ref, body.value)
-        return {"ok": ref}
+        return svc.view(dom)
 
     @app.post("/v1/domains/{ref}/block-attach")
-    async def block_attach(ref: str, body: DeviceBody) -> dict[str, str]:
+    async def block_attach(ref: str, body: DeviceBody) -> dict[str, Any]:
+        dom = svc.m.find(ref)
         await svc.block_attach(ref, body.spec)
-        return {"ok": ref}
+        return svc.view(dom)
 
     @app.post("/v1/domains/{ref}/block-detach")
-    async def block_detach(ref: str, body: DeviceBody) -> dict[str, str]:
+    async def block_detach(ref: str, body: DeviceBody) -> dict[str, Any]:
+        dom = svc.m.find(ref)
         await svc.block_detach(ref, body.spec)
-        return {"ok": ref}
+        return svc.view(dom)
 
     @app.post("/v1/domains/{ref}/network-attach")
     async def network_attach(ref: str, body: DeviceBody) -> dict[str, Any]:
         return await svc.network_attach(ref, body.spec)
 
     @app.post("/v1/domains/{ref}/network-detach")
-    async def network_detach(ref: str, body: DeviceBody) -> dict[str, str]:
+    async def network_detach(ref: str, body: DeviceBody) -> dict[str, Any]:
+        dom = svc.m.find(ref)
         await svc.network_detach(ref, body.spec)
-        return {"ok": ref}
+        return svc.view(dom)
 
     if storage is not None:
         _storage_routes(app, storage)

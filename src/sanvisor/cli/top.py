@@ -6,10 +6,13 @@ frames for scripts; otherwise a rich live table refreshes every DELAY seconds.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import Any
 
+JSON_KEYS = ["name", "state", "cpu_seconds", "cpu_percent", "mem_kib", "vcpus",
+             "rd_bytes_per_s", "wr_bytes_per_s", "net_rx_bytes_per_s", "net_tx_bytes_per_s"]
 COLUMNS = ["NAME", "STATE", "CPU(sec)", "CPU(%)", "MEM(k)", "VCPUS", "RD(B/s)", "WR(B/s)",
            "NETRX(B/s)", "NETTX(B/s)"]
 
@@ -43,19 +46,33 @@ def _text(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _json_frame(prev: dict[str, Any], cur: list[dict[str, Any]], dt: float) -> str:
+    rows: list[dict[str, Any]] = []
+    for r in _rows(prev, cur, dt):
+        row: dict[str, Any] = dict(zip(JSON_KEYS[:2], r[:2], strict=True))
+        for k, v in zip(JSON_KEYS[2:], r[2:], strict=True):
+            row[k] = float(v) if "." in v else int(v)
+        rows.append(row)
+    return json.dumps({"time": round(time.time(), 3), "domains": rows}, sort_keys=True)
+
+
 def run(fetch: Callable[[], list[dict[str, Any]]], *, batch: bool, iterations: int,
-        delay: float) -> int:
+        delay: float, as_json: bool = False) -> int:
+    """``as_json``: one JSON object per frame and per line (JSON Lines), for scripts."""
     prev: dict[str, Any] = {}
     t_prev = time.monotonic()
-    if batch:
+    if batch or as_json:
         n = 0
         while iterations <= 0 or n < iterations:
             if n:
                 time.sleep(delay)
             cur = fetch()
             now = time.monotonic()
-            print(_text(_rows(prev, cur, now - t_prev)), flush=True)
-            print(flush=True)
+            if as_json:
+                print(_json_frame(prev, cur, now - t_prev), flush=True)
+            else:
+                print(_text(_rows(prev, cur, now - t_prev)), flush=True)
+                print(flush=True)
             prev, t_prev = {d["uuid"]: d for d in cur}, now
             n += 1
         return 0

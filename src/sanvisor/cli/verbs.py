@@ -10,7 +10,7 @@ from typing import Any
 
 from sanvisor.api.client import AgentClient
 from sanvisor.cli import render
-from sanvisor.errors import ConfigError, NotFoundError, UsageError
+from sanvisor.errors import ConfigError, UsageError
 from sanvisor.paths import Layout
 
 
@@ -55,14 +55,17 @@ def do_create(args: argparse.Namespace, layout: Layout) -> int:
         if val and not Path(val).is_absolute():
             setattr(spec, key, str(base / val))
     for d in spec.disks:
-        if d.path and not Path(d.path).is_absolute():
+        if d.path and d.backend != "nbd" and not Path(d.path).is_absolute():
             d.path = str(base / d.path)
     spec.source = args.config
     if args.dry_run:
-        render.emit_json(spec.to_dict())
+        plan = _client(layout).call("POST", "/v1/domains", {"spec": spec.to_dict(),
+                                                            "dry_run": True})
+        _out(args, plan, render.domain_sxp(plan))
         return 0
     info = _client(layout).create(spec.to_dict(), paused=args.paused)
-    _out(args, info, None)
+    _out(args, info, f"Started domain {info['name']} (id={info['domid']})"
+         + (", paused" if args.paused else ""))
     if args.console:
         from sanvisor.cli.console import attach
 
@@ -70,19 +73,20 @@ def do_create(args: argparse.Namespace, layout: Layout) -> int:
     return 0
 
 
-def do_list(args: argparse.Namespace, layout: Layout) -> int:
-    rows = _client(layout).domains()
-    if args.doms:
-        want = set(args.doms)
-        rows = [r for r in rows if {r["name"], str(r["domid"]), r.get("uuid")} & want]
-        missing = want - {x for r in rows for x in (r["name"], str(r["domid"]), r.get("uuid"))}
-        if missing:
-            raise NotFoundError(f"domain {sorted(missing)[0]!r} does not exist")
-    if args.json or args.long:
-        render.emit_json(rows)
-    else:
-        print(render.list_table(rows))
-    return 0
+def _read_only(rest: list[str]) -> Any:
+    """list, domid, domname, uptime, info: answered by the fast path's code."""
+    def run(args: argparse.Namespace, layout: Layout) -> int:
+        from sanvisor.cli import fast
+
+        return fast.run(rest_of(args), as_json=args.json, home=str(layout.home))
+
+    def rest_of(args: argparse.Namespace) -> list[str]:
+        if rest[0] == "list":
+            return ["list", *(["-l"] if args.long else []), *args.doms]
+        if rest[0] == "uptime":
+            return ["uptime", *args.doms]
+        return [rest[0], *(getattr(args, a) for a in rest[1:])]
+    return run
 
 
 def _simple(verb: str) -> Any:
@@ -94,8 +98,7 @@ def _simple(verb: str) -> Any:
 
 
 def do_destroy(args: argparse.Namespace, layout: Layout) -> int:
-    _client(layout).destroy(args.dom)
-    _out(args, {"ok": args.dom})
+    _out(args, _client(layout).call("DELETE", f"/v1/domains/{args.dom}"))
     return 0
 
 
@@ -127,7 +130,8 @@ def do_migrate(args: argparse.Namespace, layout: Layout) -> int:
 
 def do_restore(args: argparse.Namespace, layout: Layout) -> int:
     info = _client(layout).restore(str(Path(args.file).resolve()), paused=args.paused)
-    _out(args, info)
+    _out(args, info, f"Restored domain {info['name']} (id={info['domid']})"
+         + (", paused" if args.paused else ""))
     return 0
 
 
@@ -168,7 +172,10 @@ def do_block_list(args: argparse.Namespace, layout: Layout) -> int:
 
 def do_network_attach(args: argparse.Namespace, layout: Layout) -> int:
     spec = ",".join(args.items)
-    _out(args, _client(layout).verb(args.dom, "network-attach", {"spec": spec}))
+    nic = _client(layout).verb(args.dom, "network-attach", {"spec": spec})
+    for w in nic.get("warnings", []):
+        print(f"sanvisor: warning: {w}", file=sys.stderr)
+    _out(args, nic)
     return 0
 
 
@@ -186,39 +193,12 @@ def do_network_list(args: argparse.Namespace, layout: Layout) -> int:
     return 0
 
 
-def do_domid(args: argparse.Namespace, layout: Layout) -> int:
-    info = _client(layout).info(args.name)
-    _out(args, {"domid": info["domid"]}, str(info["domid"]))
-    return 0
-
-
-def do_domname(args: argparse.Namespace, layout: Layout) -> int:
-    info = _client(layout).info(args.domid)
-    _out(args, {"name": info["name"]}, info["name"])
-    return 0
-
-
-def do_uptime(args: argparse.Namespace, layout: Layout) -> int:
-    rows = [r for r in _client(layout).domains() if r["domid"] != 0]
-    if args.doms:
-        rows = [r for r in rows if {r["name"], str(r["domid"])} & set(args.doms)]
-    _out(args, rows, render.uptime_table(rows))
-    return 0
-
-
-def do_info(args: argparse.Namespace, layout: Layout) -> int:
-    data = dict(_client(layout).call("GET", "/v1/host/info"))
-    text = "\n".join(f"{k:<20}: {v}" for k, v in data.items())
-    _out(args, data, text)
-    return 0
-
-
 def do_top(args: argparse.Namespace, layout: Layout) -> int:
     from sanvisor.cli import top
 
     client = _client(layout)
     return top.run(client.stats, batch=args.batch, iterations=args.iterations,
-                   delay=args.delay)
+                   delay=args.delay, as_json=args.json)
 
 
 def do_agent(args: argparse.Namespace, layout: Layout) -> int:
@@ -350,15 +330,22 @@ def do_lab(args: argparse.Namespace, layout: Layout) -> int:
         return 0
     if args.lab_cmd == "fault":
         topology.fault(root, args.lab_host, args.hba, up_=args.kind == "hba-up")
+        link = "up" if args.kind == "hba-up" else "down"
+        _out(args, {"host": args.lab_host, "hba": args.hba, "link": link},
+             f"{args.lab_host}: HBA {args.hba} link {link}")
         return 0
-    state = topology.LabState.load(root)
-    rows = [(h.name, h.netns, b.index, b.wwpn, b.address, b.target) for h in state.hosts
-            for b in h.hbas]
-    text = "\n".join([f"{'Host':<8} {'Netns':<10} HBA {'WWPN':<24} {'Address':<14} Target"]
-                     + [f"{r[0]:<8} {r[1]:<10} {r[2]:>3} {r[3]:<24} {r[4]:<14} {r[5]}"
-                        for r in rows])
-    _out(args, [dict(zip(("host", "netns", "hba", "wwpn", "address", "target"), r,
-                         strict=True)) for r in rows], text)
+    rows = topology.status(root)
+    lines = [f"{'Host':<8} {'Driver':<6} {'Agent':<8} HBA {'WWPN':<24} {'Address':<14} "
+             f"{'Link':<5} Target"]
+    for h in rows:
+        agent = str(h["agent"] or "down")
+        hbas: list[dict[str, Any]] = h["hbas"]
+        if not hbas:
+            lines.append(f"{h['host']:<8} {h['driver']:<6} {agent:<8} {'-':>3}")
+        for b in hbas:
+            lines.append(f"{h['host']:<8} {h['driver']:<6} {agent:<8} {b['hba']:>3} "
+                         f"{b['wwpn']:<24} {b['address']:<14} {b['link']:<5} {b['target']}")
+    _out(args, rows, "\n".join(lines))
     return 0
 
 
@@ -371,7 +358,7 @@ def do_demo(args: argparse.Namespace, layout: Layout) -> int:
 HANDLERS: dict[str, Any] = {
     "demo": do_demo, "array": do_array, "lab": do_lab, "scsi": do_scsi,
     "multipath": do_multipath,
-    "create": do_create, "list": do_list, "pause": _simple("pause"),
+    "create": do_create, "list": _read_only(["list"]), "pause": _simple("pause"),
     "unpause": _simple("unpause"), "reboot": _simple("reboot"), "destroy": do_destroy,
     "shutdown": do_shutdown, "save": do_save, "restore": do_restore, "console": do_console,
     "migrate": do_migrate,
@@ -379,8 +366,9 @@ HANDLERS: dict[str, Any] = {
     "vcpu-set": _amount("vcpu-set"), "block-attach": do_block_attach,
     "block-detach": do_block_detach, "block-list": do_block_list,
     "network-attach": do_network_attach, "network-detach": do_network_detach,
-    "network-list": do_network_list, "domid": do_domid, "domname": do_domname,
-    "uptime": do_uptime, "info": do_info, "top": do_top, "agent": do_agent,
+    "network-list": do_network_list, "domid": _read_only(["domid", "name"]),
+    "domname": _read_only(["domname", "domid"]), "uptime": _read_only(["uptime"]),
+    "info": _read_only(["info"]), "top": do_top, "agent": do_agent,
     "guest-kit": do_guest_kit,
 }
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,15 +27,25 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-from sanvisor.errors import ConflictError, NotFoundError, SanvisorError, UsageError
+from sanvisor import where
+from sanvisor.errors import (
+    CommandError,
+    ConflictError,
+    NotFoundError,
+    ResourceError,
+    SanvisorError,
+    TimeoutError_,
+    UsageError,
+)
 
 ARRAY_PORT = 10809
 FABRICS = ("fabA", "fabB")
 
 
 def lab_root() -> Path:
-    return Path(os.environ.get("SANVISOR_LAB_HOME", "/var/lib/sanvisor/lab"))
+    return Path(where.lab_root())
 
 
 def wwpn(host: int, hba: int) -> str:
@@ -100,7 +111,8 @@ class LabState:
 def _ip(*args: str) -> None:
     proc = subprocess.run(["ip", *args], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SanvisorError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
+        raise CommandError(["ip", *args], proc.returncode, proc.stdout, proc.stderr,
+                           what=" ".join(["ip", *args]))
 
 
 def _sv(netns: str | None, *args: str, log: Path | None = None,
@@ -116,7 +128,8 @@ def _sv(netns: str | None, *args: str, log: Path | None = None,
         return proc
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        raise SanvisorError(f"sanvisor {' '.join(args)}: {done.stderr.strip()}")
+        raise CommandError(cmd, done.returncode, done.stdout, done.stderr,
+                           what=" ".join(["sanvisor", *args]))
     return None
 
 
@@ -206,7 +219,8 @@ def _free_port(addresses: list[str]) -> int:
             return port
         except OSError:
             continue
-    raise SanvisorError("no free port for the array on the loopback fabrics")
+    raise ResourceError("no free port for the array on the loopback fabrics",
+                        ports=f"{ARRAY_PORT}-{ARRAY_PORT + 199}")
 
 
 def _build_loopback(state: LabState, hosts: int) -> None:
@@ -254,7 +268,8 @@ def _wait_array(state: LabState, timeout: float = 20.0) -> None:
     pidfile = state.array_home / "array.pid"
     while not pidfile.exists():
         if time.monotonic() > deadline:
-            raise SanvisorError("the array daemon did not start (see array/array.log)")
+            raise TimeoutError_("the array daemon did not start (see array/array.log)",
+                                timeout=timeout)
         time.sleep(0.05)
 
 
@@ -314,7 +329,9 @@ def fault(root: Path, host: str, hba: int, up_: bool) -> None:
     state = LabState.load(root)
     h = state.host(host)
     if not 0 <= hba < len(h.hbas):
-        raise UsageError(f"{host} has HBAs 0..{len(h.hbas) - 1}, not {hba}")
+        raise NotFoundError(f"{host} has no HBA {hba}" + (
+            f" (HBAs 0..{len(h.hbas) - 1})" if h.hbas else " (it has no HBA)"),
+            host=host, hba=hba)
     b = h.hbas[hba]
     if b.fault_file:
         if up_:
@@ -323,3 +340,36 @@ def fault(root: Path, host: str, hba: int, up_: bool) -> None:
             Path(b.fault_file).touch()
         return
     _ip("-n", h.netns, "link", "set", b.ifname, "up" if up_ else "down")
+
+
+def hba_link(h: HostSpec, b: Hba) -> str:
+    """'up' or 'down': the HBA's link as the host's kernel sees it (loopback lab: the
+    fault file)."""
+    if b.fault_file:
+        return "down" if Path(b.fault_file).exists() else "up"
+    proc = subprocess.run(["ip", "-n", h.netns, "-o", "link", "show", "dev", b.ifname],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        return "missing"
+    m = re.search(r"\bstate (\S+)", proc.stdout)
+    flags = re.search(r"<([^>]*)>", proc.stdout)
+    if flags and "UP" not in flags.group(1).split(","):
+        return "down"
+    return (m.group(1).lower() if m else "unknown").replace("unknown", "up")
+
+
+def status(root: Path) -> list[dict[str, Any]]:
+    """Every host of the lab (Xen hosts included), its agent, and each HBA's link."""
+    from sanvisor.agent import daemon
+    from sanvisor.paths import Layout
+
+    state = LabState.load(root)
+    out: list[dict[str, Any]] = []
+    for h in state.hosts:
+        pid = daemon.agent_pid(Layout(Path(h.home)))
+        out.append({"host": h.name, "driver": h.driver, "netns": h.netns or "-",
+                    "agent": pid, "home": h.home,
+                    "hbas": [{"hba": b.index, "wwpn": b.wwpn, "address": b.address,
+                              "target": b.target, "link": hba_link(h, b)}
+                             for b in h.hbas]})
+    return out

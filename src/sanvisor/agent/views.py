@@ -1,0 +1,154 @@
+"""What the agent shows: the rows of `list`, `info`, `top`, and Domain-0 (the host).
+
+A mixin of HostService: read-only, no verb logic. The hypervisor's own list (xl's
+on a Xen host) is read once per view, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from typing import Any
+
+from sanvisor.agent import hostinfo
+from sanvisor.agent.manager import Domain, Manager
+from sanvisor.agent.network import DEFAULT_BRIDGE, NAT_BRIDGE
+from sanvisor.drivers.base import NicPlan
+from sanvisor.errors import NotFoundError, SanvisorError
+from sanvisor.model.domain import State
+
+DOMAIN0 = ("Domain-0", "0")
+DOMAIN0_UUID = "00000000-0000-0000-0000-000000000000"
+
+
+def nic_bridge(nic: NicPlan) -> str | None:
+    """The bridge a NIC is on (None: user-mode networking, no bridge)."""
+    if nic.vif.type == "user" or (nic.tap is None and nic.vif.type != "nat"
+                                  and not nic.vif.bridge):
+        return None
+    if nic.vif.type == "nat":
+        return NAT_BRIDGE
+    return nic.vif.bridge or DEFAULT_BRIDGE
+
+
+class Views:
+    m: Manager
+    host_name: str
+
+    async def _listing(self) -> list[dict[str, Any]]:
+        try:
+            return await asyncio.to_thread(self.m.driver.hypervisor_domains)
+        except Exception:  # an unreachable dom0 must not break `list`
+            return []
+
+    @staticmethod
+    def host_row(listing: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        row: dict[str, Any] = {"name": "Domain-0", "domid": 0, "uuid": DOMAIN0_UUID,
+                               "state": "running", "uptime": hostinfo.uptime()}
+        d = next((d for d in listing or [] if d["domid"] == 0), None)
+        if d is not None:  # a Xen host: xl's own Domain-0
+            row.update(mem_mib=d["memory_kib"] >> 10, vcpus=d["vcpus"], letters=d["state"],
+                       cpu_seconds=d["cpu_seconds"])
+        else:
+            row.update(mem_mib=hostinfo.mem_total_mib(), vcpus=hostinfo.cpu_count(),
+                       letters="r-----", cpu_seconds=round(hostinfo.cpu_seconds(), 1))
+        return row
+
+    async def host(self) -> dict[str, Any]:
+        return self.host_row(await self._listing())
+
+    async def lookup(self, ref: str) -> dict[str, Any]:
+        """One domain's row by name, id or uuid; Domain-0 (the host) included."""
+        if ref in DOMAIN0 or ref == DOMAIN0_UUID:
+            return await self.host()
+        return self.info(self.m.find(ref))
+
+    async def facts(self) -> dict[str, Any]:
+        """`sanvisor info`: this host as `xm info` showed it, and its accelerator."""
+        u = os.uname()
+        mi = hostinfo.meminfo()
+        driver = self.m.driver
+        facts: dict[str, Any] = {
+            "host": self.host_name, "release": u.release, "machine": u.machine,
+            "nr_cpus": hostinfo.cpu_count(), "total_memory": mi.get("MemTotal", 0) // 1024,
+            "free_memory": mi.get("MemAvailable", 0) // 1024, "driver": driver.name}
+        try:
+            facts.update(await asyncio.to_thread(driver.host_facts))
+        except (SanvisorError, OSError) as exc:  # an unreachable dom0: say so, go on
+            facts["driver_error"] = str(exc)
+        acc = driver.accelerator()
+        facts["accelerator"] = acc["accel"]
+        facts["accelerator_reason"] = acc["reason"]
+        if acc.get("warning"):
+            facts["accelerator_warning"] = acc["warning"]
+        facts["domains"] = len(self.m.domains)
+        facts["home"] = str(self.m.layout.home)
+        return facts
+
+    def info(self, dom: Domain) -> dict[str, Any]:
+        rec = dom.record
+        state = rec.state
+        cpu, busy = (dom.inst.cpu_usage() if dom.inst is not None and state is not State.LOST
+                     else (0.0, 0))
+        if state is State.RUNNING and busy == 0:
+            state = State.BLOCKED
+        return {
+            "name": rec.spec.name, "domid": rec.domid, "uuid": rec.uuid,
+            "state": state.value, "letters": state.letters, "reason": rec.reason,
+            "mem_mib": rec.target_mib, "maxmem_mib": rec.max_mib,
+            "vcpus": rec.vcpus, "maxvcpus": rec.spec.maxvcpus,
+            "cpu_seconds": round(cpu, 1), "uptime": round(time.time() - rec.created, 1),
+            "pid": rec.pid,
+            "console_socket": str(self.m.layout.domain_dir(rec.uuid) / "console.sock"),
+            "console_log": str(self.m.layout.domain_dir(rec.uuid) / "console.log"),
+            "disks": [vars(d) for d in rec.spec.disks],
+            "vifs": [{"index": n.index, "mac": n.mac, "tap": n.tap, "bridge": nic_bridge(n),
+                      "type": n.vif.type, "ip": n.vif.ip} for n in rec.nics],
+            "config": rec.spec.to_dict(),
+        }
+
+    def view(self, dom: Domain) -> dict[str, Any]:
+        """The domain after a verb: its row, or what is left of it if it is gone."""
+        if dom.record.uuid in self.m.domains:
+            return self.info(dom)
+        rec = dom.record
+        return {"name": rec.spec.name, "domid": rec.domid, "uuid": rec.uuid,
+                "state": "gone", "reason": rec.reason}
+
+    async def domains(self) -> list[dict[str, Any]]:
+        listing = await self._listing()
+        doms = sorted(self.m.domains.values(), key=lambda d: d.record.domid)
+        rows = [self.host_row(listing)] + [self.info(d) for d in doms]
+        ours = {d.name for d in doms}
+        for f in listing:  # xl's domains that sanvisor did not make: shown, untouched
+            if f["domid"] != 0 and f["name"] not in ours:
+                rows.append({"name": f["name"], "domid": f["domid"], "uuid": "",
+                             "mem_mib": f["memory_kib"] >> 10, "vcpus": f["vcpus"],
+                             "letters": f["state"], "state": "foreign",
+                             "cpu_seconds": f["cpu_seconds"], "foreign": True})
+        return rows
+
+    async def stats(self) -> list[dict[str, Any]]:
+        out = []
+        for dom in sorted(self.m.domains.values(), key=lambda d: d.record.domid):
+            row = self.info(dom)
+            if dom.inst is not None and dom.record.state is not State.LOST:
+                with contextlib.suppress(Exception):
+                    st = vars(await dom.inst.stats())
+                    # the vCPUs online now: under TCG offlined ones stay plugged
+                    st["vcpus"] = dom.record.vcpus or st["vcpus"]
+                    row["stats"] = st
+            out.append(row)
+        return out
+
+
+def missing(refs: list[str], rows: list[dict[str, Any]]) -> str | None:
+    """The first of ``refs`` that names none of ``rows`` (by name, id or uuid)."""
+    known = {str(x) for r in rows for x in (r["name"], r["domid"], r.get("uuid"))}
+    return next((r for r in refs if r not in known), None)
+
+
+def not_found(ref: str) -> NotFoundError:
+    return NotFoundError(f"domain {ref!r} does not exist", domain=ref)

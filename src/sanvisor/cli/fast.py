@@ -1,0 +1,91 @@
+"""The read-only verbs scripts call in loops (`list`, `domid`, `domname`, `uptime`,
+`info`), answered without argparse, pathlib or dataclasses: a CLI call pays its
+imports every time (issue 14: under 3x the interpreter's own start-up). Any
+option these verbs do not know, or a wrong number of arguments, goes to the full
+parser, which prints the usage."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from sanvisor import where
+
+TYPE_CHECKING = False  # typing costs ~4 ms to import: every CLI call would pay it
+if TYPE_CHECKING:
+    from typing import Any
+
+READ_ONLY = frozenset(("list", "domid", "domname", "uptime", "info"))
+_ARITY = {"domid": 1, "domname": 1, "info": 0}
+
+
+def agent_home(home: str | None, on_host: str | None) -> str:
+    """The agent home a command line means: -H lab host, --home, or the default."""
+    from sanvisor.errors import NotFoundError
+
+    if on_host:
+        lab = where.lab_root()
+        path = os.path.join(lab, on_host)
+        if not os.path.exists(os.path.join(path, "host.json")):
+            raise NotFoundError(f"no lab host {on_host!r} at {lab}", host=on_host)
+        return path
+    return home or where.default_home()
+
+
+def accepts(rest: list[str]) -> bool:
+    """This command line is one the fast path answers exactly as the full one would."""
+    if not rest or rest[0] not in READ_ONLY:
+        return False
+    verb, params = rest[0], rest[1:]
+    if verb == "list":
+        params = [p for p in params if p not in ("-l", "--long")]
+    if any(p.startswith("-") for p in params):
+        return False
+    return verb not in _ARITY or len(params) == _ARITY[verb]
+
+
+def select(rows: list[dict[str, Any]], refs: list[str]) -> list[dict[str, Any]]:
+    """The rows named by ``refs`` (name, id or uuid), in list order; each ref must name
+    one (xm: "Domain 'x' does not exist")."""
+    if not refs:
+        return rows
+    want = set(refs)
+    picked = [r for r in rows if {r["name"], str(r["domid"]), r.get("uuid")} & want]
+    known = {str(x) for r in picked for x in (r["name"], r["domid"], r.get("uuid"))}
+    missing = next((r for r in refs if r not in known), None)
+    if missing is not None:
+        from sanvisor.errors import NotFoundError
+
+        raise NotFoundError(f"domain {missing!r} does not exist", domain=missing)
+    return picked
+
+
+def run(rest: list[str], *, as_json: bool, home: str) -> int:
+    """Answer ``rest`` (accepted by :func:`accepts`); raises SanvisorError."""
+    from sanvisor.api.client import AgentClient
+    from sanvisor.cli import render
+
+    client = AgentClient(where.agent_socket(home))  # type: ignore[arg-type]
+    verb = rest[0]
+    params = [p for p in rest[1:] if p not in ("-l", "--long")]
+    data: Any
+    if verb == "list":
+        data = select(client.domains(), params)
+        text = None if len(params) != len(rest) - 1 else render.list_table(data)
+    elif verb in ("domid", "domname"):
+        info = client.info(params[0])
+        data = {"name": info["name"], "domid": info["domid"]}
+        text = str(info["domid"] if verb == "domid" else info["name"])
+    elif verb == "uptime":
+        rows = select(client.domains(), params)
+        data = [{"name": r["name"], "domid": r["domid"], "uuid": r.get("uuid", ""),
+                 "uptime": r.get("uptime", 0.0)} for r in rows if "uptime" in r]
+        text = render.uptime_table(data)
+    else:
+        data = client.call("GET", "/v1/host/info")
+        text = "\n".join(f"{k:<20}: {v}" for k, v in data.items())
+    if as_json or text is None:
+        render.emit_json(data)
+    else:
+        sys.stdout.write(text + "\n")
+    return 0
