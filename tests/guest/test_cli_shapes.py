@@ -94,10 +94,15 @@ def test_create_dry_run_checks_everything_and_starts_nothing(
     assert "no such file" in qemu_sv.fail("create", "-n", str(gone))
 
 
-def test_nics_and_saves_refused_in_one_line(qemu_sv: Sanvisor,
-                                            guest: dict[str, object]) -> None:
+def test_devices_and_saves_refused_in_one_line(qemu_sv: Sanvisor,
+                                               guest: dict[str, object],
+                                               workdir: Path) -> None:
     line = qemu_sv.fail("network-attach", NAME, f"mac={MAC}")
     assert f"already has MAC {MAC}" in line
+    extra = workdir / "x.img"
+    extra.write_bytes(b"\0" * (1 << 20))
+    line = qemu_sv.fail("block-attach", NAME, f"file:{extra}", "xvda")
+    assert "sda and xvda name the same disk" in line, line
     line = qemu_sv.fail("save", NAME, "/no/such/dir/x.save")
     assert line == "sanvisor: error: save: /no/such/dir: no such directory"
     assert qemu_sv.domain(NAME)["state"] in ("running", "blocked")

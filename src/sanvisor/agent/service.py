@@ -321,8 +321,14 @@ class HostService(Views):
         async with dom.lock:
             inst = self._live(dom)
             if any(d.target == disk.target for d in dom.record.spec.disks):
-                        raise DeviceError(f"{dom.name} already has a disk {disk.target}",
+                raise DeviceError(f"{dom.name} already has a disk {disk.target}",
                                   domain=dom.name, target=disk.target)
+            whole = DomainSpec(name=dom.name, disks=[*dom.record.spec.disks, disk])
+            try:  # the config's rules: sda beside xvda, xvda beside xvda1 are one disk
+                whole.validate()
+            except ConfigError as exc:
+                raise DeviceError(f"block-attach: {exc}", domain=dom.name,
+                                  target=disk.target) from exc
             probe = DomainSpec(name=dom.name, disks=[disk], source="block-attach")
             self.m.check_disks(probe)
             sock = self.m.mapped(disk.path)
