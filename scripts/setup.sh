@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PKGS=(qemu-system-x86 qemu-utils busybox-static iproute2 nftables libnbd-bin iputils-ping fio)
+PKGS=(qemu-system-x86 qemu-utils busybox-static iproute2 nftables libnbd-bin iputils-ping fio multipath-tools)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
