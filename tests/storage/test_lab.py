@@ -125,7 +125,8 @@ def test_one_multipath_conf_for_the_pool(lab: Lab, tmp_path: Path) -> None:
     ll = lab.sv("-H", "host1", "multipath", "-ll").stdout.splitlines()
     assert ll[0] == f"domU-systeme ({lab.wwid('boot')}) dm-0 HITACHI,DF600F"
     assert ll[1] == "[size=64M][features=1 queue_if_no_path][hwhandler=0][rw]"
-    assert ll[2] == "\\_ round-robin 0 [prio=2][active]"
+    # no path_selector given: multipath-tools 0.9.4's built-in default, as `multipath -t`
+    assert ll[2] == "\\_ service-time 0 [prio=2][active]"
     assert ll[3].split() == ["\\_", "0:0:0:1", "sdb", "8:16", "[active][ready]"]
     broken = tmp_path / "broken.conf"
     broken.write_text("defaults {\n  polling_interval soon\n}\n")

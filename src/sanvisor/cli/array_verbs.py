@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ def add_parser(sub: Any) -> None:
                     help="one per fabric (default 127.0.0.1:10809)")
     sv.add_argument("--fault-dir", type=Path, help="loopback lab: drop the connections of "
                     "any initiator address with a file of that name here")
+    sv.add_argument("--control", type=Path, help=argparse.SUPPRESS)  # tests: arrayhooks
     lun = asub.add_parser("lun", help="create, delete, resize, list LUNs")
     lsub = lun.add_subparsers(dest="lun_cmd", metavar="ACTION", required=True)
     c = lsub.add_parser("create", help="create a LUN (a sparse file unless --backing)")
@@ -30,6 +32,8 @@ def add_parser(sub: Any) -> None:
     c.add_argument("--size", required=True, help="e.g. 1G, 512M")
     c.add_argument("--id", type=int, help="LUN id (default: lowest free from 1)")
     c.add_argument("--backing", type=Path, help="existing file or block device")
+    c.add_argument("--thick", action="store_true", help="allocate every block now "
+                   "(refused if the pool cannot hold it); default: a sparse file")
     c.add_argument("--vendor", default="HITACHI")
     c.add_argument("--model", default="DF600F")
     d = lsub.add_parser("delete", help="delete a LUN (not while zoned, unless --force)")
@@ -38,7 +42,7 @@ def add_parser(sub: Any) -> None:
     r = lsub.add_parser("resize", help="grow a LUN")
     r.add_argument("lun")
     r.add_argument("--size", required=True)
-    lsub.add_parser("list", help="list LUNs")
+    lsub.add_parser("list", help="list LUNs, their allocated space and the pool's")
     zone = asub.add_parser("zone", help="LUN masking: which WWPN sees which LUN")
     zsub = zone.add_subparsers(dest="zone_cmd", metavar="ACTION", required=True)
     for name in ("add", "remove"):
@@ -84,7 +88,8 @@ def run(args: argparse.Namespace, home: Path) -> int:
     store = ArrayStore(ahome)
     js = getattr(args, "json", False)
     if args.array_cmd == "serve":
-        return _serve(ahome, args.listen or ["127.0.0.1:10809"], args.fault_dir)
+        return _serve(ahome, args.listen or ["127.0.0.1:10809"], args.fault_dir,
+                      args.control)
     if args.array_cmd == "lun":
         return _lun(args, store, js)
     if args.array_cmd == "zone":
@@ -106,17 +111,27 @@ def run(args: argparse.Namespace, home: Path) -> int:
 
 
 def _lun(args: argparse.Namespace, store: Any, js: bool) -> int:
+    from sanvisor.storage.arraypool import preallocate
+
     if args.lun_cmd == "create":
         size = parse_size(args.size)
+        if args.thick and args.backing is not None:
+            raise UsageError("--thick allocates a new LUN file; not with --backing")
         with store.edit() as cfg:
             backing = args.backing
             lun = cfg.add_lun(args.name, size, backing or Path("/pending"), args.id,
                               vendor=args.vendor, model=args.model)
             if backing is None:
                 path = store.backing_path(lun.wwid)
-                with open(path, "wb") as fh:
-                    fh.truncate(size)
-                lun.backing = str(path)
+                try:
+                    if args.thick:
+                        preallocate(path, size)
+                    with open(path, "r+b" if args.thick else "wb") as fh:
+                        fh.truncate(size)
+                except BaseException:
+                    path.unlink(missing_ok=True)
+                    raise
+                lun.backing, lun.thick = str(path), args.thick
             elif not backing.exists():
                 raise UsageError(f"--backing {backing}: no such file or device")
         if js:
@@ -139,22 +154,52 @@ def _lun(args: argparse.Namespace, store: Any, js: bool) -> int:
             if size < lun.size:
                 raise UsageError(f"LUN {lun.name}: shrinking ({lun.size} -> {size} bytes) "
                                  "would destroy data; only growing is supported")
+            if lun.thick:
+                preallocate(Path(lun.backing), size)
             if Path(lun.backing).is_file():
                 os.truncate(lun.backing, size)
             lun.size = size
         return 0
+    return _list(store, js)
+
+
+def _list(store: Any, js: bool) -> int:
+    from sanvisor.storage.arraypool import allocated, human, pool_space
+
     luns = sorted(store.load().luns, key=lambda x: x.id)
+    pools: dict[str, Any] = {}
+    rows = []
+    for x in luns:
+        try:
+            pool = pool_space(Path(x.backing))
+            pools[pool.path] = pool
+            pinfo: dict[str, object] | None = pool.to_dict()
+        except OSError:
+            pinfo = None
+        rows.append(vars(x) | {"allocated": allocated(Path(x.backing)), "pool": pinfo})
+    if not pools:
+        with contextlib.suppress(OSError):
+            pool = pool_space(store.home)
+            pools[pool.path] = pool
     if js:
-        render.emit_json([vars(x) for x in luns])
-    else:
-        print(f"{'LUN':>4} {'Name':<16} {'Size':>10} {'WWID':<34} Zoned to")
-        for x in luns:
-            print(f"{x.id:>4} {x.name:<16} {x.size >> 20:>8}Mi {x.wwid:<34} "
-                  f"{', '.join(x.zones) or '-'}")
+        render.emit_json(rows)
+        return 0
+    print(f"{'LUN':>4} {'Name':<16} {'Size':>10} {'Allocated':>10} {'':5} {'WWID':<34} "
+          "Zoned to")
+    for x, row in zip(luns, rows, strict=True):
+        alloc = int(row["allocated"])
+        print(f"{x.id:>4} {x.name:<16} {human(x.size):>10} {human(alloc):>10} "
+              f"{'thick' if x.thick else 'thin':5} {x.wwid:<34} {', '.join(x.zones) or '-'}")
+    for p in pools.values():
+        print(f"pool {p.path}: {human(p.free)} free of {human(p.size)} "
+              f"({100 * p.free / max(p.size, 1):.0f} %)")
+        if p.low:
+            print(p.warning())
     return 0
 
 
-def _serve(home: Path, listens: list[str], fault_dir: Path | None) -> int:
+def _serve(home: Path, listens: list[str], fault_dir: Path | None,
+           control: Path | None = None) -> int:
     import asyncio
     import logging
 
@@ -162,5 +207,5 @@ def _serve(home: Path, listens: list[str], fault_dir: Path | None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     home.mkdir(parents=True, exist_ok=True)
-    asyncio.run(serve(home, [parse_listen(x) for x in listens], fault_dir))
+    asyncio.run(serve(home, [parse_listen(x) for x in listens], fault_dir, control))
     return 0

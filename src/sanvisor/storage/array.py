@@ -47,6 +47,7 @@ class Lun:
     model: str = "DF600F"
     rev: str = "0000"
     zones: list[str] = field(default_factory=list)  # WWPNs allowed to see it
+    thick: bool = False  # every block allocated at creation (fallocate)
 
     def description(self) -> str:
         """What travels in NBD's export description: the SCSI inquiry data."""

@@ -1,51 +1,52 @@
 """The disk array daemon: serves LUNs over NBD, one listener per fabric.
 
-Fixed newstyle handshake (OPT_GO/INFO/LIST/EXPORT_NAME/ABORT), simple replies,
-READ/WRITE (FUA)/FLUSH (fdatasync: a FLUSHed write survives the array being
-killed)/TRIM/WRITE_ZEROES/DISC, any number of requests in flight (answered in
-order). The initiator is known by the address it connects from (its HBA's
-address on the fabric); it can list and open only the LUNs zoned to its WWPN.
-A client that sends garbage or vanishes loses its connection, nobody else's.
+Fixed newstyle handshake (OPT_GO/INFO/LIST/EXPORT_NAME/ABORT, and the vendor
+option OPT_X_FENCE), simple replies, READ/WRITE (FUA)/FLUSH (fdatasync: a
+FLUSHed write survives the array being killed)/TRIM/WRITE_ZEROES/DISC, any
+number of requests in flight (executed and answered in order: arraytx). The
+initiator is known by the address it connects from (its HBA's address on the
+fabric); it can list and open only the LUNs zoned to its WWPN. Each opened LUN
+is a session with an id (INFO_X_SESSION) that another initiator of the same
+host can fence (docs/lab.md, "Fencing"). A client that sends garbage or
+vanishes loses its connection, nobody else's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import os
+import secrets
 import signal
 import socket
 import struct
+import time
 from pathlib import Path
+from typing import Any
 
 from sanvisor.storage import nbdproto as P
 from sanvisor.storage.array import ArrayConfig, ArrayStore, Initiator, Lun
+from sanvisor.storage.arraypool import pool_space
+from sanvisor.storage.arraytx import LunSession, ProtocolViolation
 
 log = logging.getLogger("sanvisor.array")
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
-
-
-class ProtocolViolation(Exception):
-    pass
-
-
-def punch_hole(fd: int, offset: int, length: int) -> bool:
-    rc = _libc.fallocate(fd, _PUNCH, ctypes.c_long(offset), ctypes.c_long(length))
-    return bool(rc == 0)
+POOL_CHECK = 5.0  # seconds between checks of the pool's free space
+ENOSPC_LOG_EVERY = 10.0  # seconds: at most one "pool full" warning per LUN per period
 
 
 class Array:
     def __init__(self, store: ArrayStore, fault_dir: Path | None = None) -> None:
         self.store = store
         self.fault_dir = fault_dir  # loopback lab: a file per "down" initiator address
-        self.live: set[Session] = set()
+        self.live: set[Connection] = set()
+        self.sessions: dict[int, LunSession] = {}  # by session id (token)
+        self.hooks: Any = None  # test hooks (arrayhooks.Hooks), only with --control
         self._cfg = store.load()
         self._mtime = store.mtime()
-        self.sessions = 0
+        self._low: set[str] = set()  # pools known to be low
+        self._enospc_logged: dict[int, float] = {}
+        self.connections = 0
 
     def config(self) -> ArrayConfig:
         m = self.store.mtime()
@@ -53,8 +54,59 @@ class Array:
             self._cfg, self._mtime = self.store.load(), m
         return self._cfg
 
+    def new_token(self) -> int:
+        while True:
+            token = secrets.randbits(64)
+            if token and token not in self.sessions:
+                return token
 
-class Session:
+    async def fence(self, requester: Initiator, tokens: list[int]) -> str | None:
+        """End the sessions named (queued requests discarded, the one executing
+        finished); None when all are gone, else why it was refused (nothing fenced)."""
+        targets = []
+        for token in tokens:
+            s = self.sessions.get(token)
+            if s is None:
+                continue  # ended already (or the array restarted since)
+            owner = s.initiator
+            if owner is None or not (owner.wwpn == requester.wwpn
+                                     or (owner.host and owner.host == requester.host)):
+                return f"session {token:016x} is not a session of host {requester.host!r}"
+            targets.append(s)
+        if targets:
+            log.warning("%s (host %s) fences session(s) %s", requester.wwpn, requester.host,
+                        ", ".join(f"{s.token:016x}" for s in targets))
+        await asyncio.gather(*(s.fence() for s in targets))
+        return None
+
+    # ---- the pool -------------------------------------------------------------------
+    def check_pool(self) -> None:
+        dirs = {str(Path(lun.backing).parent) for lun in self.config().luns}
+        for d in sorted(dirs):
+            try:
+                space = pool_space(Path(d))
+            except OSError:
+                continue
+            if space.low and d not in self._low:
+                self._low.add(d)
+                log.warning("%s", space.warning())
+            elif not space.low and d in self._low:
+                self._low.discard(d)
+                log.info("the array's pool at %s has space again: %d MiB free", d,
+                         space.free >> 20)
+
+    def note_enospc(self, lun: Lun) -> None:
+        now = time.monotonic()
+        if now - self._enospc_logged.get(lun.id, -ENOSPC_LOG_EVERY) >= ENOSPC_LOG_EVERY:
+            self._enospc_logged[lun.id] = now
+            log.warning("LUN %d (%s): a write failed with ENOSPC: its pool is full",
+                        lun.id, lun.name)
+            self.check_pool()
+
+
+class Connection:
+    """One initiator connection: the handshake, then (after GO) one LUN session."""
+
     def __init__(self, array: Array, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter) -> None:
         self.array = array
@@ -62,6 +114,7 @@ class Session:
         self.w = writer
         peer = writer.get_extra_info("peername")
         self.peer = str(peer[0]) if isinstance(peer, tuple) else "local"
+        self.session: LunSession | None = None
 
     def cut(self) -> bool:
         """Loopback lab: this initiator's HBA is down; drop the connection."""
@@ -90,25 +143,41 @@ class Session:
         cfg = self.array.config()
         ini = cfg.initiator_at(self.peer)
         try:
-            lun = await self.handshake(cfg, ini)
-            if lun is not None:
-                log.info("%s (%s) opened LUN %d", self.peer, ini.wwpn if ini else "?", lun.id)
-                await self.transmission(lun)
+            if await self.handshake(cfg, ini) and self.session is not None:
+                await self.session.run()
         except (asyncio.IncompleteReadError, ConnectionError, ProtocolViolation) as exc:
             log.info("%s: connection dropped: %s", self.peer, exc or type(exc).__name__)
         finally:
+            if self.session is not None:
+                self.session.finish_unstarted()
+                self.array.sessions.pop(self.session.token, None)
             with contextlib.suppress(Exception):
                 self.w.close()
                 await self.w.wait_closed()
 
-    # ---- handshake ----------------------------------------------------------------------
+    def open_session(self, lun: Lun, ini: Initiator | None) -> LunSession:
+        """The LUN session of this connection, registered (so it can be fenced) before
+        the client can know its id."""
+        array = self.array
+        s = LunSession(array.new_token(), lun, ini, self.peer, self.r, self.w, array.hooks)
+        s.on_enospc = array.note_enospc
+        array.sessions[s.token] = s
+        self.session = s
+        log.info("%s (%s) opened LUN %d: session %016x", self.peer,
+                 ini.wwpn if ini else "?", lun.id, s.token)
+        return s
+
+    # ---- handshake ------------------------------------------------------------------
     def _visible(self, cfg: ArrayConfig, ini: Initiator | None) -> list[Lun]:
         return cfg.visible_to(ini.wwpn) if ini else []
 
-    async def handshake(self, cfg: ArrayConfig, ini: Initiator | None) -> Lun | None:
+    async def handshake(self, cfg: ArrayConfig, ini: Initiator | None) -> bool:
+        """Option haggling; True when a LUN session was opened (self.session)."""
         self.w.write(struct.pack(">QQH", P.NBDMAGIC, P.IHAVEOPT,
                                  P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES))
         (cflags,) = struct.unpack(">I", await self.r.readexactly(4))
+        if cflags & ~(P.FLAG_C_FIXED_NEWSTYLE | P.FLAG_C_NO_ZEROES):
+            raise ProtocolViolation(f"unknown client flags {cflags:#x}")
         no_zeroes = bool(cflags & P.FLAG_C_NO_ZEROES)
         while True:
             magic, opt, length = P.OPT_HEADER.unpack(await self.r.readexactly(16))
@@ -120,14 +189,15 @@ class Session:
                 lun = visible.get(data.decode(errors="replace"))
                 if lun is None:
                     raise ProtocolViolation("EXPORT_NAME of an export it may not see")
+                self.open_session(lun, ini)
                 self.w.write(struct.pack(">QH", lun.size, self.tflags()))
                 if not no_zeroes:
                     self.w.write(b"\0" * 124)
-                return lun
+                return True
             if opt == P.OPT_ABORT:
                 self.w.write(P.option_reply(opt, P.REP_ACK))
                 await self.w.drain()
-                return None
+                return False
             if opt == P.OPT_LIST:
                 for lun in visible.values():
                     name = lun.wwid.encode()
@@ -136,140 +206,90 @@ class Session:
                         struct.pack(">I", len(name)) + name + lun.description().encode()))
                 self.w.write(P.option_reply(opt, P.REP_ACK))
             elif opt in (P.OPT_INFO, P.OPT_GO):
-                lun = self.parse_info_request(data, visible)
-                if lun is None:
-                    self.w.write(P.option_reply(opt, P.REP_ERR_UNKNOWN, b"no such export"))
-                else:
-                    for info in (P.info_export(lun.size, self.tflags()),
-                                 P.info_block_size(1, 4096, P.MAX_REQUEST),
-                                 P.info_description(lun.description())):
-                        self.w.write(P.option_reply(opt, P.REP_INFO, info))
-                    self.w.write(P.option_reply(opt, P.REP_ACK))
-                    if opt == P.OPT_GO:
-                        await self.w.drain()
-                        return lun
+                if self._info(opt, data, visible, ini):
+                    await self.w.drain()
+                    return True
+            elif opt == P.OPT_X_FENCE:
+                await self._fence(opt, data, ini)
             else:  # STARTTLS, STRUCTURED_REPLY, meta contexts...: not offered
                 self.w.write(P.option_reply(opt, P.REP_ERR_UNSUP))
             await self.w.drain()
 
-    @staticmethod
-    def parse_info_request(data: bytes, visible: dict[str, Lun]) -> Lun | None:
-        if len(data) < 6:
-            raise ProtocolViolation("short INFO/GO request")
-        (nlen,) = struct.unpack(">I", data[:4])
-        if 4 + nlen + 2 > len(data):
-            raise ProtocolViolation("malformed INFO/GO request")
-        name = data[4:4 + nlen].decode(errors="replace")
+    def _info(self, opt: int, data: bytes, visible: dict[str, Lun],
+              ini: Initiator | None) -> bool:
+        """Answer INFO/GO; True when a GO opened the LUN."""
+        req = P.parse_go_request(data)
+        if req is None:
+            self.w.write(P.option_reply(opt, P.REP_ERR_INVALID, b"malformed INFO/GO"))
+            return False
+        name, infos = req
+        lun = visible.get(name)
         if name == "" and len(visible) == 1:
-            return next(iter(visible.values()))  # the default export
-        return visible.get(name)
+            lun = next(iter(visible.values()))  # the default export
+        if lun is None:
+            self.w.write(P.option_reply(opt, P.REP_ERR_UNKNOWN, b"no such export"))
+            return False
+        replies = [P.info_export(lun.size, self.tflags()),
+                   P.info_block_size(1, 4096, P.MAX_REQUEST),
+                   P.info_description(lun.description())]
+        if opt == P.OPT_GO:
+            s = self.open_session(lun, ini)
+            if P.INFO_X_SESSION in infos:
+                replies.append(P.info_session(s.token))
+        for info in replies:
+            self.w.write(P.option_reply(opt, P.REP_INFO, info))
+        self.w.write(P.option_reply(opt, P.REP_ACK))
+        return opt == P.OPT_GO
+
+    async def _fence(self, opt: int, data: bytes, ini: Initiator | None) -> None:
+        tokens = P.parse_fence_request(data)
+        if tokens is None:
+            self.w.write(P.option_reply(opt, P.REP_ERR_INVALID, b"malformed fence"))
+        elif ini is None:
+            self.w.write(P.option_reply(opt, P.REP_ERR_POLICY, b"unknown initiator"))
+        else:
+            why = await self.array.fence(ini, tokens)
+            self.w.write(P.option_reply(opt, P.REP_ERR_POLICY, why.encode()) if why
+                         else P.option_reply(opt, P.REP_ACK))
 
     @staticmethod
     def tflags() -> int:
         return (P.TF_HAS_FLAGS | P.TF_SEND_FLUSH | P.TF_SEND_FUA | P.TF_SEND_TRIM
                 | P.TF_SEND_WRITE_ZEROES | P.TF_CAN_MULTI_CONN)
 
-    # ---- transmission -----------------------------------------------------------------
-    async def transmission(self, lun: Lun) -> None:
-        fd = os.open(lun.backing, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            while True:
-                hdr = await self.r.readexactly(P.REQUEST.size)
-                magic, flags, cmd, cookie, offset, length = P.REQUEST.unpack(hdr)
-                if magic != P.REQUEST_MAGIC:
-                    raise ProtocolViolation(f"bad request magic {magic:#x}")
-                if cmd == P.CMD_WRITE:
-                    if length > P.MAX_REQUEST:
-                        raise ProtocolViolation("write larger than the maximum")
-                    payload = await self.r.readexactly(length)
-                    err = await self.write(fd, lun, flags, offset, payload)
-                    self.reply(err, cookie)
-                elif cmd == P.CMD_READ:
-                    if length > P.MAX_REQUEST or offset + length > lun.size:
-                        self.reply(P.EINVAL, cookie)
-                    else:
-                        try:
-                            data = os.pread(fd, length, offset)
-                            data += b"\0" * (length - len(data))
-                            self.reply(0, cookie, data)
-                        except OSError:
-                            self.reply(P.EIO, cookie)
-                elif cmd == P.CMD_FLUSH:
-                    self.reply(await self.flush(fd), cookie)
-                elif cmd in (P.CMD_TRIM, P.CMD_WRITE_ZEROES):
-                    self.reply(await self.zero(fd, lun, cmd, flags, offset, length), cookie)
-                elif cmd == P.CMD_CACHE:
-                    self.reply(0, cookie)
-                elif cmd == P.CMD_DISC:
-                    await self.w.drain()
-                    return
-                else:
-                    self.reply(P.EINVAL, cookie)
-                if self.w.transport.get_write_buffer_size() > (4 << 20):
-                    await self.w.drain()
-        finally:
-            os.close(fd)
-
-    def reply(self, err: int, cookie: int, data: bytes = b"") -> None:
-        self.w.write(P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, err, cookie))
-        if data and not err:
-            self.w.write(data)
-
-    async def write(self, fd: int, lun: Lun, flags: int, offset: int, data: bytes) -> int:
-        if offset + len(data) > lun.size:
-            return P.ENOSPC
-        try:
-            os.pwrite(fd, data, offset)
-        except OSError:
-            return P.EIO
-        if flags & P.CMD_FLAG_FUA:
-            return await self.flush(fd)
-        return 0
-
-    async def flush(self, fd: int) -> int:
-        try:
-            await asyncio.to_thread(os.fdatasync, fd)
-        except OSError:
-            return P.EIO
-        return 0
-
-    async def zero(self, fd: int, lun: Lun, cmd: int, flags: int, offset: int,
-                   length: int) -> int:
-        if offset + length > lun.size:
-            return P.ENOSPC if cmd == P.CMD_WRITE_ZEROES else P.EINVAL
-        if cmd == P.CMD_TRIM or not flags & P.CMD_FLAG_NO_HOLE:
-            if punch_hole(fd, offset, length):
-                return await self.flush(fd) if flags & P.CMD_FLAG_FUA else 0
-            if cmd == P.CMD_TRIM:
-                return 0  # TRIM is advisory
-        try:
-            chunk = b"\0" * min(length, 1 << 20)
-            pos = offset
-            while pos < offset + length:
-                pos += os.pwrite(fd, chunk[: offset + length - pos], pos)
-        except OSError:
-            return P.EIO
-        return await self.flush(fd) if flags & P.CMD_FLAG_FUA else 0
-
 
 async def _fault_watch(array: Array) -> None:
     while True:
         await asyncio.sleep(0.05)
-        for s in [s for s in array.live if s.cut()]:
-            s.w.transport.abort()
+        for c in [c for c in array.live if c.cut()]:
+            c.w.transport.abort()
+
+
+async def _pool_watch(array: Array) -> None:
+    while True:
+        with contextlib.suppress(Exception):
+            array.check_pool()
+        await asyncio.sleep(POOL_CHECK)
 
 
 async def serve(home: Path, listens: list[tuple[str, int]],
-                fault_dir: Path | None = None) -> None:
+                fault_dir: Path | None = None, control: Path | None = None) -> None:
     array = Array(ArrayStore(home), fault_dir)
-    watcher = asyncio.create_task(_fault_watch(array)) if fault_dir else None
+    tasks = [asyncio.create_task(_pool_watch(array))]
+    if fault_dir:
+        tasks.append(asyncio.create_task(_fault_watch(array)))
+    ctl = None
+    if control is not None:
+        from sanvisor.storage.arrayhooks import serve_control
+
+        ctl = await serve_control(array, control)
 
     async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        array.sessions += 1
+        array.connections += 1
         try:
-            await Session(array, reader, writer).run()
+            await Connection(array, reader, writer).run()
         finally:
-            array.sessions -= 1
+            array.connections -= 1
 
     servers = [await asyncio.start_server(on_conn, host, port, reuse_address=True)
                for host, port in listens]
@@ -280,10 +300,12 @@ async def serve(home: Path, listens: list[tuple[str, int]],
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    if watcher is not None:
-        watcher.cancel()
+    for t in tasks:
+        t.cancel()
     for s in servers:
         s.close()
+    if ctl is not None:
+        ctl.close()
     with contextlib.suppress(FileNotFoundError):
         (home / "array.pid").unlink()
 

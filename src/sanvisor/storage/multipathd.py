@@ -18,9 +18,10 @@ from pathlib import Path as FsPath
 from typing import Any
 
 from sanvisor.errors import SanvisorError
+from sanvisor.storage.fence import FENCE_TIMEOUT
 from sanvisor.storage.mpconf import MultipathConf, parse_mpconf
 from sanvisor.storage.mpfront import Front
-from sanvisor.storage.mpmap import Map
+from sanvisor.storage.mpmap import IO_TIMEOUT, Map
 from sanvisor.storage.paths import Path
 from sanvisor.storage.scsi import HbaConf, ScsiTable, load_hbas
 
@@ -40,6 +41,8 @@ class Multipathd:
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._probes: set[asyncio.Future[bool]] = set()
+        self.io_timeout = IO_TIMEOUT  # given to every map (tests shorten them)
+        self.fence_timeout = FENCE_TIMEOUT
 
     # ---- configuration --------------------------------------------------------------
     def load_conf(self) -> MultipathConf:
@@ -75,11 +78,13 @@ class Multipathd:
                 + "".join(f"{name} {w}\n" for w, name in b.items()))
         return b[wwid]
 
-    def name_for(self, wwid: str) -> str:
+    def name_for(self, wwid: str, friendly: bool | None = None) -> str:
         alias = self.conf.alias_for(wwid)
         if alias:
             return alias
-        return self._bind(wwid) if self.conf.user_friendly_names else wwid
+        if friendly is None:  # the map's own (settings_for) or the defaults section's
+            friendly = self.conf.user_friendly_names
+        return self._bind(wwid) if friendly else wwid
 
     # ---- life -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -94,6 +99,8 @@ class Multipathd:
                 await self._task
         for srv in self.servers.values():
             srv.close()
+        for mp in self.maps.values():
+            mp.close()
         for p in self.paths.values():
             p.fail("multipathd stopping")
 
@@ -108,7 +115,8 @@ class Multipathd:
             table = ScsiTable(self.home)
             wanted: dict[str, list[Any]] = {}
             for sp in table.paths:
-                if sp.hba in hbas and not self.conf.blacklisted(sp.wwid):
+                if sp.hba in hbas and not self.conf.blacklisted(sp.wwid, sp.vendor, sp.model,
+                                                                sp.dev):
                     wanted.setdefault(sp.wwid, []).append(sp)
             for hctl in [h for h, p in self.paths.items()
                          if p.scsi.wwid not in wanted or p.scsi not in wanted[p.scsi.wwid]]:
@@ -118,13 +126,14 @@ class Multipathd:
             for dm, (wwid, sps) in enumerate(sorted(wanted.items())):
                 first = sps[0]
                 settings = self.conf.settings_for(wwid, first.vendor, first.model)
-                name = self.name_for(wwid)
+                name = self.name_for(wwid, settings.user_friendly_names)
                 mp = self.maps.get(wwid)
                 if mp is not None and mp.name != name:
                     await self._drop_map(self.maps.pop(wwid))
                     mp = None
                 if mp is None:
                     mp = Map(name, wwid, dm, first.vendor, first.model, first.size, settings)
+                    mp.io_timeout, mp.fence_timeout = self.io_timeout, self.fence_timeout
                     self.maps[wwid] = mp
                     await self._serve(mp)
                 mp.settings = settings
@@ -150,6 +159,7 @@ class Multipathd:
         self.servers[mp.name] = srv
 
     async def _drop_map(self, mp: Map) -> None:
+        mp.close()
         srv = self.servers.pop(mp.name, None)
         if srv is not None:
             srv.close()
@@ -157,8 +167,8 @@ class Multipathd:
             (self.mapper / f"{mp.name}.sock").unlink()
 
     async def _checker(self) -> None:
-        """Link state every 50 ms (fast failure); reconnect faulty paths every
-        polling_interval of their map; expire queues (no_path_retry N)."""
+        """Link state and I/O timeouts every 50 ms (fast failure); reconnect faulty
+        paths every polling_interval of their map; expire queues (no_path_retry)."""
         last_probe: dict[str, float] = {}
         while True:
             await asyncio.sleep(LINK_CHECK)
@@ -173,6 +183,7 @@ class Multipathd:
                         task = asyncio.ensure_future(p.connect())
                         self._probes.add(task)
                         task.add_done_callback(self._probes.discard)
+                mp.check_timeouts(now)
                 mp.expire()
 
     # ---- views ----------------------------------------------------------------------

@@ -44,7 +44,9 @@ class NbdClient:
                            f"{' from ' + source if source else ''}: {exc}") from exc
         self.size = 0
         self.flags = 0
+        self.session: int | None = None  # the array's id of this session (INFO_X_SESSION)
         self._cookie = 0
+        self._pending: dict[int, tuple[int, int]] = {}  # cookie -> (cmd, length)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -93,18 +95,28 @@ class NbdClient:
             out.append(Export(data[4:4 + n].decode(), data[4 + n:].decode()))
 
     def go(self, name: str) -> None:
-        raw = name.encode()
-        self._option(P.OPT_GO, struct.pack(">I", len(raw)) + raw + struct.pack(">H", 0))
+        """Open export ``name`` (asking for the array's session id, if it gives one)."""
+        self._option(P.OPT_GO, P.go_request(name, (P.INFO_X_SESSION,)))
         while True:
             rtype, data = self._reply()
             if rtype == P.REP_ACK:
                 return
-            if rtype == P.REP_INFO:
-                (itype,) = struct.unpack(">H", data[:2])
-                if itype == P.INFO_EXPORT:
+            if rtype == P.REP_INFO and len(data) >= 2:
+                (itype,) = struct.unpack_from(">H", data)
+                if itype == P.INFO_EXPORT and len(data) == 12:
                     _, self.size, self.flags = struct.unpack(">HQH", data)
+                elif itype == P.INFO_X_SESSION and len(data) == 10:
+                    (self.session,) = struct.unpack_from(">Q", data, 2)
             elif rtype & (1 << 31):
                 raise NbdError(f"export {name!r}: {data.decode(errors='replace') or rtype}")
+
+    def fence(self, tokens: list[int]) -> None:
+        """Ask the array to fence sessions (OPT_X_FENCE, during the handshake); returns
+        once it confirmed none of them can execute anything any more."""
+        self._option(P.OPT_X_FENCE, P.fence_request(tokens))
+        rtype, data = self._reply()
+        if rtype != P.REP_ACK:
+            raise NbdError(f"fence refused ({rtype:#x}): {data.decode(errors='replace')}")
 
     def abort(self) -> None:
         self._option(P.OPT_ABORT)
@@ -115,14 +127,29 @@ class NbdClient:
     def request(self, cmd: int, offset: int, length: int, data: bytes = b"",
                 flags: int = 0) -> tuple[int, bytes]:
         """One request; returns (error, data read)."""
+        cookie = self.send(cmd, offset, length, data, flags)
+        got, err, payload = self.receive()
+        if got != cookie:
+            raise NbdError("bad reply")
+        return err, payload
+
+    def send(self, cmd: int, offset: int, length: int, data: bytes = b"",
+             flags: int = 0) -> int:
+        """Send a request without waiting for its reply (pipelining); its cookie."""
         self._cookie += 1
+        self._pending[self._cookie] = (cmd, length)
         self.sock.sendall(P.REQUEST.pack(P.REQUEST_MAGIC, flags, cmd, self._cookie, offset,
                                          length) + data)
+        return self._cookie
+
+    def receive(self) -> tuple[int, int, bytes]:
+        """The next reply: (cookie, error, data read)."""
         magic, err, cookie = P.SIMPLE_REPLY.unpack(self._recv(16))
-        if magic != P.SIMPLE_REPLY_MAGIC or cookie != self._cookie:
+        if magic != P.SIMPLE_REPLY_MAGIC or cookie not in self._pending:
             raise NbdError("bad reply")
+        cmd, length = self._pending.pop(cookie)
         payload = self._recv(length) if cmd == P.CMD_READ and not err else b""
-        return err, payload
+        return cookie, err, payload
 
     def pread(self, length: int, offset: int) -> bytes:
         err, data = self.request(P.CMD_READ, offset, length)

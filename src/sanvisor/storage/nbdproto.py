@@ -28,6 +28,9 @@ OPT_STARTTLS = 5
 OPT_INFO = 6
 OPT_GO = 7
 OPT_STRUCTURED_REPLY = 8
+# sanvisor's vendor option (fencing; see docs/lab.md "Fencing"): a number far from the
+# spec's registry, so no client sends it by mistake and unknown servers answer ERR_UNSUP
+OPT_X_FENCE = 0x53560001
 
 # option replies
 REP_ACK = 1
@@ -42,6 +45,7 @@ INFO_EXPORT = 0
 INFO_NAME = 1
 INFO_DESCRIPTION = 2
 INFO_BLOCK_SIZE = 3
+INFO_X_SESSION = 0x5356  # vendor: the array's id of this session (u64), sent if requested
 
 # transmission flags
 TF_HAS_FLAGS = 1 << 0
@@ -68,10 +72,12 @@ EPERM = 1
 EIO = 5
 EINVAL = 22
 ENOSPC = 28
+EOVERFLOW = 75
 ENOTSUP = 95
 ESHUTDOWN = 108
 
 MAX_REQUEST = 32 << 20  # larger reads/writes are refused (EINVAL / connection closed)
+MAX_FENCE = 64  # session ids in one fence option
 
 OPT_HEADER = struct.Struct(">QII")  # magic, option, length
 OPT_REPLY = struct.Struct(">QIII")  # magic, option, type, length
@@ -93,3 +99,42 @@ def info_block_size(minimum: int, preferred: int, maximum: int) -> bytes:
 
 def info_description(text: str) -> bytes:
     return struct.pack(">H", INFO_DESCRIPTION) + text.encode()
+
+
+def info_session(token: int) -> bytes:
+    return struct.pack(">HQ", INFO_X_SESSION, token)
+
+
+def go_request(name: str, infos: tuple[int, ...] = ()) -> bytes:
+    """The data of an OPT_GO/OPT_INFO: the export name and the info types asked for."""
+    raw = name.encode()
+    return (struct.pack(">I", len(raw)) + raw + struct.pack(">H", len(infos))
+            + b"".join(struct.pack(">H", i) for i in infos))
+
+
+def parse_go_request(data: bytes) -> tuple[str, list[int]] | None:
+    """(name, info types) of an OPT_GO/OPT_INFO, or None if malformed."""
+    if len(data) < 6:
+        return None
+    (nlen,) = struct.unpack_from(">I", data)
+    if 4 + nlen + 2 > len(data):
+        return None
+    (count,) = struct.unpack_from(">H", data, 4 + nlen)
+    if len(data) != 4 + nlen + 2 + 2 * count:
+        return None
+    infos = list(struct.unpack_from(f">{count}H", data, 4 + nlen + 2))
+    return data[4:4 + nlen].decode(errors="replace"), infos
+
+
+def fence_request(tokens: list[int]) -> bytes:
+    """OPT_X_FENCE data: u32 count, then count session ids (u64)."""
+    return struct.pack(f">I{len(tokens)}Q", len(tokens), *tokens)
+
+
+def parse_fence_request(data: bytes) -> list[int] | None:
+    if len(data) < 4:
+        return None
+    (count,) = struct.unpack_from(">I", data)
+    if count > MAX_FENCE or len(data) != 4 + 8 * count:
+        return None
+    return list(struct.unpack_from(f">{count}Q", data, 4))
