@@ -8,10 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+
+from sanvisor import waiting
+from sanvisor.errors import TimeoutError_
 
 T = TypeVar("T")
 BOOT_TIMEOUT = 60.0
@@ -19,15 +21,19 @@ BOOT_TIMEOUT = 60.0
 
 def wait_until(what: str, fn: Callable[[], T | None], timeout: float = 30.0,
                interval: float = 0.05) -> T:
-    """Poll ``fn`` until it returns a truthy value; fail with ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+    """sanvisor's own wait (sanvisor.waiting), failing the test with ``what`` and the
+    last value seen at the deadline."""
+    last: list[T | None] = [None]
+
+    def probe() -> T | None:
+        last[0] = fn()
+        return last[0]
+
+    try:
+        return waiting.wait_until(what, probe, timeout, interval)
+    except TimeoutError_:
+        raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} "
+                             f"(last: {last[0]!r})") from None
 
 
 class Sanvisor:

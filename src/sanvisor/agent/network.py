@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 from pathlib import Path
 
-from sanvisor.agent.runner import RunFn, run
+from sanvisor.command import Runner, run
 from sanvisor.errors import CommandError, DeviceError
 
 DEFAULT_BRIDGE = "xenbr0"
@@ -31,7 +30,7 @@ def link_exists(name: str) -> bool:
 
 
 class Network:
-    def __init__(self, runner: RunFn = run) -> None:
+    def __init__(self, runner: Runner = run) -> None:
         self._run = runner
 
     def ensure_bridge(self, name: str) -> None:
@@ -49,13 +48,13 @@ class Network:
 
     def ensure_nat(self) -> None:
         self.ensure_bridge(NAT_BRIDGE)
-        addrs = self._run(["ip", "-o", "addr", "show", "dev", NAT_BRIDGE])
+        addrs = self._run(["ip", "-o", "addr", "show", "dev", NAT_BRIDGE]).out
         if NAT_GATEWAY not in addrs:
             self._run(["ip", "addr", "add", NAT_GATEWAY, "dev", NAT_BRIDGE])
         with contextlib.suppress(OSError):
             Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
         net = "10.213.0.0/24"
-        tables = self._run(["nft", "list", "tables"])
+        tables = self._run(["nft", "list", "tables"]).out
         if NAT_TABLE not in tables:
             script = (
                 f"table ip {NAT_TABLE} {{\n"
@@ -65,13 +64,14 @@ class Network:
             self._nft(script)
 
     def _nft(self, script: str) -> None:
-        proc = subprocess.run(["nft", "-f", "-"], input=script, text=True, capture_output=True)
-        if proc.returncode != 0:
-            raise CommandError(["nft", "-f", "-"], proc.returncode, proc.stdout, proc.stderr)
+        self._run(["nft", "-f", "-"], stdin=script)
 
     def add_tap(self, tap: str, bridge: str) -> None:
+        """Create tap ``tap`` on ``bridge``. An interface of that name that exists is
+        not ours to take (vifname=lo once made the agent delete lo): refused."""
         if link_exists(tap):
-            self.del_tap(tap)
+            raise DeviceError(f"vif: an interface named {tap} exists on this host "
+                              "(vifname= must name a new interface)", tap=tap)
         try:
             self._run(["ip", "tuntap", "add", "dev", tap, "mode", "tap"])
             self._run(["ip", "link", "set", tap, "master", bridge])

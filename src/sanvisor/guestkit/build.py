@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import stat
-import subprocess
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import BinaryIO
 
+from sanvisor.command import run
 from sanvisor.errors import GuestKitError
 from sanvisor.guestkit import kernel
 from sanvisor.guestkit.cpio import Entry, NewcWriter
@@ -80,10 +80,10 @@ def script_text(name: str) -> str:
 
 
 def _busybox_applets(busybox: Path) -> list[str]:
-    res = subprocess.run([str(busybox), "--list"], capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        raise GuestKitError(f"{busybox} --list failed: {res.stderr.strip()}")
-    return sorted(a for a in res.stdout.split() if a and "/" not in a)
+    res = run([str(busybox), "--list"], check=False)
+    if res.rc != 0:
+        raise GuestKitError(f"{busybox} --list failed: {res.err.strip()}")
+    return sorted(a for a in res.out.split() if a and "/" not in a)
 
 
 def input_hash(package_version: str, busybox_sha: str) -> str:

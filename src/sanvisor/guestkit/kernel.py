@@ -7,11 +7,11 @@ straight through its PVH entry, so we pull the xz payload out of the bzImage her
 from __future__ import annotations
 
 import lzma
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from sanvisor.errors import GuestKitError
+from sanvisor.command import Result, run
+from sanvisor.errors import CommandError, GuestKitError
 
 XZ_MAGIC = b"\xfd7zXZ\x00"
 ELF_MAGIC = b"\x7fELF"
@@ -39,10 +39,13 @@ def extract_vmlinux(bzimage: bytes) -> bytes:
     raise GuestKitError("no xz-compressed ELF kernel found in the bzImage")
 
 
-def _run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def _run(cmd: list[str], cwd: Path | None = None) -> Result:
+    """The one runner (sanvisor.command), rc kept; a missing program said plainly."""
     try:
-        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
-    except FileNotFoundError as exc:
+        return run(cmd, cwd=cwd, check=False, timeout=600)
+    except CommandError as exc:
+        if exc.rc != 127:
+            raise
         raise GuestKitError(
             f"{cmd[0]} not found: the guest kit needs a Debian host (apt, dpkg-deb)",
             command=cmd,
@@ -64,7 +67,7 @@ def resolve_package(log: Log) -> str:
     only when the first lookup fails)."""
     for attempt in range(2):
         res = _run(["apt-cache", "depends", META_PACKAGE])
-        pkg = parse_depends(res.stdout) if res.returncode == 0 else None
+        pkg = parse_depends(res.out) if res.rc == 0 else None
         if pkg:
             return pkg
         if attempt == 0:
@@ -89,24 +92,24 @@ def download_package(deb_dir: Path, log: Log) -> Path:
     log(f"downloading {pkg}")
     res = _run(["apt-get", "download", pkg], cwd=deb_dir)
     found = sorted(deb_dir.glob(f"{pkg}_*.deb"))
-    if res.returncode != 0 or not found:
+    if res.rc != 0 or not found:
         raise GuestKitError(
-            f"apt-get download {pkg} failed: {res.stderr.strip()[-500:]}", package=pkg
+            f"apt-get download {pkg} failed: {res.err.strip()[-500:]}", package=pkg
         )
     return found[-1]
 
 
 def deb_field(deb: Path, field: str) -> str:
     res = _run(["dpkg-deb", "-f", str(deb), field])
-    if res.returncode != 0:
-        raise GuestKitError(f"dpkg-deb -f {deb} failed: {res.stderr.strip()}", deb=str(deb))
-    return res.stdout.strip()
+    if res.rc != 0:
+        raise GuestKitError(f"dpkg-deb -f {deb} failed: {res.err.strip()}", deb=str(deb))
+    return res.out.strip()
 
 
 def unpack(deb: Path, dest: Path) -> None:
     res = _run(["dpkg-deb", "-x", str(deb), str(dest)])
-    if res.returncode != 0:
-        raise GuestKitError(f"dpkg-deb -x {deb} failed: {res.stderr.strip()}", deb=str(deb))
+    if res.rc != 0:
+        raise GuestKitError(f"dpkg-deb -x {deb} failed: {res.err.strip()}", deb=str(deb))
 
 
 def kernel_release(root: Path) -> str:

@@ -19,7 +19,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from sanvisor.errors import TimeoutError_
 from sanvisor.lab.guestshell import GuestShell
+from sanvisor.waiting import wait_until
 
 CONFIG = """\
 # A guest in the style of the seed's section V-G (kernel and ramdisk: the guest kit)
@@ -53,11 +55,12 @@ def run_cli(cmd: list[str], shown: tuple[str, ...], *, env: dict[str, str] | Non
 def wait_marker(log: Path, count: int = 1, timeout: float = 90) -> float:
     """Seconds until the guest's console log holds ``count`` ready markers."""
     t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if log.exists() and log.read_bytes().count(b"SANVISOR-READY") >= count:
-            return time.monotonic() - t0
-        time.sleep(0.02)
-    raise SystemExit("demo: the guest did not reach its ready marker")
+    try:
+        wait_until("the guest's ready marker", lambda: log.exists()
+                   and log.read_bytes().count(b"SANVISOR-READY") >= count, timeout, 0.02)
+    except TimeoutError_:
+        raise SystemExit("demo: the guest did not reach its ready marker") from None
+    return time.monotonic() - t0
 
 
 class Demo:
@@ -135,12 +138,10 @@ class Demo:
 
     @staticmethod
     def poll(fn: Callable[[], bool], timeout: float = 30) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if fn():
-                return True
-            time.sleep(0.1)
-        return False
+        try:
+            return wait_until("the guest", fn, timeout, 0.1)
+        except TimeoutError_:
+            return False
 
     def _info(self) -> dict[str, str]:
         import json

@@ -24,14 +24,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sanvisor import where
+from sanvisor.command import run
 from sanvisor.errors import (
-    CommandError,
     ConflictError,
     NotFoundError,
     ResourceError,
@@ -39,6 +38,7 @@ from sanvisor.errors import (
     TimeoutError_,
     UsageError,
 )
+from sanvisor.waiting import wait_until
 
 ARRAY_PORT = 10809
 FABRICS = ("fabA", "fabB")
@@ -109,10 +109,7 @@ class LabState:
 
 
 def _ip(*args: str) -> None:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise CommandError(["ip", *args], proc.returncode, proc.stdout, proc.stderr,
-                           what=" ".join(["ip", *args]))
+    run(["ip", *args], what=" ".join(["ip", *args]))
 
 
 def _sv(netns: str | None, *args: str, log: Path | None = None,
@@ -126,10 +123,7 @@ def _sv(netns: str | None, *args: str, log: Path | None = None,
                                 start_new_session=True)
         out.close()
         return proc
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise CommandError(cmd, done.returncode, done.stdout, done.stderr,
-                           what=" ".join(["sanvisor", *args]))
+    run(cmd, timeout=900, what=" ".join(["sanvisor", *args]))
     return None
 
 
@@ -264,13 +258,12 @@ def _add_xen_host(state: LabState, i: int) -> None:
 
 
 def _wait_array(state: LabState, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
     pidfile = state.array_home / "array.pid"
-    while not pidfile.exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError_("the array daemon did not start (see array/array.log)",
-                                timeout=timeout)
-        time.sleep(0.05)
+    try:
+        wait_until("the array daemon's start", pidfile.exists, timeout)
+    except TimeoutError_:
+        raise TimeoutError_("the array daemon did not start (see array/array.log)",
+                            timeout=timeout) from None
 
 
 def down(root: Path | None = None) -> bool:
@@ -286,7 +279,7 @@ def down(root: Path | None = None) -> bool:
     _kill_pidfile(state.array_home / "array.pid")
     for ns in [h.netns for h in state.hosts] + [state.array_netns]:
         if ns:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            run(["ip", "netns", "del", ns], check=False)
     shutil.rmtree(root, ignore_errors=True)
     return True
 
@@ -299,9 +292,9 @@ def _stop_host(h: HostSpec) -> None:
     layout = Layout(home)
     if daemon.agent_pid(layout):
         with contextlib.suppress(SanvisorError):
-            names = json.loads(subprocess.run(
+            names = json.loads(run(
                 [sys.executable, "-m", "sanvisor", "--home", str(home), "--json", "list"],
-                capture_output=True, text=True).stdout or "[]")
+                check=False).out or "[]")
             for row in names:
                 if row.get("domid"):
                     _sv(None, "--home", str(home), "destroy", row["name"])
@@ -315,14 +308,23 @@ def _stop_host(h: HostSpec) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
-def _kill_pidfile(pidfile: Path) -> None:
+def _kill_pidfile(pidfile: Path, grace: float = 5.0) -> None:
+    """SIGTERM the pid in ``pidfile``; SIGKILL it if it is still there after ``grace``."""
     with contextlib.suppress(ValueError, OSError):
         pid = int(pidfile.read_text())
         os.kill(pid, signal.SIGTERM)
-        for _ in range(100):
-            os.kill(pid, 0)
-            time.sleep(0.05)
-        os.kill(pid, signal.SIGKILL)
+
+        def gone() -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+
+        try:
+            wait_until(f"pid {pid} to exit", gone, grace)
+        except TimeoutError_:
+            os.kill(pid, signal.SIGKILL)
 
 
 def fault(root: Path, host: str, hba: int, up_: bool) -> None:
@@ -347,12 +349,11 @@ def hba_link(h: HostSpec, b: Hba) -> str:
     fault file)."""
     if b.fault_file:
         return "down" if Path(b.fault_file).exists() else "up"
-    proc = subprocess.run(["ip", "-n", h.netns, "-o", "link", "show", "dev", b.ifname],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
+    proc = run(["ip", "-n", h.netns, "-o", "link", "show", "dev", b.ifname], check=False)
+    if proc.rc != 0:
         return "missing"
-    m = re.search(r"\bstate (\S+)", proc.stdout)
-    flags = re.search(r"<([^>]*)>", proc.stdout)
+    m = re.search(r"\bstate (\S+)", proc.out)
+    flags = re.search(r"<([^>]*)>", proc.out)
     if flags and "UP" not in flags.group(1).split(","):
         return "down"
     return (m.group(1).lower() if m else "unknown").replace("unknown", "up")

@@ -7,6 +7,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from sanvisor.errors import TimeoutError_
+from sanvisor.waiting import wait_until
 from sanvisor.xenhost import scripts
 from sanvisor.xenhost.build import DOMU_KERNEL, DOMU_RAMDISK, XenKit
 from sanvisor.xenhost.channel import Channel, ChannelError, Proc, Sink, put_file
@@ -117,8 +119,10 @@ class XenHost:
         t0 = time.monotonic()
         deadline = t0 + timeout
         with (self.workdir / "qemu.out").open("wb") as out:
+            # umask 077: its control socket (root in dom0 for whoever connects) is 0600
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         umask=0o077)
         try:
             self.channel = self._connect(sock, deadline)
         except BaseException:
@@ -126,16 +130,20 @@ class XenHost:
             raise
 
     def _connect(self, sock: Path, deadline: float) -> Channel:
-        while True:
+        def answered() -> Channel | None:
             self._check_alive()
+            left = deadline - time.monotonic()
             try:
-                left = deadline - time.monotonic()
                 return Channel(str(sock), hello_timeout=max(0.5, min(2.0, left)))
             except (OSError, ChannelError):
-                if time.monotonic() > deadline:
-                    raise XenHostError(f"{self.name}: dom0 not ready in time",
-                                       console=self.console_tail()) from None
-                time.sleep(0.05)
+                return None
+
+        try:
+            return wait_until(f"{self.name}'s dom0", answered,
+                              max(0.0, deadline - time.monotonic()))
+        except TimeoutError_:
+            raise XenHostError(f"{self.name}: dom0 not ready in time",
+                               console=self.console_tail()) from None
 
     def run(self, argv: list[str], timeout: float = 120,
             stdin: bytes | None = None) -> tuple[int, str, str]:

@@ -8,8 +8,9 @@ the only user of dom0's server; it reconnects after the connection broke.
 from __future__ import annotations
 
 import threading
-import time
 
+from sanvisor.errors import TimeoutError_
+from sanvisor.waiting import wait_until
 from sanvisor.xenhost.channel import Channel, ChannelError, Proc, Sink, put_file
 
 
@@ -24,15 +25,21 @@ class Dom0Link:
         with self._lock:
             if self._channel is not None and not self._channel.closed:
                 return self._channel
-            deadline = time.monotonic() + self._timeout
-            while True:
+            last: list[BaseException] = []
+
+            def connected() -> Channel | None:
                 try:
-                    self._channel = Channel(self.sock)
-                    return self._channel
+                    return Channel(self.sock)
                 except (OSError, ChannelError) as exc:
-                    if time.monotonic() > deadline:
-                        raise ChannelError(f"cannot reach dom0 at {self.sock}: {exc}") from None
-                    time.sleep(0.05)
+                    last[:] = [exc]
+                    return None
+
+            try:
+                self._channel = wait_until(f"dom0 at {self.sock}", connected, self._timeout)
+            except TimeoutError_:
+                raise ChannelError(f"cannot reach dom0 at {self.sock}: "
+                                   f"{last[0] if last else 'no answer'}") from None
+            return self._channel
 
     def run(self, argv: list[str], stdin: bytes | None = None,
             timeout: float = 120) -> tuple[int, str, str]:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from sanvisor.command import Result, run
+from sanvisor.errors import CommandError
 from sanvisor.errors import XenHostError as XenHostError  # re-exported
 
 BASE_PACKAGES: tuple[str, ...] = (
@@ -73,29 +74,32 @@ def resolve_packages(
     return order
 
 
-def _run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def _run(cmd: list[str], cwd: Path | None = None) -> Result:
+    """The one runner (sanvisor.command), rc kept; a missing program said plainly."""
     try:
-        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
-    except FileNotFoundError as exc:
+        return run(cmd, cwd=cwd, check=False, timeout=600)
+    except CommandError as exc:
+        if exc.rc != 127:
+            raise
         raise XenHostError(f"{cmd[0]} not found: needs a Debian host", command=cmd) from exc
 
 
 def apt_depends(pkg: str) -> str:
     res = _run(["apt-cache", "depends", pkg])
-    if res.returncode != 0:
-        raise XenHostError(f"apt-cache depends {pkg} failed: {res.stderr.strip()}", package=pkg)
-    return res.stdout
+    if res.rc != 0:
+        raise XenHostError(f"apt-cache depends {pkg} failed: {res.err.strip()}", package=pkg)
+    return res.out
 
 
 def host_has(pkg: str) -> bool:
     res = _run(["dpkg-query", "-W", "-f", "${Status}", pkg])
-    return res.returncode == 0 and res.stdout.strip().endswith(" installed")
+    return res.rc == 0 and res.out.strip().endswith(" installed")
 
 
 def candidate_version(pkg: str) -> str:
     res = _run(["apt-cache", "policy", pkg])
-    m = re.search(r"^\s*Candidate:\s*(\S+)", res.stdout, re.M)
-    if res.returncode != 0 or m is None or m.group(1) == "(none)":
+    m = re.search(r"^\s*Candidate:\s*(\S+)", res.out, re.M)
+    if res.rc != 0 or m is None or m.group(1) == "(none)":
         raise XenHostError(f"no candidate version for {pkg} (apt-get update?)", package=pkg)
     return m.group(1)
 
@@ -113,8 +117,8 @@ def download(pkgs: list[str], deb_dir: Path, log: Log) -> list[Path]:
     if missing:
         log(f"downloading {' '.join(missing)}")
         res = _run(["apt-get", "download", *missing], cwd=deb_dir)
-        if res.returncode != 0:
-            raise XenHostError(f"apt-get download failed: {res.stderr.strip()[-500:]}")
+        if res.rc != 0:
+            raise XenHostError(f"apt-get download failed: {res.err.strip()[-500:]}")
     absent = [str(p) for p in want.values() if not p.is_file()]
     if absent:
         raise XenHostError(f"downloaded packages missing: {absent}")
@@ -123,8 +127,8 @@ def download(pkgs: list[str], deb_dir: Path, log: Log) -> list[Path]:
 
 def unpack(deb: Path, dest: Path) -> None:
     res = _run(["dpkg-deb", "-x", str(deb), str(dest)])
-    if res.returncode != 0:
-        raise XenHostError(f"dpkg-deb -x {deb} failed: {res.stderr.strip()}", deb=str(deb))
+    if res.rc != 0:
+        raise XenHostError(f"dpkg-deb -x {deb} failed: {res.err.strip()}", deb=str(deb))
 
 
 _LDD_LINE = re.compile(r"^\s*(\S+)\s+=>\s+(\S+)")
@@ -146,11 +150,10 @@ def library_closure(binaries: Iterable[Path], lib_dirs: list[Path]) -> dict[str,
     env = dict(os.environ, LD_LIBRARY_PATH=":".join(str(d) for d in lib_dirs))
     libs: dict[str, Path] = {}
     for binary in binaries:
-        res = subprocess.run(["ldd", str(binary)], capture_output=True, text=True,
-                             env=env, check=False)
-        if res.returncode != 0:
+        res = run(["ldd", str(binary)], env=env, check=False)
+        if res.rc != 0:
             continue  # scripts, static binaries
-        for soname, path in parse_ldd(res.stdout).items():
+        for soname, path in parse_ldd(res.out).items():
             if path is None:
                 raise XenHostError(f"{binary.name}: library {soname} not found", lib=soname)
             libs.setdefault(soname, Path(path))

@@ -10,13 +10,13 @@ real ``sanvisor`` package imports far more than dom0 has).
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import sysconfig
 import tempfile
 from pathlib import Path
 
-from sanvisor.xenhost.packages import XenHostError
+from sanvisor.command import run
+from sanvisor.errors import XenHostError
 
 PYTHON_HOME = "/usr/lib/sv-python"
 SERVER_PATH = "/usr/lib/sv-dom0"
@@ -42,12 +42,11 @@ def _imported_files(python: Path, root: Path) -> list[str]:
     code = (f"import sys; sys.path.insert(0, {str(root)!r}); import {SERVER_MODULE}; "
             "print('\\n'.join(sorted({getattr(m, '__file__', None) or '' "
             "for m in list(sys.modules.values())})))")
-    res = subprocess.run([str(python), "-S", "-E", "-c", code], capture_output=True,
-                         text=True, check=False)
-    if res.returncode != 0:
+    res = run([str(python), "-S", "-E", "-c", code], check=False)
+    if res.rc != 0:
         raise XenHostError(f"cannot import the dom0 server with {python}: "
-                           f"{res.stderr.strip()[-300:]}")
-    return [line for line in res.stdout.splitlines() if line]
+                           f"{res.err.strip()[-300:]}")
+    return [line for line in res.out.splitlines() if line]
 
 
 def bundle() -> tuple[Path, dict[str, Path], dict[str, bytes]]:

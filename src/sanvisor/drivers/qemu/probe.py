@@ -27,7 +27,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sanvisor.errors import ConfigError
+from sanvisor.errors import ConfigError, TimeoutError_
+from sanvisor.waiting import wait_until
 
 ENV = "SANVISOR_ACCEL"
 KVM_BOOT_BOUND = 30.0  # seconds for the kit to reach its marker under KVM (~1 s when KVM
@@ -119,19 +120,23 @@ def boot_kit(accel: str, kernel: Path, initrd: Path | None, *, qemu: str,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         except OSError as exc:
             return BootResult(False, 0.0, f"cannot run {qemu}: {exc.strerror}")
+        def outcome() -> BootResult | None:
+            if log.exists() and READY in log.read_bytes():
+                return BootResult(True, time.monotonic() - t0, "")
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                why = _qemu_complaint(err) or f"exit status {proc.returncode}"
+                return BootResult(False, time.monotonic() - t0, f"QEMU stopped: {why}")
+            return None
+
         try:
-            while (took := time.monotonic() - t0) < timeout:
-                if log.exists() and READY in log.read_bytes():
-                    return BootResult(True, took, "")
-                if proc.poll() is not None:
-                    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-                    why = _qemu_complaint(err) or f"exit status {proc.returncode}"
-                    return BootResult(False, took, f"QEMU stopped: {why}")
-                time.sleep(0.02)
-            printed = log.exists() and log.stat().st_size > 0
-            return BootResult(False, timeout, f"no ready marker within {timeout:.0f} s ("
-                              + ("it printed some output" if printed
-                                 else "not a byte on its console") + ")")
+            try:
+                return wait_until("the guest kit's ready marker", outcome, timeout, 0.02)
+            except TimeoutError_:
+                printed = log.exists() and log.stat().st_size > 0
+                return BootResult(False, timeout, f"no ready marker within {timeout:.0f} s ("
+                                  + ("it printed some output" if printed
+                                     else "not a byte on its console") + ")")
         finally:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
