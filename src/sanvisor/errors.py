@@ -145,6 +145,13 @@ class SaveFileError(SanvisorError):
     code = "savefile.invalid"
 
 
+class RecordError(SaveFileError):
+    """A domain record from outside the agent (a save file, an incoming migration)
+    that does not hold up: a field of the wrong type or form."""
+
+    code = "record.invalid"
+
+
 class TimeoutError_(SanvisorError):
     """Something did not happen in the time it was given."""
 

@@ -13,16 +13,25 @@ from pathlib import Path
 import pytest
 
 from sanvisor.lab.guestshell import GuestCommandError, GuestShell
-from tests.guest.conftest import write_config
+from tests.guest.conftest import ROOT, write_config
 from tests.guest.helpers import Sanvisor, qemu_pids, wait_until
 
 pytestmark = pytest.mark.guest
 SEED = Path(__file__).parent.parent / "unit" / "data" / "seed-vg.cfg"
 
 
+def _links(sv: Sanvisor) -> set[str]:
+    """The network interfaces where the agent makes its taps (its namespace as root)."""
+    if sv.netns is None:
+        return set(os.listdir("/sys/class/net"))
+    out = subprocess.run(["ip", "-n", sv.netns, "-o", "link", "show"], capture_output=True,
+                         text=True, check=True).stdout
+    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
+
+
 def _snapshot(sv: Sanvisor) -> tuple[set[str], list[int], set[str], set[str]]:
-    taps = set(os.listdir("/sys/class/net")) if not sv.netns else set()
-    return (sv.names(), sorted(qemu_pids(sv.home)), set(os.listdir(sv.home / "dom")), taps)
+    return (sv.names(), sorted(qemu_pids(sv.home)), set(os.listdir(sv.home / "dom")),
+            _links(sv))
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +97,14 @@ def test_refusals_leave_nothing_behind(sv: Sanvisor, seed_guest: dict[str, objec
                   r"MAC 00:16:3e:00:00:01 is already used by domain virtualdebian"))
     cases.append((["create", cfg("ov.cfg", **good), "memory=lots"],
                   r"command line:1: memory: expected an integer"))
+    notakernel, ramdisk = workdir / "notakernel", workdir / "ramdisk"
+    notakernel.write_bytes(b"\0" * 4096)  # QEMU refuses it after the tap is made
+    ramdisk.write_bytes(b"\0" * 512)
+    cases.append((["create", cfg("nk.cfg", **good, kernel=str(notakernel),
+                                 ramdisk=str(ramdisk), vif=["bridge=xenbr0"])],
+                  r"QEMU could not start bad1: .*kernel too old"))
+    cases.append((["create", cfg("lo.cfg", **good, vif=["bridge=xenbr0, vifname=lo"])],
+                  r"an interface named lo exists"))  # vifname=lo once deleted lo
     cases.append((["pause", "no-such-domain"], r"domain 'no-such-domain' does not exist"))
     cases.append((["block-detach", "virtualdebian", "sdq"], r"virtualdebian has no disk sdq"))
     cases.append((["mem-set", "virtualdebian", "lots"], r"invalid memory amount"))
@@ -96,6 +113,7 @@ def test_refusals_leave_nothing_behind(sv: Sanvisor, seed_guest: dict[str, objec
     cases.append((["restore", str(garbage)], r"not a sanvisor save file"))
     cases.append((["restore", str(workdir / "missing.save")], r"cannot open"))
     before = _snapshot(sv)
+    assert "lo" in before[3] and (not ROOT or sv.netns is not None)
     for args, pattern in cases:
         line = sv.fail(*args)
         assert re.search(pattern, line), (args, line)
@@ -146,7 +164,7 @@ def test_a_guest_whose_qemu_died_is_reported(sv: Sanvisor, workdir: Path) -> Non
     row = sv.domain("victim")
     assert row["state"] == "lost" and row["letters"] == "----c-"
     assert "exited while the agent was away" in row["reason"]
-    assert "is not running" in sv.fail("pause", "victim")
+    assert "victim is lost" in sv.fail("pause", "victim")
     sv.run("destroy", "victim")
     assert "victim" not in sv.names()
     # and while the agent watches

@@ -148,7 +148,7 @@ def test_pause_stops_the_guest_and_unpause_resumes_it(sv: Sanvisor, guest: Guest
     assert 0 <= c2 - c1 < 10 * (paused_for - 1.5) + 8, (c1, c2, paused_for)
     c3 = wait_until("the counter to move on", lambda: (v := guest.counter()) > c2 + 5 and v)
     assert c3 > c2
-    assert sv.fail("unpause", NAME).endswith("is not paused (running)")
+    assert sv.fail("unpause", NAME).endswith("unpause needs a paused domain")
 
 
 @pytest.mark.skipif(not ROOT, reason="bridges and namespaces need root")
@@ -279,19 +279,31 @@ def test_top_batch_mode(sv: Sanvisor, guest: GuestShell) -> None:
     out = sv.run("top", "-b", "-n", "2", "-d", "0.5").stdout
     frames = [f for f in out.split("\n\n") if f.strip()]
     assert len(frames) == 2
-    header, row = frames[1].splitlines()[:2]
-    assert header.split()[:4] == ["NAME", "STATE", "CPU(sec)", "CPU(%)"]
-    assert row.split()[0] == NAME
-    assert float(row.split()[2]) > 0
+    header, *rows = frames[1].splitlines()
+    assert header.split() == ["NAME", "STATE", "CPU(sec)", "CPU(%)", "MEM(k)", "VCPUS",
+                              "RD(B/s)", "WR(B/s)", "NETRX(B/s)", "NETTX(B/s)"]
+    row = dict(zip(header.split(), next(r for r in rows if r.split()[0] == NAME).split(),
+                   strict=True))
+    info = sv.domain(NAME)
+    assert row["STATE"] == info["letters"] or row["STATE"] in ("r-----", "-b----")
+    assert float(row["CPU(sec)"]) > 0 and float(row["CPU(%)"]) >= 0
+    assert int(row["MEM(k)"]) == info["mem_mib"] * 1024  # the balloon's size now
+    assert int(row["VCPUS"]) == info["vcpus"]  # online now, not plugged
+    for rate in ("RD(B/s)", "WR(B/s)", "NETRX(B/s)", "NETTX(B/s)"):
+        assert int(row[rate]) >= 0
 
 
 def test_agent_restart_keeps_the_guest(hv: Hv, sv: Sanvisor, guest: GuestShell) -> None:
     before = sv.domain(NAME)
     c1 = guest.counter()
+    old_agent = sv.agent_pid()
     sv.kill_agent()  # SIGKILL: no goodbye
+    assert sv.agent_pid() is None
     if hv.kind == "qemu":
         assert before["pid"] in qemu_pids(sv.home)
     sv.start_agent()
+    new_agent = sv.agent_pid()
+    assert new_agent is not None and new_agent != old_agent  # not the old agent answering
     after = sv.domain(NAME)
     assert (after["domid"], after["pid"], after["uuid"]) == \
         (before["domid"], before["pid"], before["uuid"])

@@ -10,12 +10,13 @@ import pytest
 
 from sanvisor.agent import savefile
 from sanvisor.agent.records import DomainRecord, Registry
-from sanvisor.cli.render import list_table, parse_mib
+from sanvisor.cli.render import list_table
 from sanvisor.drivers.base import LaunchPlan, NicPlan
 from sanvisor.drivers.qemu.argv import build_argv, disk_lun, memory_arg
 from sanvisor.errors import ConflictError, SaveFileError, from_dict
 from sanvisor.model.config import parse_config
 from sanvisor.model.domain import State
+from sanvisor.model.units import parse_mib
 
 
 def _plan(tmp: Path, text: str) -> LaunchPlan:
@@ -47,8 +48,13 @@ def test_argv_for_the_seed_shape(tmp_path: Path) -> None:
 
 
 def test_argv_escapes_commas_in_paths(tmp_path: Path) -> None:
-    plan = _plan(tmp_path, "name='c'\ndisk=['vdev=sda, access=w, target=/srv/a,b.img']\n")
-    assert "file.filename=/srv/a,,b.img" in " ".join(build_argv(plan, qemu="q", accel="tcg"))
+    plan = _plan(tmp_path / "a,b", "name='c'\ndisk=['vdev=sda, access=w, target=/srv/a,b.img']\n")
+    argv = build_argv(plan, qemu="q", accel="tcg")
+    assert "file.filename=/srv/a,,b.img" in " ".join(argv)
+    qmp = argv[argv.index("-qmp") + 1]
+    assert qmp == f"unix:{tmp_path}/a,,b/qmp.sock,server=on,wait=off"
+    for opt in (a for a in argv if "path=" in a):  # every unescaped comma separates options
+        assert ",,b/" in opt
 
 
 def test_disk_lun_and_memory() -> None:
@@ -138,15 +144,23 @@ def test_user_mode_nic_when_there_is_no_tap(tmp_path: Path) -> None:
 
 
 def test_kernel_command_line_for_the_guest_kit() -> None:
-    from sanvisor.agent.manager import Manager
+    from sanvisor.agent.host import kernel_cmdline
 
     spec = parse_config("name='k'\nroot='/dev/sda1 ro'\nextra='x=1'\n"
                         "vif=['ip=10.0.0.2/24, gateway=10.0.0.1']\n").spec
     nics = [NicPlan(index=0, vif=spec.vifs[0], mac="00:16:3e:00:00:01", tap=None)]
-    line = Manager.cmdline(spec, nics)
+    line = kernel_cmdline(spec, nics)
     assert line.startswith("console=ttyS0 quiet")
     assert "root=/dev/sda1 ro" in line and line.endswith("x=1")
     assert "sv.ip0=10.0.0.2/24" in line and "sv.gw=10.0.0.1" in line
     spec.kernel = "/boot/vmlinuz"
-    assert Manager.cmdline(spec, nics).split()[0] == "console=ttyS0"
-    assert "quiet" not in Manager.cmdline(spec, nics)
+    assert kernel_cmdline(spec, nics).split()[0] == "console=ttyS0"
+    assert "quiet" not in kernel_cmdline(spec, nics)
+
+
+def test_a_reused_pid_is_not_taken_for_our_qemu(tmp_path: Path) -> None:
+    from sanvisor.drivers.qemu.driver import _is_qemu, _pid_alive
+
+    assert _pid_alive(os.getpid())
+    assert not _is_qemu(os.getpid(), tmp_path)  # alive, but not a QEMU of this rundir
+    assert not _is_qemu(2 ** 22 + 12345, tmp_path)  # no such process

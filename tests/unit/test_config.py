@@ -835,13 +835,13 @@ def test_image_formats_are_recognised(tmp_path: Path) -> None:
 def test_check_disks_refuses_a_qcow2_file(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from sanvisor.agent.manager import Manager
+    from sanvisor.agent.host import HostResources
 
     img = tmp_path / "vm.img"
     img.write_bytes(b"QFI\xfb\x00\x00\x00\x03" + bytes(4096))
     spec = parse(f"name='a'\ndisk=['file:{img},xvda,w', 'nbd:h 1,xvdb,w']\n").spec
     host = SimpleNamespace(remote=False, mapper=None)
     with pytest.raises(ConfigError, match=r"disk xvda: .*vm\.img is a qcow2 image, not raw"):
-        Manager.check_disks(host, spec)  # type: ignore[arg-type]
+        HostResources.check_disks(host, spec)  # type: ignore[arg-type]
     img.write_bytes(bytes(4096))
-    Manager.check_disks(host, spec)  # type: ignore[arg-type]  # raw; nbd: not a host path
+    HostResources.check_disks(host, spec)  # type: ignore[arg-type]  # raw; nbd: no path

@@ -18,12 +18,18 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from sanvisor.errors import AgentUnavailableError, ConfigError, ConflictError, SanvisorError
+from sanvisor.errors import (
+    AgentUnavailableError,
+    ConfigError,
+    ConflictError,
+    SanvisorError,
+    TimeoutError_,
+)
 from sanvisor.paths import Layout
+from sanvisor.waiting import wait_until
 
 log = logging.getLogger("sanvisor.agent")
 
@@ -129,7 +135,12 @@ async def serve(layout: Layout) -> None:
     host = _host_conf(layout)
     driver: Driver
     kit_args = None
-    if host.get("driver") == "xen":
+    if host.get("driver") == "fake":  # no hypervisor: simulations and benchmarks
+        from sanvisor.drivers.fake import FakeDriver
+
+        driver = FakeDriver()
+        log.info("driver: fake (no hypervisor)")
+    elif host.get("driver") == "xen":
         from sanvisor.drivers.xen.driver import XenDriver
         from sanvisor.xenhost.build import DOMU_KERNEL, DOMU_RAMDISK
         from sanvisor.xenhost.link import Dom0Link
@@ -156,7 +167,7 @@ async def serve(layout: Layout) -> None:
     await mpd.start()
     manager = Manager(layout, driver, kit=kit, mapper=mpd, kit_args=kit_args)
     await manager.start()
-    log.info("agent up: %d domain(s) found again", len(manager.domains))
+    log.info("agent up: %d domain(s) found again", len(manager.table))
     sock = _bind(layout.socket)
     from sanvisor.agent.storage_service import StorageService
 
@@ -225,18 +236,25 @@ def start_background(layout: Layout, timeout: float = 180.0) -> int:
                             start_new_session=True)
     logf.close()
     client = AgentClient(layout.socket, timeout=5)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def answers() -> bool:
         if proc.poll() is not None:
             tail = (layout.log.read_text(errors="replace").strip().splitlines() or [""])[-1]
             tail = tail.split("sanvisor: error: ", 1)[-1]
             raise AgentUnavailableError(f"the agent exited at start: {tail}")
-        with contextlib.suppress(AgentUnavailableError):
+        try:
             client.host()
-            return proc.pid
-        time.sleep(0.05)
-    proc.kill()
-    raise AgentUnavailableError(f"the agent did not answer within {timeout:.0f}s")
+        except AgentUnavailableError:
+            return False
+        return True
+
+    try:
+        wait_until("the agent's answer", answers, timeout)
+    except TimeoutError_:
+        proc.kill()
+        raise AgentUnavailableError(f"the agent did not answer within {timeout:.0f}s"
+                                    ) from None
+    return proc.pid
 
 
 def stop(layout: Layout, timeout: float = 30.0) -> bool:
@@ -245,7 +263,6 @@ def stop(layout: Layout, timeout: float = 30.0) -> bool:
         return False
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and agent_pid(layout) is not None:
-        time.sleep(0.05)
+    with contextlib.suppress(TimeoutError_):  # said by 'agent status' if it lingers
+        wait_until("the agent to stop", lambda: agent_pid(layout) is None, timeout)
     return True

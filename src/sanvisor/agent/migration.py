@@ -8,6 +8,11 @@ Preflight, before anything moves: same hypervisor, no clash of name, uuid or MAC
 on the target, and every disk present there with the same identity, read in each
 dom0 (the WWID or device-mapper uuid of a device; a read-only file's full hash;
 a writable file is refused: see drivers/xen/diskid.py).
+
+The target reserves the name, uuid and MACs while the domain is on its way (a
+create of the same name is refused), and forgets an incoming migration that is
+neither finished nor aborted within MIGRATE_TIMEOUT: its receiver is killed and
+whatever xl had restored is destroyed, so no untracked copy is left behind.
 """
 
 from __future__ import annotations
@@ -15,16 +20,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sanvisor.agent.manager import Domain
+from sanvisor.agent.host import HostResources
+from sanvisor.agent.life import Lifecycle
 from sanvisor.agent.records import DomainRecord
 from sanvisor.agent.service import HostService
+from sanvisor.agent.table import Domain, DomainTable
 from sanvisor.api.client import AgentClient
-from sanvisor.errors import ConflictError, HypervisorError
+from sanvisor.errors import ConflictError, HypervisorError, RecordError
 from sanvisor.model.domain import State
+from sanvisor.model.lifecycle import Busy
 
+log = logging.getLogger("sanvisor.agent")
 MIGRATE_TIMEOUT = 600.0
 
 
@@ -33,30 +44,46 @@ def _modes(rec: DomainRecord) -> dict[str, str]:
     return {d.path: d.mode for d in rec.spec.disks if d.path}
 
 
+@dataclass
+class Incoming:
+    rec: DomainRecord
+    receiver: Any
+    live: bool
+    expiry: asyncio.TimerHandle | None = None
+
+
 class Migrations:
     def __init__(self, svc: HostService) -> None:
         self.svc = svc
-        self.m = svc.m
-        self.pending: dict[str, tuple[DomainRecord, Any, bool]] = {}
+        self.pending: dict[str, Incoming] = {}
+
+    @property
+    def table(self) -> DomainTable:
+        return self.svc.table
+
+    @property
+    def host(self) -> HostResources:
+        return self.svc.host
+
+    @property
+    def life(self) -> Lifecycle:
+        return self.svc.life
 
     def _xen(self) -> Any:
-        if self.m.driver.name != "xen":
+        if self.svc.driver.name != "xen":
             raise HypervisorError("migrate: live migration is implemented for Xen hosts "
-                                  f"only (this host runs {self.m.driver.name})")
-        return self.m.driver
+                                  f"only (this host runs {self.svc.driver.name})")
+        return self.svc.driver
 
     # ---- source ----------------------------------------------------------------------
     async def migrate(self, ref: str, target_socket: str, live: bool) -> dict[str, Any]:
         from sanvisor.drivers.xen.diskid import check_movable, identities
         from sanvisor.drivers.xen.migrate import send
 
-        m = self.m
         drv = self._xen()
-        dom = m.find(ref)
+        dom = self.table.find(ref)
         async with dom.lock:
-            if dom.inst is None or dom.record.state not in (State.RUNNING, State.PAUSED):
-                raise ConflictError(f"migrate: {dom.name} is {dom.record.state.value}",
-                                    domain=dom.name)
+            inst = self.svc.admit(dom, "migrate")
             rec = dom.record
             ids = await asyncio.to_thread(identities, drv.run, _modes(rec))
             check_movable(ids)
@@ -65,7 +92,7 @@ class Migrations:
                 target.call, "POST", "/v1/migrate/incoming",
                 {"record": rec.to_dict(), "disks": ids, "live": live})
             was_running = rec.state is State.RUNNING
-            dom.busy = "migrating"  # the watcher's view of a leaving domain is no news
+            dom.busy = Busy.MIGRATING  # the watcher's view of a leaving domain is no news
             try:
                 await asyncio.to_thread(functools.partial(
                     send, drv.run, drv.spawn, dom.name, prep["socket"], MIGRATE_TIMEOUT,
@@ -74,15 +101,15 @@ class Migrations:
                 info: dict[str, Any] = await asyncio.to_thread(
                     target.call, "POST", f"/v1/migrate/{rec.uuid}/finish", {})
             except BaseException:
-                dom.busy = ""
+                dom.busy = Busy.NONE
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(target.call, "POST",
                                             f"/v1/migrate/{rec.uuid}/abort", {})
                 if not live and was_running:
                     with contextlib.suppress(Exception):  # ours is the copy: it goes on
-                        await dom.inst.unpause()
+                        await inst.unpause()
                 raise
-            await m.teardown(dom)  # gone here (live: xl did it; not live: now)
+            await self.life.teardown(dom)  # gone here (live: xl did it; not live: now)
             if not live and was_running:
                 await asyncio.to_thread(target.verb, rec.spec.name, "unpause")
                 info = await asyncio.to_thread(target.info, rec.spec.name)
@@ -94,57 +121,90 @@ class Migrations:
         from sanvisor.drivers.xen.diskid import check_same, identities
         from sanvisor.drivers.xen.migrate import Receiver, receive_argv
 
-        m = self.m
         drv = self._xen()
-        rec = DomainRecord.from_dict(record)
-        if (other := m.by_name(rec.spec.name)) is not None:
-            raise ConflictError(f"migrate: the target already has a domain {rec.spec.name} "
-                                f"(id {other.record.domid})", domain=rec.spec.name)
-        if rec.uuid in m.domains or rec.uuid in self.pending:
-            raise ConflictError(f"migrate: uuid {rec.uuid} is already in use on the target")
-        macs = m.live_macs()
-        for nic in rec.nics:
-            if nic.mac in macs:
-                raise ConflictError(f"migrate: MAC {nic.mac} is in use on the target by "
-                                    f"{macs[nic.mac]}")
+        try:
+            rec = DomainRecord.from_untrusted(record)
+        except RecordError as exc:
+            raise RecordError(f"migrate: {exc}") from None
+        if rec.uuid in self.pending:
+            raise ConflictError(f"migrate: {rec.spec.name} is already on its way here")
+        self.table.check_free(rec.spec.name, rec.uuid, [n.mac for n in rec.nics])
         modes = _modes(rec)
         if set(disks) != set(modes):
             raise ConflictError("migrate: the source's disk identities do not match the "
                                 "domain's disks")
         check_same(disks, await asyncio.to_thread(identities, drv.run, modes))
-        sock = m.layout.home / f"migrate-{rec.uuid[:8]}.sock"
-        cfg = await asyncio.to_thread(drv.write_config, m._plan(rec))
+        sock = self.table.layout.home / f"migrate-{rec.uuid[:8]}.sock"
+        cfg = await asyncio.to_thread(drv.write_config, self.host.launch_plan(rec))
         recv = await asyncio.to_thread(Receiver, drv.spawn, sock, receive_argv(live, cfg))
-        self.pending[rec.uuid] = (rec, recv, live)
+        self.table.reserve(rec.uuid, rec.spec.name, [n.mac for n in rec.nics],
+                           "arriving by migration")
+        pending = Incoming(rec, recv, live)
+        pending.expiry = asyncio.get_running_loop().call_later(
+            MIGRATE_TIMEOUT + 60, lambda: asyncio.ensure_future(self._expire(rec.uuid)))
+        self.pending[rec.uuid] = pending
         return {"socket": str(sock)}
 
     async def finish(self, uuid: str) -> dict[str, Any]:
-        m = self.m
         drv = self._xen()
-        if uuid not in self.pending:
+        pending = self._take(uuid)
+        if pending is None:
             raise ConflictError(f"migrate: no incoming migration {uuid}")
-        rec, recv, live = self.pending.pop(uuid)
-        await asyncio.to_thread(recv.wait, MIGRATE_TIMEOUT)
-        info = await asyncio.to_thread(drv.xl.info, rec.spec.name)
-        if info is None:
-            raise HypervisorError(f"migrate: {rec.spec.name} arrived but is gone already")
-        rec.domid = m.registry.next_domid()
-        rec.state, rec.reason = State.RUNNING, "migrated in"
-        for nic in rec.nics:
-            nic.tap = None
-        dom = Domain(rec)  # its xl.cfg is in dom0 already (incoming wrote it)
-        inst = await m.driver.reattach(m._plan(rec), info.domid, m._sink(dom))
-        if inst is None:
-            raise HypervisorError(f"migrate: cannot take {rec.spec.name} over")
+        rec, live = pending.rec, pending.live
+        try:
+            await asyncio.to_thread(pending.receiver.wait, MIGRATE_TIMEOUT)
+            info = await asyncio.to_thread(drv.xl.info, rec.spec.name)
+            if info is None:
+                raise HypervisorError(f"migrate: {rec.spec.name} arrived but is gone already")
+            rec.domid = self.table.registry.next_domid()
+            rec.state, rec.reason = State.RUNNING, "migrated in"
+            for nic in rec.nics:
+                nic.tap = None
+            dom = Domain(rec)  # its xl.cfg is in dom0 already (incoming wrote it)
+            inst = await drv.reattach(self.host.launch_plan(rec), info.domid,
+                                      self.life.sink(dom))
+            if inst is None:
+                raise HypervisorError(f"migrate: cannot take {rec.spec.name} over")
+        except BaseException:
+            await self._clean(pending)
+            raise
+        finally:
+            self.table.release(uuid)
         dom.inst = inst
         if not live:  # restored paused (-p): the source unpauses it once its copy is gone
             rec.state, rec.reason = State.PAUSED, "migrated in (stopped copy)"
         rec.pid = inst.pid
-        m.domains[rec.uuid] = dom
-        rec.save(m.layout.domain_dir(rec.uuid))
+        self.table.add(dom)
+        self.table.save(dom)
         return self.svc.info(dom)
 
     async def abort(self, uuid: str) -> None:
-        """The source gave up: forget the incoming domain (its receiver ends by itself:
-        its socket closed, or no sender within a minute)."""
-        self.pending.pop(uuid, None)
+        """The source gave up: kill the receiver, destroy whatever xl restored, forget
+        the incoming domain."""
+        pending = self._take(uuid)
+        self.table.release(uuid)
+        if pending is not None:
+            await self._clean(pending)
+
+    async def _expire(self, uuid: str) -> None:
+        if uuid in self.pending:
+            log.warning("migrate: incoming %s neither finished nor aborted; cleaning up",
+                        self.pending[uuid].rec.spec.name)
+            await self.abort(uuid)
+
+    def _take(self, uuid: str) -> Incoming | None:
+        pending = self.pending.pop(uuid, None)
+        if pending is not None and pending.expiry is not None:
+            pending.expiry.cancel()
+        return pending
+
+    async def _clean(self, pending: Incoming) -> None:
+        """No copy of an unfinished migration survives on this host."""
+        drv = self._xen()
+        name = pending.rec.spec.name
+        await asyncio.to_thread(pending.receiver.cancel)
+        if self.table.by_name(name) is None:
+            info = await asyncio.to_thread(drv.xl.info, name)
+            if info is not None:
+                log.warning("migrate: destroying the unfinished copy of %s", name)
+                await asyncio.to_thread(drv.xl, "destroy", name, check=False)

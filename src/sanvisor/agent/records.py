@@ -8,15 +8,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import time
 import uuid as uuidlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sanvisor.drivers.base import NicPlan
+from sanvisor.errors import ConfigError, RecordError
 from sanvisor.model.domain import XEN_OUI, DomainSpec, State, VifSpec
+
+_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -64,6 +69,59 @@ class DomainRecord:
         ]
         return cls(**d)
 
+    @classmethod
+    def from_untrusted(cls, d: object) -> DomainRecord:
+        """A record from outside the agent (a save file, an incoming migration): every
+        field checked as a config file's would be. Raises RecordError (one line)."""
+        if not isinstance(d, dict):
+            raise RecordError("the domain record is not an object")
+        try:
+            rec = cls.from_dict(d)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            detail = repr(str(exc))[1:-1]  # one line, whatever the keys were
+            raise RecordError(f"malformed domain record ({type(exc).__name__}: {detail})"
+                              ) from None
+        try:
+            rec.spec.validate()
+        except ConfigError as exc:
+            raise RecordError(f"domain record: {repr(str(exc))[1:-1]}") from None
+        rec.check()
+        return rec
+
+    def check(self) -> None:
+        """The record's own fields (beyond its spec): types, forms, consistency."""
+        def want(ok: bool, what: str) -> None:
+            if not ok:
+                raise RecordError(f"domain record: invalid {what}")
+
+        want(isinstance(self.uuid, str) and _UUID_RE.match(self.uuid) is not None
+             and self.spec.uuid in (None, self.uuid), "uuid")
+        for key in ("domid", "pid", "target_mib", "max_mib", "vcpus", "vcpus_present"):
+            v = getattr(self, key)
+            want(isinstance(v, int) and not isinstance(v, bool) and -2 < v < 1 << 40, key)
+        for key in ("kernel", "initrd", "cmdline", "reason"):
+            v = getattr(self, key)
+            want(v is None or (isinstance(v, str) and "\0" not in v), key)
+        want(isinstance(self.kernel, str) and (self.kernel == "" or
+                                               self.kernel.startswith("/")), "kernel")
+        want(self.initrd is None or self.initrd.startswith("/"), "initrd")
+        want(isinstance(self.created, (int, float)), "created")
+        want(isinstance(self.dimms_mib, list) and all(
+            isinstance(m, int) and 0 < m <= self.spec.maxmem for m in self.dimms_mib),
+            "dimms_mib")
+        indexes: set[int] = set()
+        for nic in self.nics:
+            want(isinstance(nic.index, int) and 0 <= nic.index < 64
+                 and nic.index not in indexes, "NIC index")
+            indexes.add(nic.index)
+            try:
+                VifSpec.check_mac(str(nic.mac))
+                if nic.tap is not None:
+                    VifSpec.check_ifname("tap", str(nic.tap))
+                DomainSpec(name=self.spec.name, vifs=[nic.vif]).validate()
+            except (ValueError, ConfigError) as exc:
+                raise RecordError(f"domain record: NIC {nic.index}: {exc}") from None
+
     def save(self, dirpath: Path) -> None:
         dirpath.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_json(dirpath / "domain.json", self.to_dict())
@@ -91,12 +149,30 @@ class Registry:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.data: dict[str, Any] = {"next_domid": 1, "names": {}}
+        self._held = 0  # > 0: inside batch(); saves wait for its end
+        self._dirty = False
         if path.exists():
             with contextlib.suppress(ValueError, OSError):
                 self.data.update(json.loads(path.read_text()))
 
     def save(self) -> None:
+        if self._held:
+            self._dirty = True
+            return
         write_json(self.path, self.data)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """One write (and fsync) for all the changes made inside, at its end: a create
+        assigns a uuid, a domain id and MACs, each of which used to write the file."""
+        self._held += 1
+        try:
+            yield
+        finally:
+            self._held -= 1
+            if not self._held and self._dirty:
+                self._dirty = False
+                write_json(self.path, self.data)
 
     def next_domid(self, *, dry: bool = False) -> int:
         """The next domain id (``dry``: the one the next create would get, unused)."""

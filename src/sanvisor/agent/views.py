@@ -13,10 +13,10 @@ import time
 from typing import Any
 
 from sanvisor.agent import hostinfo
-from sanvisor.agent.manager import Domain, Manager
 from sanvisor.agent.network import DEFAULT_BRIDGE, NAT_BRIDGE
-from sanvisor.drivers.base import NicPlan
-from sanvisor.errors import NotFoundError, SanvisorError
+from sanvisor.agent.table import Domain, DomainTable
+from sanvisor.drivers.base import Driver, NicPlan
+from sanvisor.errors import SanvisorError
 from sanvisor.model.domain import State
 
 DOMAIN0 = ("Domain-0", "0")
@@ -34,12 +34,13 @@ def nic_bridge(nic: NicPlan) -> str | None:
 
 
 class Views:
-    m: Manager
+    table: DomainTable
+    driver: Driver
     host_name: str
 
     async def _listing(self) -> list[dict[str, Any]]:
         try:
-            return await asyncio.to_thread(self.m.driver.hypervisor_domains)
+            return await asyncio.to_thread(self.driver.hypervisor_domains)
         except Exception:  # an unreachable dom0 must not break `list`
             return []
 
@@ -56,20 +57,21 @@ class Views:
                        letters="r-----", cpu_seconds=round(hostinfo.cpu_seconds(), 1))
         return row
 
-    async def host(self) -> dict[str, Any]:
+    async def domain0(self) -> dict[str, Any]:
+        """Domain-0: the host itself, as `list` shows it."""
         return self.host_row(await self._listing())
 
     async def lookup(self, ref: str) -> dict[str, Any]:
         """One domain's row by name, id or uuid; Domain-0 (the host) included."""
         if ref in DOMAIN0 or ref == DOMAIN0_UUID:
-            return await self.host()
-        return self.info(self.m.find(ref))
+            return await self.domain0()
+        return self.info(self.table.find(ref))
 
     async def facts(self) -> dict[str, Any]:
         """`sanvisor info`: this host as `xm info` showed it, and its accelerator."""
         u = os.uname()
         mi = hostinfo.meminfo()
-        driver = self.m.driver
+        driver = self.driver
         facts: dict[str, Any] = {
             "host": self.host_name, "release": u.release, "machine": u.machine,
             "nr_cpus": hostinfo.cpu_count(), "total_memory": mi.get("MemTotal", 0) // 1024,
@@ -83,8 +85,8 @@ class Views:
         facts["accelerator_reason"] = acc["reason"]
         if acc.get("warning"):
             facts["accelerator_warning"] = acc["warning"]
-        facts["domains"] = len(self.m.domains)
-        facts["home"] = str(self.m.layout.home)
+        facts["domains"] = len(self.table)
+        facts["home"] = str(self.table.layout.home)
         return facts
 
     def info(self, dom: Domain) -> dict[str, Any]:
@@ -101,8 +103,8 @@ class Views:
             "vcpus": rec.vcpus, "maxvcpus": rec.spec.maxvcpus,
             "cpu_seconds": round(cpu, 1), "uptime": round(time.time() - rec.created, 1),
             "pid": rec.pid,
-            "console_socket": str(self.m.layout.domain_dir(rec.uuid) / "console.sock"),
-            "console_log": str(self.m.layout.domain_dir(rec.uuid) / "console.log"),
+            "console_socket": str(self.table.layout.domain_dir(rec.uuid) / "console.sock"),
+            "console_log": str(self.table.layout.domain_dir(rec.uuid) / "console.log"),
             "disks": [vars(d) for d in rec.spec.disks],
             "vifs": [{"index": n.index, "mac": n.mac, "tap": n.tap, "bridge": nic_bridge(n),
                       "type": n.vif.type, "ip": n.vif.ip} for n in rec.nics],
@@ -111,7 +113,7 @@ class Views:
 
     def view(self, dom: Domain) -> dict[str, Any]:
         """The domain after a verb: its row, or what is left of it if it is gone."""
-        if dom.record.uuid in self.m.domains:
+        if dom in self.table:
             return self.info(dom)
         rec = dom.record
         return {"name": rec.spec.name, "domid": rec.domid, "uuid": rec.uuid,
@@ -119,7 +121,7 @@ class Views:
 
     async def domains(self) -> list[dict[str, Any]]:
         listing = await self._listing()
-        doms = sorted(self.m.domains.values(), key=lambda d: d.record.domid)
+        doms = sorted(self.table, key=lambda d: d.record.domid)
         rows = [self.host_row(listing)] + [self.info(d) for d in doms]
         ours = {d.name for d in doms}
         for f in listing:  # xl's domains that sanvisor did not make: shown, untouched
@@ -132,7 +134,7 @@ class Views:
 
     async def stats(self) -> list[dict[str, Any]]:
         out = []
-        for dom in sorted(self.m.domains.values(), key=lambda d: d.record.domid):
+        for dom in sorted(self.table, key=lambda d: d.record.domid):
             row = self.info(dom)
             if dom.inst is not None and dom.record.state is not State.LOST:
                 with contextlib.suppress(Exception):
@@ -143,12 +145,3 @@ class Views:
             out.append(row)
         return out
 
-
-def missing(refs: list[str], rows: list[dict[str, Any]]) -> str | None:
-    """The first of ``refs`` that names none of ``rows`` (by name, id or uuid)."""
-    known = {str(x) for r in rows for x in (r["name"], r["domid"], r.get("uuid"))}
-    return next((r for r in refs if r not in known), None)
-
-
-def not_found(ref: str) -> NotFoundError:
-    return NotFoundError(f"domain {ref!r} does not exist", domain=ref)

@@ -147,7 +147,7 @@ def build_app(svc: HostService, storage: StorageService | None = None) -> FastAP
 
     @app.get("/v1/host")
     async def host() -> dict[str, Any]:
-        return {"version": __version__, "driver": svc.m.driver.name, **(await svc.host())}
+        return {"version": __version__, "driver": svc.driver.name, **(await svc.domain0())}
 
     @app.get("/v1/host/info")
     async def host_info() -> dict[str, Any]:
@@ -172,52 +172,40 @@ def build_app(svc: HostService, storage: StorageService | None = None) -> FastAP
             return await svc.preview(spec)
         return await svc.create(spec, paused=body.paused)
 
-    @app.get("/v1/domains/{ref}")
+    @app.get("/v1/domains/{ref:path}")
     async def info(ref: str) -> dict[str, Any]:
         return await svc.lookup(ref)
 
     # the verbs answer with the domain as it is afterwards (state "gone" once gone)
-    @app.delete("/v1/domains/{ref}")
+    @app.delete("/v1/domains/{ref:path}")
     async def destroy(ref: str) -> dict[str, Any]:
-        dom = svc.m.find(ref)
-        await svc.destroy(ref)
-        return svc.view(dom)
+        return await svc.destroy(ref)
 
-    @app.post("/v1/domains/{ref}/pause")
+    @app.post("/v1/domains/{ref:path}/pause")
     async def pause(ref: str) -> dict[str, Any]:
-        dom = svc.m.find(ref)
-        await svc.pause(ref)
-        return svc.view(dom)
+        return await svc.pause(ref)
 
-    @app.post("/v1/domains/{ref}/unpause")
+    @app.post("/v1/domains/{ref:path}/unpause")
     async def unpause(ref: str) -> dict[str, Any]:
-        dom = svc.m.find(ref)
-        await svc.unpause(ref)
-        return svc.view(dom)
+        return await svc.unpause(ref)
 
-    @app.post("/v1/domains/{ref}/shutdown")
+    @app.post("/v1/domains/{ref:path}/shutdown")
     async def shutdown(ref: str, body: ShutdownBody) -> dict[str, Any]:
-        dom = svc.m.find(ref)
-        await svc.shutdown(ref, wait=body.wait, timeout=body.timeout)
-        return svc.view(dom)
+        return await svc.shutdown(ref, wait=body.wait, timeout=body.timeout)
 
-    @app.post("/v1/domains/{ref}/reboot")
+    @app.post("/v1/domains/{ref:path}/reboot")
     async def reboot(ref: str) -> dict[str, Any]:
-        dom = svc.m.find(ref)
-        await svc.reboot(ref)
-        return svc.view(dom)
+        return await svc.reboot(ref)
 
-    @app.post("/v1/domains/{ref}/save")
+    @app.post("/v1/domains/{ref:path}/save")
     async def save(ref: str, body: PathBody) -> dict[str, Any]:
-        dom = svc.m.find(ref)
-        await svc.save(ref, body.path)
-        return {**svc.view(dom), "path": body.path}
+        return await svc.save(ref, body.path)
 
     from sanvisor.agent.migration import Migrations
 
     migrations = Migrations(svc)
 
-    @app.post("/v1/domains/{ref}/migrate")
+    @app.post("/v1/domains/{ref:path}/migrate")
     async def migrate(ref: str, body: MigrateBody) -> dict[str, Any]:
         return await migrations.migrate(ref, body.target, body.live)
 
@@ -238,45 +226,33 @@ def build_app(svc: HostService, storage: StorageService | None = None) -> FastAP
     async def restore(body: PathBody) -> dict[str, Any]:
         return await svc.restore(body.path, paused=body.paused)
 
-    @app.post("/v1/domains/{ref}/mem-set")
+    @app.post("/v1/domains/{ref:path}/mem-set")
     async def mem_set(ref: str, body: AmountBody) -> dict[str, Any]:
-        dom = svc.m.find(ref)
-        await svc.mem_set(ref, body.value)
-        return svc.view(dom)
+        return await svc.mem_set(ref, body.value)
 
-    @app.post("/v1/domains/{ref}/mem-max")
+    @app.post("/v1/domains/{ref:path}/mem-max")
     async def mem_max(ref: str, body: AmountBody) -> dict[str, Any]:
-        dom = svc.m.find(ref)
-        await svc.mem_max(ref, body.value)
-        return svc.view(dom)
+        return await svc.mem_max(ref, body.value)
 
-    @app.post("/v1/domains/{ref}/vcpu-set")
+    @app.post("/v1/domains/{ref:path}/vcpu-set")
     async def vcpu_set(ref: str, body: AmountBody) -> dict[str, Any]:
-        dom = svc.m.find(ref)
-        await svc.vcpu_set(ref, body.value)
-        return svc.view(dom)
+        return await svc.vcpu_set(ref, body.value)
 
-    @app.post("/v1/domains/{ref}/block-attach")
+    @app.post("/v1/domains/{ref:path}/block-attach")
     async def block_attach(ref: str, body: DeviceBody) -> dict[str, Any]:
-        dom = svc.m.find(ref)
-        await svc.block_attach(ref, body.spec)
-        return svc.view(dom)
+        return await svc.block_attach(ref, body.spec)
 
-    @app.post("/v1/domains/{ref}/block-detach")
+    @app.post("/v1/domains/{ref:path}/block-detach")
     async def block_detach(ref: str, body: DeviceBody) -> dict[str, Any]:
-        dom = svc.m.find(ref)
-        await svc.block_detach(ref, body.spec)
-        return svc.view(dom)
+        return await svc.block_detach(ref, body.spec)
 
-    @app.post("/v1/domains/{ref}/network-attach")
+    @app.post("/v1/domains/{ref:path}/network-attach")
     async def network_attach(ref: str, body: DeviceBody) -> dict[str, Any]:
         return await svc.network_attach(ref, body.spec)
 
-    @app.post("/v1/domains/{ref}/network-detach")
+    @app.post("/v1/domains/{ref:path}/network-detach")
     async def network_detach(ref: str, body: DeviceBody) -> dict[str, Any]:
-        dom = svc.m.find(ref)
-        await svc.network_detach(ref, body.spec)
-        return svc.view(dom)
+        return await svc.network_detach(ref, body.spec)
 
     if storage is not None:
         _storage_routes(app, storage)

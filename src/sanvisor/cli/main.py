@@ -80,20 +80,33 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"sanvisor {__version__}")
         return 0
-    from sanvisor.cli import fast
     from sanvisor.errors import SanvisorError
 
+    try:
+        return _run(g, rest)
+    except SanvisorError as exc:
+        print(f"sanvisor: error: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:  # a bug of ours: one line, the traceback on request
+        if os.environ.get("SANVISOR_DEBUG"):
+            raise
+        print(f"sanvisor: internal error: {type(exc).__name__}: {exc} (a bug: please "
+              "report it; SANVISOR_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
+
+
+def _run(g: Globals, rest: list[str]) -> int:
+    from sanvisor.cli import fast
+
     if fast.accepts(rest):  # list, domid, uptime...: no argparse, few imports
-        try:
-            home = fast.agent_home(g.home, g.on_host)
-            if g.home or g.on_host:
-                os.environ["SANVISOR_HOME"] = home
-            return fast.run(rest, as_json=g.json, home=home)
-        except SanvisorError as exc:
-            print(f"sanvisor: error: {exc}", file=sys.stderr)
-            return exc.exit_status
-        except BrokenPipeError:
-            return 0
+        home = fast.agent_home(g.home, g.on_host)
+        if g.home or g.on_host:
+            os.environ["SANVISOR_HOME"] = home
+        return fast.run(rest, as_json=g.json, home=home)
     from pathlib import Path
 
     from sanvisor.cli.parser import build_parser
@@ -108,18 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.json, args.on_host = g.json, g.on_host
     args.home = Path(g.home) if g.home else None
-    try:
-        layout = _layout(args)
-        from sanvisor.cli import verbs
+    layout = _layout(args)
+    from sanvisor.cli import verbs
 
-        return verbs.dispatch(args, layout)
-    except SanvisorError as exc:
-        print(f"sanvisor: error: {exc}", file=sys.stderr)
-        return exc.exit_status
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        return 0
+    return verbs.dispatch(args, layout)
 
 
 def _layout(args: argparse.Namespace) -> Any:

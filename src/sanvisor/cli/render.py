@@ -39,19 +39,6 @@ def uptime_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def parse_mib(text: str) -> int:
-    """xl memory amounts: 256, 256m, 262144k, 1g (default unit: MiB)."""
-    t = text.strip().lower()
-    mult = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
-    try:
-        value = float(t[:-1]) * mult[t[-1]] if t and t[-1] in mult else float(t)
-    except ValueError:
-        raise ValueError(f"invalid memory amount {text!r} (e.g. 256, 256m, 1g)") from None
-    if value <= 0 or value != int(value):
-        raise ValueError(f"invalid memory amount {text!r}")
-    return int(value)
-
-
 SxpNode = tuple[str, object]
 _IMAGE = {"pv": "linux", "pvh": "pvh", "hvm": "hvm"}
 

@@ -27,7 +27,9 @@ def _out(args: argparse.Namespace, data: Any, text: str | None = None) -> None:
 
 def _mib(text: str) -> int:
     try:
-        return render.parse_mib(text)
+        from sanvisor.model.units import parse_mib
+
+        return parse_mib(text)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
 
@@ -98,7 +100,9 @@ def _simple(verb: str) -> Any:
 
 
 def do_destroy(args: argparse.Namespace, layout: Layout) -> int:
-    _out(args, _client(layout).call("DELETE", f"/v1/domains/{args.dom}"))
+    from sanvisor.api.client import _ref
+
+    _out(args, _client(layout).call("DELETE", f"/v1/domains/{_ref(args.dom)}"))
     return 0
 
 

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from sanvisor.model.domain import DiskSpec, DomainSpec, VifSpec
+from sanvisor.model.lifecycle import DomainEvent
 
-EventSink = Callable[[str, dict[str, Any]], Coroutine[Any, Any, None]]
+#: How a driver tells the agent what happened to a domain (model/lifecycle.py's events).
+EventSink = Callable[[DomainEvent], Coroutine[Any, Any, None]]
 
 
 @dataclass

@@ -335,7 +335,7 @@ def parse_vif(spec: str) -> VifSpec:
         elif key in ("bridge", "vifname"):
             if not val:
                 raise ValueError(f"empty {key}= in vif {spec!r}")
-            setattr(vif, key, val)
+            setattr(vif, key, VifSpec.check_ifname(key, val))
         elif key in ("ip", "gateway"):
             for part in val.split() or [""]:
                 try:

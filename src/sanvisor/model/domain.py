@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,6 +21,12 @@ MAX_PARTITION = 15  # xvdX1..xvdX15, as blkfront numbers them (16 minors a disk)
 #: The guest kit boots in this much memory (docs/guest-kit.md); less gets a warning.
 GUEST_KIT_MIN_MIB = 96
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: a network interface name the kernel takes and a shell cannot misread (<= 15 bytes)
+IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
+_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+NIC_MODELS = ("virtio-net-pci", "e1000", "e1000e", "rtl8139", "ne2k_pci", "pcnet")
+VIF_TYPES = ("bridge", "nat", "user")
+DISK_BACKENDS = ("phy", "file", "nbd")
 
 
 class Action(enum.StrEnum):
@@ -129,6 +136,13 @@ class VifSpec:
     extra: dict[str, str] = field(default_factory=dict)
 
     @staticmethod
+    def check_ifname(key: str, name: str) -> str:
+        if not IFNAME_RE.match(name):
+            raise ValueError(f"invalid {key} {name!r} (an interface name: letters, digits, "
+                             "'_', '.', '-', at most 15)")
+        return name
+
+    @staticmethod
     def check_mac(mac: str) -> str:
         mac = mac.strip().lower()
         if not _MAC_RE.match(mac):
@@ -176,6 +190,7 @@ class DomainSpec:
         def bad(msg: str) -> ConfigError:
             return ConfigError(msg, file=f)
 
+        self._check_types(bad)
         if not _NAME_RE.match(self.name):
             raise bad(f"name: invalid domain name {self.name!r}")
         if self.memory <= 0:
@@ -206,8 +221,48 @@ class DomainSpec:
                 if v.mac in macs:
                     raise bad(f"vif: MAC {v.mac} used twice")
                 macs.add(v.mac)
+            _check_vif(v, bad)
         if self.ramdisk and not self.kernel:
             raise bad("ramdisk: given without a kernel")
+
+    def _check_types(self, bad: Callable[[str], ConfigError]) -> None:
+        """Every field has the type and form a parsed config gives it: a spec may also
+        come from an API body or a save file."""
+        for key in ("memory", "maxmem", "vcpus", "maxvcpus"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or not abs(v) < 1 << 40:
+                raise bad(f"{key}: expected an integer, got {v!r}")
+        if not isinstance(self.name, str):
+            raise bad(f"name: expected a string, got {self.name!r}")
+        for key in ("kernel", "ramdisk", "root", "extra", "uuid", "source"):
+            v = getattr(self, key)
+            if v is not None and (not isinstance(v, str) or "\0" in v
+                                  or ("\n" in v and key not in ("extra", "root"))):
+                raise bad(f"{key}: expected one line of text, got {v!r}")
+        if self.uuid is not None and not _UUID_RE.match(self.uuid):
+            raise bad(f"uuid: invalid UUID {self.uuid!r}")
+        for key in ("on_poweroff", "on_reboot", "on_crash"):
+            if not isinstance(getattr(self, key), Action):
+                raise bad(f"{key}: invalid action {getattr(self, key)!r}")
+        if self.builder not in ("pv", "pvh", "hvm"):
+            raise bad(f"type: invalid domain type {self.builder!r}")
+        if not isinstance(self.disks, list) or not isinstance(self.vifs, list):
+            raise bad("disk/vif: expected lists")
+        for d in self.disks:
+            if not isinstance(d, DiskSpec):
+                raise bad(f"disk: invalid entry {d!r}")
+            try:
+                if DiskSpec.normalise_target(str(d.target)) != d.target:
+                    raise ValueError(f"invalid disk target {d.target!r}")
+            except ValueError as exc:
+                raise bad(f"disk: {exc}") from None
+            if (d.backend not in DISK_BACKENDS or d.mode not in ("r", "w")
+                    or d.devtype not in ("disk", "cdrom") or not isinstance(d.path, str)
+                    or "\0" in d.path or "\n" in d.path):
+                raise bad(f"disk {d.target}: invalid backend, mode, type or path")
+        for v in self.vifs:
+            if not isinstance(v, VifSpec):
+                raise bad(f"vif: invalid entry {v!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -224,3 +279,28 @@ class DomainSpec:
             if k in data:
                 data[k] = Action(data[k])
         return cls(**data)
+
+
+def _check_vif(v: VifSpec, bad: Callable[[str], ConfigError]) -> None:
+    import ipaddress
+
+    try:
+        if v.mac is not None:
+            VifSpec.check_mac(str(v.mac))
+        for key in ("bridge", "vifname"):
+            if getattr(v, key) is not None:
+                VifSpec.check_ifname(key, str(getattr(v, key)))
+        if v.model not in NIC_MODELS:
+            raise ValueError(f"unknown NIC model {v.model!r}")
+        if v.type not in VIF_TYPES:
+            raise ValueError(f"invalid vif type {v.type!r}")
+        if v.ip is not None:
+            for part in str(v.ip).split():
+                ipaddress.ip_interface(part)
+        if v.gateway is not None:
+            ipaddress.ip_address(str(v.gateway))
+        if not isinstance(v.extra, dict) or not all(
+                isinstance(k, str) and isinstance(x, str) for k, x in v.extra.items()):
+            raise ValueError("invalid extra settings")
+    except ValueError as exc:
+        raise bad(f"vif: {exc}") from None

@@ -14,7 +14,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sanvisor.errors import NotFoundError, UsageError
+from sanvisor.errors import ConfigError, NotFoundError, UsageError
 from sanvisor.storage.nbdclient import NbdClient, NbdError
 
 
@@ -66,12 +66,18 @@ def dev_name(n: int) -> str:
 
 
 def load_hbas(home: Path) -> list[HbaConf]:
+    path = home / "host.json"
     try:
-        data = json.loads((home / "host.json").read_text())
+        data = json.loads(path.read_text())
+        hbas = [HbaConf(**h) for h in data.get("hbas", [])]
     except FileNotFoundError:
         raise NotFoundError("this host has no HBAs (not a lab host: see 'sanvisor lab up')",
                             home=str(home)) from None
-    return [HbaConf(**h) for h in data["hbas"]]
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"malformed host description ({exc})", file=str(path)) from None
+    if not hbas:
+        raise NotFoundError("this host has no HBAs", home=str(home))
+    return hbas
 
 
 class ScsiTable:

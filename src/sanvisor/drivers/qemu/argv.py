@@ -15,13 +15,10 @@ from sanvisor.drivers.qemu.guestdisks import creation_order, guest_root
 from sanvisor.drivers.qemu.guestdisks import disk_lun as disk_lun  # re-exported
 from sanvisor.model.diskspec import nbd_server, rewrite_root
 from sanvisor.model.domain import DiskSpec
+from sanvisor.model.units import align_up
 
 MEM_BLOCK_MIB = 128  # Linux x86_64 memory block: hot-added DIMMs come in these
 MAX_DIMM_SLOTS = 8
-
-
-def align_up(value: int, step: int) -> int:
-    return -(-value // step) * step
 
 
 def disk_node(disk: DiskSpec) -> str:
@@ -98,6 +95,11 @@ def nic_device(nic: NicPlan) -> dict[str, object]:
             "mac": nic.mac, "romfile": ""}
 
 
+def _esc(value: str) -> str:
+    """A value inside QEMU's key=value,... option syntax: commas doubled."""
+    return value.replace(",", ",,")
+
+
 def _opts(d: dict[str, object], first: str | None = None) -> str:
     """Render a flat dict as QEMU's key=value,... (first key's value bare)."""
     parts: list[str] = []
@@ -145,16 +147,16 @@ def build_argv(plan: LaunchPlan, *, qemu: str, accel: str) -> list[str]:
     vcpus = plan.vcpus_now or spec.vcpus
     argv = [
         qemu,
-        "-name", f"guest={spec.name},debug-threads=on",
+        "-name", f"guest={_esc(spec.name)},debug-threads=on",
         "-accel", "tcg,thread=multi" if accel == "tcg" else accel,
         "-M", "pc",
         "-cpu", "host" if accel == "kvm" else "qemu64",
         "-m", memory_arg(spec.memory, spec.maxmem),
         "-smp", f"{vcpus},maxcpus={spec.maxvcpus}",
         "-nodefaults", "-no-user-config", "-display", "none",
-        "-qmp", f"unix:{rd / 'qmp.sock'},server=on,wait=off",
-        "-chardev", f"socket,id=con0,path={rd / 'console.sock'},server=on,wait=off,"
-                    f"logfile={rd / 'console.log'},logappend=on",
+        "-qmp", f"unix:{_esc(str(rd / 'qmp.sock'))},server=on,wait=off",
+        "-chardev", f"socket,id=con0,path={_esc(str(rd / 'console.sock'))},server=on,"
+                    f"wait=off,logfile={_esc(str(rd / 'console.log'))},logappend=on",
         "-serial", "chardev:con0",
         "-kernel", str(plan.kernel),
         "-append", guest_cmdline(plan),
@@ -164,7 +166,7 @@ def build_argv(plan: LaunchPlan, *, qemu: str, accel: str) -> list[str]:
         "-device", "virtio-balloon-pci,id=balloon0",
         "-device", "pvpanic",
         "-device", "virtio-serial-pci,id=vser0,max_ports=2",
-        "-chardev", f"socket,id=ctl,path={rd / 'ctl.sock'},server=on,wait=off",
+        "-chardev", f"socket,id=ctl,path={_esc(str(rd / 'ctl.sock'))},server=on,wait=off",
         "-device", "virtserialport,bus=vser0.0,chardev=ctl,name=org.sanvisor.ctl",
         "-no-shutdown",
         "-action", "panic=pause",  # one GUEST_PANICKED event; on_crash is the agent's job
@@ -184,7 +186,7 @@ def build_argv(plan: LaunchPlan, *, qemu: str, accel: str) -> list[str]:
         argv += ["-netdev", _opts(nic_netdev(nic), first="type")]
         argv += ["-device", _opts(nic_device(nic), first="driver")]
     for i, mib in enumerate(plan.dimms_mib):
-        argv += ["-object", f"memory-backend-ram,id=mem{i},size={mib}M",
+        argv += ["-object", f"memory-backend-ram,id=mem{i},size={int(mib)}M",
                  "-device", f"pc-dimm,id=dimm{i},memdev=mem{i}"]
     if plan.incoming:
         argv += ["-incoming", "defer"]

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 from sanvisor.drivers.base import Driver, EventSink, Instance, LaunchPlan
@@ -15,6 +13,7 @@ from sanvisor.drivers.qemu.argv import build_argv
 from sanvisor.drivers.qemu.instance import QemuInstance
 from sanvisor.drivers.qemu.probe import AccelChoice, AccelProbe, Kit
 from sanvisor.errors import HypervisorError
+from sanvisor.waiting import wait_until_async
 
 QEMU_BINARY = "qemu-system-x86_64"
 START_TIMEOUT = 60.0
@@ -45,7 +44,8 @@ def _is_qemu(pid: int, rundir: Path) -> bool:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return any(str(rundir / "qmp.sock").encode() in arg for arg in cmd)
+    needle = str(rundir / "qmp.sock").replace(",", ",,").encode()  # as argv.py writes it
+    return any(needle in arg for arg in cmd)
 
 
 class QemuDriver(Driver):
@@ -95,26 +95,27 @@ class QemuDriver(Driver):
         try:
             with open(logpath, "ab") as log:
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                        stderr=log, start_new_session=True)
+                                        stderr=log, start_new_session=True, umask=0o077)
         except OSError as exc:
             raise HypervisorError(f"cannot run {self.qemu}: {exc.strerror}") from exc
         self._children[proc.pid] = proc
-        deadline = time.monotonic() + START_TIMEOUT
+
+        async def monitor() -> Instance | None:
+            if proc.poll() is not None:
+                text = logpath.read_text(errors="replace")
+                reason = _qemu_reason(text, proc.returncode or 0)
+                raise HypervisorError(f"QEMU could not start {plan.spec.name}: {reason}",
+                                      domain=plan.spec.name, log=text[-2000:])
+            if not (plan.rundir / "qmp.sock").exists():
+                return None
+            try:
+                return await QemuInstance.connect(plan, proc.pid, events, reap=self._reap)
+            except HypervisorError:
+                return None  # the socket is there but not listening yet
+
         try:
-            while True:
-                if proc.poll() is not None:
-                    text = logpath.read_text(errors="replace")
-                    reason = _qemu_reason(text, proc.returncode or 0)
-                    raise HypervisorError(f"QEMU could not start {plan.spec.name}: {reason}",
-                                          domain=plan.spec.name, log=text[-2000:])
-                if (plan.rundir / "qmp.sock").exists():
-                    with contextlib.suppress(HypervisorError):
-                        return await QemuInstance.connect(plan, proc.pid, events,
-                                                          reap=self._reap)
-                if time.monotonic() > deadline:
-                    raise HypervisorError(f"QEMU did not come up within {START_TIMEOUT:.0f}s",
-                                          domain=plan.spec.name)
-                await asyncio.sleep(0.01)
+            return await wait_until_async(f"QEMU's monitor for {plan.spec.name}", monitor,
+                                          START_TIMEOUT, 0.01)
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -18,6 +19,8 @@ from sanvisor.drivers.qemu import argv as qargv
 from sanvisor.drivers.qemu import procstat
 from sanvisor.errors import DeviceError, HypervisorError, TimeoutError_
 from sanvisor.model.domain import DiskSpec
+from sanvisor.model.lifecycle import DomainEvent, EventKind
+from sanvisor.waiting import wait_until_async
 
 log = logging.getLogger(__name__)
 QMP_TIMEOUT = 30.0
@@ -34,6 +37,30 @@ def _path_is(path: str) -> Pred:
         got = str(data.get("path", ""))
         return got == path or got.startswith(path + "/")
     return pred
+
+
+#: QMP SHUTDOWN reasons (qapi/run-state.json ShutdownCause) -> what the guest did;
+#: host-qmp-quit is our own destroy, not news.
+_SHUTDOWN = {"guest-shutdown": EventKind.POWERED_OFF, "host-qmp-system-powerdown":
+             EventKind.POWERED_OFF, "host-signal": EventKind.POWERED_OFF,
+             "host-ui": EventKind.POWERED_OFF, "guest-reset": EventKind.RESET_REQUESTED,
+             "guest-panic": EventKind.CRASHED}
+
+
+def domain_event(name: str, data: dict[str, Any]) -> DomainEvent | None:
+    """A QMP event as the agent's lifecycle sees it (None: not the lifecycle's news:
+    RESET after our own system_reset, MIGRATION, DEVICE_DELETED...)."""
+    if name == "STOP":
+        return DomainEvent(EventKind.PAUSED)
+    if name == "RESUME":
+        return DomainEvent(EventKind.RESUMED)
+    if name == "GUEST_PANICKED":
+        return DomainEvent(EventKind.CRASHED, detail=str(data.get("action", "")))
+    if name == "SHUTDOWN":
+        reason = str(data.get("reason", ""))
+        kind = _SHUTDOWN.get(reason)
+        return DomainEvent(kind, detail=reason) if kind is not None else None
+    return None
 
 
 def _data(ev: Any) -> dict[str, Any]:
@@ -86,13 +113,17 @@ class QemuInstance(Instance):
         if self._reap is not None:
             self._reap(self.pid)
         self._exited.set()
-        self._exit_task = asyncio.ensure_future(self._sink("PROCESS_EXITED", {"pid": self.pid}))
+        self._exit_task = asyncio.ensure_future(self._sink(DomainEvent(
+            EventKind.EXITED, detail=f"pid {self.pid}")))
 
     async def _pump_events(self) -> None:
         try:
             async for ev in self._qmp.events:
+                event = domain_event(str(ev["event"]), _data(ev))
+                if event is None:
+                    continue
                 try:
-                    await self._sink(str(ev["event"]), _data(ev))
+                    await self._sink(event)
                 except Exception:
                     log.exception("event handler failed for %s", ev.get("event"))
         except asyncio.CancelledError:
@@ -222,28 +253,33 @@ class QemuInstance(Instance):
         kernel runs: firmware and option ROMs never enable paging). The PVM variant of
         KVM leaves a normal guest in SeaBIOS forever, silent; that must not pass as a
         started domain."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
         log = self.plan.rundir / "console.log"
-        where = "its vCPU never ran"
-        while True:
+        where = ["its vCPU never ran"]
+
+        async def settled() -> tuple[str | None] | None:
             if self.exited:
-                return f"QEMU exited ({self.log_tail() or 'no message'})"
+                return (f"QEMU exited ({self.log_tail() or 'no message'})",)
             with contextlib.suppress(OSError):
                 if log.stat().st_size > 0:
-                    return None
+                    return (None,)
             regs = str(await self.qmp("human-monitor-command",
                                       {"command-line": "info registers"}))
             cr0 = _CR0.search(regs)
             if cr0 and int(cr0.group(1), 16) & _CR0_PG:
-                return None
+                return (None,)
             ip = _IP.search(regs)
             if ip:
-                where = (f"its vCPU is still in the firmware (instruction pointer "
-                         f"{int(ip.group(1), 16):#x}, paging off, not a byte on its console)")
-            if loop.time() >= deadline:
-                return where
-            await asyncio.sleep(0.05)
+                where[0] = (f"its vCPU is still in the firmware (instruction pointer "
+                            f"{int(ip.group(1), 16):#x}, paging off, not a byte on its "
+                            "console)")
+            return None
+
+        try:
+            found = await wait_until_async(f"a sign of life from {self.plan.spec.name}",
+                                           settled, timeout, 0.05)
+        except TimeoutError_:
+            return where[0]
+        return found[0]
 
     def log_tail(self) -> str:
         """QEMU's last complaint, from its log (it explains failed migrations)."""
@@ -271,6 +307,9 @@ class QemuInstance(Instance):
             with contextlib.suppress(HypervisorError):
                 await self.qmp("object-del", {"id": mem_id})
             raise
+
+    async def _slot_free(self, path: str) -> bool:
+        return not any(c.get("qom-path") == path for c in await self._cpus())
 
     async def _cpus(self) -> list[dict[str, Any]]:
         return list(await self.qmp("query-hotpluggable-cpus"))
@@ -310,10 +349,10 @@ class QemuInstance(Instance):
                 path = str(slots[i]["qom-path"])  # also names CPUs from the command line
                 await self._run_until_event(
                     "device_del", {"id": path}, "DEVICE_DELETED", _path_is(path), timeout=30)
-                for _ in range(100):  # the slot frees right after the lapic goes
-                    if not any(c.get("qom-path") == path for c in await self._cpus()):
-                        break
-                    await asyncio.sleep(0.05)
+
+                with contextlib.suppress(TimeoutError_):  # right after the lapic goes
+                    await wait_until_async(f"vCPU slot {path} to free",
+                                           functools.partial(self._slot_free, path), 5.0)
                 present.remove(i)
         if cooperative:
             answer = await self.guest_request(f"vcpus {count}")

@@ -1,8 +1,8 @@
 """XenDriver and XenInstance: the driver interface over xl.
 
 There is no event stream from xl, so a watcher polls `xl list` and turns state
-changes into the events the agent knows (STOP, RESUME, SHUTDOWN, and the
-domain's disappearance). xl applies on_poweroff/on_reboot/on_crash itself,
+changes into the agent's events (model/lifecycle.py: paused, resumed, powered
+off, crashed, restarted under a new domid, gone). xl applies on_poweroff/on_reboot/on_crash itself,
 from the xl.cfg we write.
 """
 
@@ -31,6 +31,7 @@ from sanvisor.drivers.xen.console import ConsoleRelay, Spawn
 from sanvisor.drivers.xen.xl import DomInfo, Runner, Xl
 from sanvisor.errors import HypervisorError, SanvisorError
 from sanvisor.model.domain import DiskSpec
+from sanvisor.model.lifecycle import DomainEvent, EventKind
 
 log = logging.getLogger(__name__)
 CFG_DIR = "/etc/xen/sanvisor"
@@ -40,6 +41,8 @@ SAVE_DIR = "/var/lib/xen/sanvisor-save"  # dom0's tmpfs: images pass through her
 REBOOT_GRACE = 30.0
 #: Absent this long from `xl list` (no reboot seen), a domain is gone.
 ABSENT_GRACE = 5.0
+_XL_NEWS = {"paused": EventKind.PAUSED, "running": EventKind.RESUMED,
+            "shutdown": EventKind.POWERED_OFF, "crashed": EventKind.CRASHED}
 STATES = {"r": "running", "b": "running", "p": "paused", "s": "shutdown", "c": "crashed",
           "d": "dying"}
 
@@ -88,7 +91,8 @@ class XenInstance(Instance):
             self._missing_since = self._missing_since or now
             if now < self._rebooting_until or now - self._missing_since < ABSENT_GRACE:
                 return True
-            await self._sink("DOMAIN_GONE", {"domid": self.pid})
+            await self._sink(DomainEvent(EventKind.GONE, handled=True,
+                                         detail=f"domid {self.pid}"))
             return False
         self._missing_since = 0.0
         if info.rebooting:
@@ -97,15 +101,15 @@ class XenInstance(Instance):
         if info.domid != self.pid:  # xl restarted it (on_reboot=restart): a new domid
             self.pid = info.domid
             self._rebooting_until = 0.0
-            await self._sink("RESET", {"domid": info.domid})
+            await self._sink(DomainEvent(EventKind.RESTARTED, handled=True,
+                                         domid=info.domid))
         self._cpu = info.cpu_seconds
         self._running = info.letter in "rb"
         state = STATES.get(info.letter, "running")
         if state != self._last:
-            event = {"paused": "STOP", "running": "RESUME", "shutdown": "SHUTDOWN",
-                     "crashed": "GUEST_PANICKED"}.get(state)
-            if event and self._last:
-                await self._sink(event, {"xl_state": info.state, "handled_by": "xl"})
+            kind = _XL_NEWS.get(state)
+            if kind is not None and self._last:  # xl applies the on_* actions itself
+                await self._sink(DomainEvent(kind, handled=True, detail=info.state))
             self._last = state
         return True
 
@@ -128,8 +132,8 @@ class XenInstance(Instance):
         wait a minute for an acknowledgement that cannot come, then fail."""
         info = await asyncio.to_thread(self.xl.info, self.name)
         if info is not None and info.letter == "p":
-            await self._x_sh(f"xenstore-write /local/domain/{info.domid}/control/shutdown "
-                             "poweroff")
+            await self._dom0(["xenstore-write",
+                              f"/local/domain/{info.domid}/control/shutdown", "poweroff"])
             return
         await self._x("shutdown", self.name)
 
@@ -150,13 +154,13 @@ class XenInstance(Instance):
     async def save_to(self, fd: int) -> None:
         """`xl save` into dom0's tmpfs, then the image streamed out into ``fd``."""
         img = f"{SAVE_DIR}/{self.name}.{self.pid}"
-        await self._x_sh(f"mkdir -p {SAVE_DIR}")
+        await self._dom0(["mkdir", "-p", SAVE_DIR])
         try:
             await self._x("save", self.name, img)
             await asyncio.to_thread(self.drv.read_file, img, fd)
         finally:
             with contextlib.suppress(Exception):
-                await self._x_sh(f"rm -f {img}")
+                await self._dom0(["rm", "-f", img])
 
     async def restore_from(self, fd: int) -> None:
         """The image from ``fd`` into dom0, then `xl restore -p` (left paused)."""
@@ -167,16 +171,17 @@ class XenInstance(Instance):
             await self._x("restore", "-p", cfg, img)
         finally:
             with contextlib.suppress(Exception):
-                await self._x_sh(f"rm -f {img}")
+                await self._dom0(["rm", "-f", img])
         info = await asyncio.to_thread(self.xl.info, self.name)
         if info is None:
             raise HypervisorError(f"xl restored {self.name} but it is gone already")
         await self.attach(info.domid)
 
-    async def _x_sh(self, script: str) -> None:
-        rc, _out, err = await asyncio.to_thread(self.drv.run, ["sh", "-c", script], None)
+    async def _dom0(self, argv: list[str]) -> None:
+        """A program in dom0, argv only (never a shell line: names are data)."""
+        rc, _out, err = await asyncio.to_thread(self.drv.run, argv, None)
         if rc != 0:
-            raise HypervisorError(f"dom0: {script}: {err.strip()}")
+            raise HypervisorError(f"dom0: {argv[0]} failed: {err.strip()}", argv=argv)
 
     async def set_balloon(self, mib: int) -> None:
         await self._x("mem-set", self.name, f"{mib}m")

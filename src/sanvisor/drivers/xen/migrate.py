@@ -71,6 +71,8 @@ class Receiver:
         self._done = threading.Event()
         self.rc: int | None = None
         self.error = ""
+        self._proc: Any = None
+        self._cancelled = False
         self._thread = threading.Thread(target=self._serve, name="xl-migrate-receive",
                                         daemon=True)
         self._thread.start()
@@ -80,7 +82,9 @@ class Receiver:
         try:
             conn, _ = self._listener.accept()
             conn.settimeout(None)
-            proc = self.spawn(self.argv, on_out=_to_socket(conn))
+            if self._cancelled:
+                raise HypervisorError("the incoming migration was cancelled")
+            proc = self._proc = self.spawn(self.argv, on_out=_to_socket(conn))
             feeder = threading.Thread(target=_pump_socket, args=(conn, proc), daemon=True)
             feeder.start()
             self.rc = proc.wait()
@@ -95,6 +99,19 @@ class Receiver:
             self._listener.close()
             self.sock_path.unlink(missing_ok=True)
             self._done.set()
+
+    def cancel(self) -> None:
+        """The source gave up: no sender is taken any more, and a receiving xl is killed
+        (it then leaves no domain: xl destroys what it had not finished)."""
+        self._cancelled = True
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        if self._proc is not None:
+            with contextlib.suppress(Exception):
+                self._proc.kill()
+        self._done.wait(10)
 
     def wait(self, timeout: float) -> None:
         """Until xl migrate-receive has finished; raises with xl's reason on failure."""
@@ -135,7 +152,8 @@ def send(run: Run, spawn: Callable[..., Any], name: str, peer_sock: str,
             into = spawn(["sh", "-c", 'exec cat > "$1"', "sh", f"{d}/in"])
             procs.append(into)
             threading.Thread(target=_pump_socket, args=(conn, into), daemon=True).start()
-            bridge = f"sh -c {shlex.quote(f'cat {d}/in & exec cat > {d}/out')}"
+            inner = f"cat {shlex.quote(d + '/in')} & exec cat > {shlex.quote(d + '/out')}"
+            bridge = f"sh -c {shlex.quote(inner)}"  # xl runs it through a shell
             argv = ["xl", "migrate", "-s", bridge, name, "peer"]
         else:
             argv = ["xl", "save", "-p", name, f"{d}/out"]

@@ -1,0 +1,129 @@
+"""A domain's life after its start: the driver's news turned into state by the one
+transition function (:func:`sanvisor.model.lifecycle.decide`), the config's on_*
+actions applied, reattachment after an agent restart, and the end (teardown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+
+from sanvisor.agent.host import HostResources
+from sanvisor.agent.records import load_records
+from sanvisor.agent.table import Domain, DomainTable
+from sanvisor.drivers.base import Driver, EventSink
+from sanvisor.errors import SanvisorError
+from sanvisor.model.domain import Action, State
+from sanvisor.model.lifecycle import Busy, DomainEvent, EventKind, decide, restarts
+
+log = logging.getLogger("sanvisor.agent")
+
+
+class Lifecycle:
+    def __init__(self, table: DomainTable, host: HostResources, driver: Driver) -> None:
+        self.table = table
+        self.host = host
+        self.driver = driver
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ---- agent start / stop --------------------------------------------------------------
+    async def start(self) -> None:
+        """Find every recorded domain's hypervisor process again."""
+        for rec in load_records(self.table.layout.domains):
+            dom = Domain(rec)
+            self.table.add(dom)
+            inst = None
+            if rec.state is not State.LOST:
+                try:
+                    inst = await self.driver.reattach(self.host.launch_plan(rec), rec.pid,
+                                                      self.sink(dom))
+                except Exception as exc:  # the process is there but will not talk
+                    log.warning("cannot reattach %s: %s", rec.spec.name, exc)
+            if inst is None:
+                if rec.state is not State.LOST:
+                    self.table.set_state(dom, State.LOST, "its hypervisor process exited "
+                                         "while the agent was away")
+                continue
+            dom.inst = inst
+            await self._reconcile(dom)
+
+    async def stop(self) -> None:
+        for dom in self.table:
+            if dom.inst is not None:
+                await dom.inst.close()
+
+    async def _reconcile(self, dom: Domain) -> None:
+        """After a reattach: catch up with what happened while nobody listened."""
+        assert dom.inst is not None
+        st = await dom.inst.status()
+        news = {"shutdown": EventKind.POWERED_OFF, "guest-panicked": EventKind.CRASHED,
+                "crashed": EventKind.CRASHED, "paused": EventKind.PAUSED}.get(st.status)
+        if news is None and st.running:
+            news = EventKind.RESUMED
+        already = {EventKind.POWERED_OFF: State.SHUTDOWN, EventKind.CRASHED: State.CRASHED}
+        if news is not None and already.get(news) is not dom.state:
+            await self.on_event(dom, DomainEvent(news, handled=self.host.remote,
+                                                 detail=f"found {st.status}"))
+
+    # ---- the driver's news --------------------------------------------------------------
+    def sink(self, dom: Domain) -> EventSink:
+        async def on_event(event: DomainEvent) -> None:
+            await self.on_event(dom, event)
+        return on_event
+
+    async def on_event(self, dom: Domain, event: DomainEvent) -> None:
+        spec = dom.record.spec
+        d = decide(dom.state, event, on_poweroff=spec.on_poweroff, on_reboot=spec.on_reboot,
+                   on_crash=spec.on_crash, busy=dom.busy, reboot_pending=dom.reboot_pending)
+        log.info("%s: %s%s -> %s", dom.name, event.kind.value,
+                 f" ({event.detail})" if event.detail else "",
+                 d.action.value if d.action else d.state.value if d.state else "no change")
+        if d.clear_reboot:
+            dom.reboot_pending = False
+        if d.restarted and dom.inst is not None:
+            dom.record.pid = dom.inst.pid  # xl restarted the domain under a new id
+        if d.unplumb:
+            self.host.unplumb(dom.record.nics)
+        if d.forget:
+            self._spawn(self.destroy_locked(dom))
+        elif d.action is not None:
+            await self.apply(dom, d.action, d.reason, crash=d.crash)
+        elif d.state is not None:
+            self.table.set_state(dom, d.state, d.reason)
+
+    async def apply(self, dom: Domain, action: Action, why: str, crash: bool = False) -> None:
+        """Carry out one of the config's on_* actions."""
+        if not restarts(action):
+            log.info("%s: %s, destroying (on_* = %s)", dom.name, why, action.value)
+            self._spawn(self.destroy_locked(dom))
+            return
+        assert dom.inst is not None
+        await dom.inst.reset()
+        await dom.inst.unpause()
+        self.table.set_state(dom, State.RUNNING, why + ", restarted")
+
+    def _spawn(self, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- the end ---------------------------------------------------------------------------
+    async def destroy_locked(self, dom: Domain) -> None:
+        async with dom.lock:
+            await self.teardown(dom)
+
+    async def teardown(self, dom: Domain) -> None:
+        """Stop the domain's process and remove every trace of it (its taps, its run
+        directory, its place in the table). Idempotent."""
+        dom.busy = Busy.STOPPING
+        if dom.inst is not None:
+            try:
+                await dom.inst.destroy()
+            except SanvisorError as exc:  # it is going away anyway: say so, go on
+                log.warning("%s: destroy: %s", dom.name, exc)
+            await dom.inst.close()
+        self.host.unplumb(dom.record.nics)
+        self.table.remove(dom)
+        shutil.rmtree(self.table.layout.domain_dir(dom.record.uuid), ignore_errors=True)
+        self.table.set_state(dom, State.DYING, "destroyed")
