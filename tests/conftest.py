@@ -12,6 +12,20 @@ from pathlib import Path
 
 import pytest
 
+#: The tiers, each selectable by marker: unit (seconds, nothing booted), guest (real
+#: QEMU guests), lab (the SAN lab: array, namespaces, fabrics), xen (nested Xen hosts).
+TIERS = ("unit", "guest", "lab", "xen")
+_DIR_TIER = {"unit": "unit", "guest": "guest", "storage": "lab", "xen": "xen"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test without a tier marker gets its directory's tier."""
+    for item in items:
+        if not any(item.get_closest_marker(t) for t in TIERS):
+            tier = _DIR_TIER.get(Path(str(item.fspath)).parent.name)
+            if tier is not None:
+                item.add_marker(getattr(pytest.mark, tier))
+
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     """Which accelerator this run's guests use, and why (CI prints it)."""
