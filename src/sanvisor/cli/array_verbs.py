@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from sanvisor.cli import render
-from sanvisor.errors import ConflictError, UsageError
+from sanvisor.errors import ConfigError, ConflictError, UsageError
+
+_LUN = "a LUN: its name, id or WWID"
 
 
 def add_parser(sub: Any) -> None:
@@ -28,7 +30,7 @@ def add_parser(sub: Any) -> None:
     lun = asub.add_parser("lun", help="create, delete, resize, list LUNs")
     lsub = lun.add_subparsers(dest="lun_cmd", metavar="ACTION", required=True)
     c = lsub.add_parser("create", help="create a LUN (a sparse file unless --backing)")
-    c.add_argument("name")
+    c.add_argument("name", help="the LUN's name (letters, digits, '_', '.', '-')")
     c.add_argument("--size", required=True, help="e.g. 1G, 512M")
     c.add_argument("--id", type=int, help="LUN id (default: lowest free from 1)")
     c.add_argument("--backing", type=Path, help="existing file or block device")
@@ -37,22 +39,22 @@ def add_parser(sub: Any) -> None:
     c.add_argument("--vendor", default="HITACHI")
     c.add_argument("--model", default="DF600F")
     d = lsub.add_parser("delete", help="delete a LUN (not while zoned, unless --force)")
-    d.add_argument("lun")
-    d.add_argument("--force", action="store_true")
+    d.add_argument("lun", help=_LUN)
+    d.add_argument("--force", action="store_true", help="even while zoned")
     r = lsub.add_parser("resize", help="grow a LUN")
-    r.add_argument("lun")
-    r.add_argument("--size", required=True)
+    r.add_argument("lun", help=_LUN)
+    r.add_argument("--size", required=True, help="the new size, e.g. 2G (only larger)")
     lsub.add_parser("list", help="list LUNs, their allocated space and the pool's")
     zone = asub.add_parser("zone", help="LUN masking: which WWPN sees which LUN")
     zsub = zone.add_subparsers(dest="zone_cmd", metavar="ACTION", required=True)
     for name in ("add", "remove"):
         z = zsub.add_parser(name, help=f"{name} a zone")
-        z.add_argument("lun")
-        z.add_argument("wwpn")
+        z.add_argument("lun", help=_LUN)
+        z.add_argument("wwpn", help="the initiator's WWPN, e.g. 10:00:00:00:c9:00:01:00")
     ini = asub.add_parser("initiator", help="the hosts' HBAs the array knows")
     isub = ini.add_subparsers(dest="ini_cmd", metavar="ACTION", required=True)
     ia = isub.add_parser("add", help="register an HBA: its WWPN and fabric address")
-    ia.add_argument("wwpn")
+    ia.add_argument("wwpn", help="the HBA's WWPN, e.g. 10:00:00:00:c9:00:01:00")
     ia.add_argument("--address", required=True, help="the HBA's address on its fabric")
     ia.add_argument("--host", default="", help="the host it belongs to")
     isub.add_parser("list", help="list initiators")
@@ -70,15 +72,12 @@ def _default_home(home: Path) -> Path:
 
 
 def parse_size(text: str) -> int:
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    from sanvisor.model.units import parse_size as parse
+
     try:
-        n = int(t[:-1]) * mult[t[-1]] if t and t[-1] in mult else int(t)
-    except (ValueError, KeyError):
-        raise UsageError(f"invalid size {text!r} (e.g. 512M, 1G)") from None
-    if n <= 0 or n % 512:
-        raise UsageError(f"invalid size {text!r}: a positive multiple of 512 bytes")
-    return n
+        return parse(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def run(args: argparse.Namespace, home: Path) -> int:
@@ -95,10 +94,18 @@ def run(args: argparse.Namespace, home: Path) -> int:
     if args.array_cmd == "zone":
         with store.edit() as cfg:
             (cfg.zone_add if args.zone_cmd == "add" else cfg.zone_remove)(args.lun, args.wwpn)
+            lun = cfg.lun(args.lun)
+        verb = "added" if args.zone_cmd == "add" else "removed"
+        _say(js, {"lun": lun.name, "wwpn": args.wwpn, "zone": verb, "zones": lun.zones},
+             f"zone {verb}: LUN {lun.name} {'visible to' if verb == 'added' else 'hidden from'}"
+             f" {args.wwpn} (seen after its host's next rescan)")
         return 0
     if args.ini_cmd == "add":
         with store.edit() as cfg:
             cfg.add_initiator(args.wwpn, args.host, args.address)
+        _say(js, {"wwpn": args.wwpn, "host": args.host, "address": args.address},
+             f"initiator {args.wwpn} registered (host {args.host or '-'}, address "
+             f"{args.address})")
         return 0
     inis = store.load().initiators
     if js:
@@ -111,7 +118,7 @@ def run(args: argparse.Namespace, home: Path) -> int:
 
 
 def _lun(args: argparse.Namespace, store: Any, js: bool) -> int:
-    from sanvisor.storage.arraypool import preallocate
+    from sanvisor.storage.arraypool import human, preallocate
 
     if args.lun_cmd == "create":
         size = parse_size(args.size)
@@ -133,9 +140,9 @@ def _lun(args: argparse.Namespace, store: Any, js: bool) -> int:
                     raise
                 lun.backing, lun.thick = str(path), args.thick
             elif not backing.exists():
-                raise UsageError(f"--backing {backing}: no such file or device")
-        if js:
-            render.emit_json(vars(lun))
+                raise ConfigError(f"--backing {backing}: no such file or device")
+        _say(js, vars(lun), f"LUN {lun.id} {lun.name} created: {human(lun.size)}, "
+             f"{'thick' if lun.thick else 'thin'}, WWID {lun.wwid}")
         return 0
     if args.lun_cmd == "delete":
         with store.edit() as cfg:
@@ -146,21 +153,31 @@ def _lun(args: argparse.Namespace, store: Any, js: bool) -> int:
             cfg.luns.remove(lun)
             if Path(lun.backing).parent == store.home / "luns":
                 Path(lun.backing).unlink(missing_ok=True)
+        _say(js, {"lun": lun.name, "deleted": True}, f"LUN {lun.id} {lun.name} deleted")
         return 0
     if args.lun_cmd == "resize":
         size = parse_size(args.size)
         with store.edit() as cfg:
             lun = cfg.lun(args.lun)
             if size < lun.size:
-                raise UsageError(f"LUN {lun.name}: shrinking ({lun.size} -> {size} bytes) "
-                                 "would destroy data; only growing is supported")
+                raise ConflictError(f"LUN {lun.name}: shrinking ({lun.size} -> {size} "
+                                    "bytes) would destroy data; only growing is supported")
             if lun.thick:
                 preallocate(Path(lun.backing), size)
             if Path(lun.backing).is_file():
                 os.truncate(lun.backing, size)
             lun.size = size
+        _say(js, vars(lun), f"LUN {lun.id} {lun.name} is now {human(size)} (hosts see it "
+             "after a rescan)")
         return 0
     return _list(store, js)
+
+
+def _say(js: bool, data: object, text: str) -> None:
+    if js:
+        render.emit_json(data)
+    else:
+        print(text)
 
 
 def _list(store: Any, js: bool) -> int:
