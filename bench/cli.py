@@ -12,6 +12,7 @@ Prints a table (medians) and writes JSON to bench/results/cli.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import statistics
@@ -56,10 +57,8 @@ def destroy_all(home: Path) -> None:
     except SanvisorError:
         return
     for name in names:
-        try:
+        with contextlib.suppress(SanvisorError):
             client.destroy(name)
-        except SanvisorError:
-            pass
 
 
 def main() -> int:
