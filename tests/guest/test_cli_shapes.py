@@ -192,5 +192,7 @@ def test_the_agent_socket_is_the_owners_only(qemu_sv: Sanvisor) -> None:
             os.close(write)
         os.chmod(sock, mode & 0o777)
         os.chmod(qemu_sv.home, home_mode & 0o777)
-    assert got in (b"answer:", b"error:[Errno 104] Connection reset by peer"), got
+    # closed at once: nothing answered (empty read, or a reset/broken pipe as it sent)
+    assert got in (b"answer:", b"error:[Errno 104] Connection reset by peer",
+                   b"error:[Errno 32] Broken pipe"), got
     assert "refused a connection from uid 65534" in (qemu_sv.home / "agent.log").read_text()

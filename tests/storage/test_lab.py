@@ -6,6 +6,7 @@ multipath names, and I/O that survives an HBA failure with nothing lost.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -364,3 +365,25 @@ def test_loopback_lab_without_namespaces(tmp_path: Path) -> None:
             job.kill()
             job.wait()
         lb.sv("lab", "down", check=False)
+
+
+def test_lab_status_shows_every_host_its_agent_and_links(lab: Lab) -> None:
+    rows = json.loads(lab.sv("lab", "status", "--json").stdout)  # --json after the verb
+    hosts = {r["host"]: r for r in rows}
+    assert set(hosts) == {"host1", "host2"}
+    for r in rows:
+        assert r["driver"] == "qemu" and isinstance(r["agent"], int)
+        assert [(b["hba"], b["link"]) for b in r["hbas"]] == [(0, "up"), (1, "up")]
+    try:
+        out = lab.sv("lab", "fault", "hba-down", "host2", "1").stdout
+        assert out.strip() == "host2: HBA 1 link down"
+        links = {b["hba"]: b["link"] for b in next(
+            r for r in lab.js("lab", "status") if r["host"] == "host2")["hbas"]}
+        assert links == {0: "up", 1: "down"}
+        text = lab.sv("lab", "status").stdout.splitlines()
+        assert text[0].split()[:4] == ["Host", "Driver", "Agent", "HBA"]
+        assert any(ln.split()[0] == "host2" and " down " in ln for ln in text[1:])
+        assert "no HBA 7" in lab.sv("lab", "fault", "hba-down", "host2", "7",
+                                    check=False).stderr
+    finally:
+        lab.sv("lab", "fault", "hba-up", "host2", "1")

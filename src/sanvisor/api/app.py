@@ -27,6 +27,7 @@ from sanvisor.errors import (
     TimeoutError_,
     UsageError,
 )
+from sanvisor.model.config import parse_config_file
 from sanvisor.model.domain import DomainSpec
 
 log = logging.getLogger("sanvisor.agent.api")
@@ -84,7 +85,13 @@ class _Unexpected:
 
 
 class CreateBody(BaseModel):
-    spec: dict[str, Any] = Field(description="a parsed domain config (DomainSpec)")
+    spec: dict[str, Any] | None = Field(None, description="a parsed domain config "
+                                        "(DomainSpec); or give config")
+    config: str | None = Field(None, description="an xm/xl config file's text, parsed "
+                               "here (errors name config_file:line)")
+    config_file: str | None = Field(None, description="its path: messages name it, and "
+                                    "relative paths in it are relative to its directory")
+    overrides: list[str] = Field(default_factory=list, description="KEY=VALUE overrides")
     paused: bool = False
     dry_run: bool = Field(False, description="run every check, start nothing, return "
                           "the domain that would start (create -n)")
@@ -164,13 +171,19 @@ def build_app(svc: HostService, storage: StorageService | None = None) -> FastAP
 
     @app.post("/v1/domains")
     async def create(body: CreateBody) -> dict[str, Any]:
-        try:
-            spec = DomainSpec.from_dict(body.spec)
-        except (TypeError, ValueError) as exc:
-            raise UsageError(f"malformed domain spec: {exc}") from exc
+        warnings: list[str] = []
+        if body.config is not None:
+            spec, warnings = parse_config_file(body.config, body.config_file, body.overrides)
+        elif body.spec is not None:
+            try:
+                spec = DomainSpec.from_dict(body.spec)
+            except (TypeError, ValueError) as exc:
+                raise UsageError(f"malformed domain spec: {exc}") from exc
+        else:
+            raise UsageError("create: give a spec or a config")
         if body.dry_run:
-            return await svc.preview(spec)
-        return await svc.create(spec, paused=body.paused)
+            return {**(await svc.preview(spec)), "warnings": warnings}
+        return {**(await svc.create(spec, paused=body.paused)), "warnings": warnings}
 
     @app.get("/v1/domains/{ref:path}")
     async def info(ref: str) -> dict[str, Any]:

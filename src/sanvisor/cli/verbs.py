@@ -35,8 +35,8 @@ def _mib(text: str) -> int:
 
 
 def do_create(args: argparse.Namespace, layout: Layout) -> int:
-    from sanvisor.model.config import parse_config
-
+    """The config is parsed by the agent (the CLI stays light: ~15 ms of imports saved
+    on every create); its errors and warnings name this file and line."""
     path = Path(args.config)
     try:
         text = path.read_text(encoding="utf-8")
@@ -46,26 +46,15 @@ def do_create(args: argparse.Namespace, layout: Layout) -> int:
         raise ConfigError(f"not a text file ({exc.reason})", file=args.config) from None
     except OSError as exc:
         raise ConfigError(exc.strerror or "cannot read", file=args.config) from None
-    parsed = parse_config(text, filename=args.config, overrides=args.overrides)
-    for w in parsed.warnings:
-        print(f"sanvisor: warning: {w}", file=sys.stderr)
-    spec = parsed.spec
-    base = path.resolve().parent
-    # relative paths in a config are relative to the config file, as a user expects
-    for key in ("kernel", "ramdisk"):
-        val = getattr(spec, key)
-        if val and not Path(val).is_absolute():
-            setattr(spec, key, str(base / val))
-    for d in spec.disks:
-        if d.path and d.backend != "nbd" and not Path(d.path).is_absolute():
-            d.path = str(base / d.path)
-    spec.source = args.config
+    body = {"config": text, "config_file": str(path.absolute()), "overrides": args.overrides,
+            "paused": args.paused, "dry_run": args.dry_run}
+    info = _client(layout).call("POST", "/v1/domains", body)
+    for w in info.pop("warnings", []):
+        print(f"sanvisor: warning: {w.replace(str(path.absolute()), args.config)}",
+              file=sys.stderr)
     if args.dry_run:
-        plan = _client(layout).call("POST", "/v1/domains", {"spec": spec.to_dict(),
-                                                            "dry_run": True})
-        _out(args, plan, render.domain_sxp(plan))
+        _out(args, info, render.domain_sxp(info))
         return 0
-    info = _client(layout).create(spec.to_dict(), paused=args.paused)
     _out(args, info, f"Started domain {info['name']} (id={info['domid']})"
          + (", paused" if args.paused else ""))
     if args.console:

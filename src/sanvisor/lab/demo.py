@@ -82,6 +82,9 @@ class Demo:
             subprocess.run(["ip", "netns", "add", self.netns], check=True)
         try:
             return self._steps()
+        except SystemExit:
+            self.diagnose()
+            raise
         finally:
             self.cleanup()
 
@@ -114,7 +117,7 @@ class Demo:
         self.sv("unpause", "demo1")
         c2 = shell.counter()
         print(f"\n# guest counter: {c1} before pause, {c2} after "
-              f"{time.monotonic() - held:.1f} s paused (it ticks 10 times a second)")
+              f"{time.monotonic() - held:.1f} s paused (it does not tick while paused)")
         self.sv("vcpu-set", "demo1", "2")
         self.sv("mem-set", "demo1", "256")
         online = self.poll(lambda: shell.run("cat /sys/devices/system/cpu/online") == "0-1")
@@ -148,6 +151,15 @@ class Demo:
 
         rows = json.loads(self.sv("--json", "list", "demo1", show=False))
         return dict(next(r for r in rows if r["domid"] != 0))
+
+    def diagnose(self) -> None:
+        """A step failed: what the agent and the guest said last (CI keeps only this)."""
+        for what, path in (("agent log", self.home / "agent.log"),
+                           *((f"console of {d.name}", d / "console.log")
+                             for d in sorted((self.home / "dom").glob("*")))):
+            with contextlib.suppress(OSError):
+                lines = path.read_text(errors="replace").splitlines()[-15:]
+                print(f"\n# {what} ({path}), last lines:\n" + "\n".join(lines), flush=True)
 
     def cleanup(self) -> None:
         with contextlib.suppress(Exception):

@@ -7,6 +7,7 @@ tokenised and parsed by a small grammar, never evaluated as Python (as xm did).
 from __future__ import annotations
 
 import ipaddress
+import posixpath
 import re
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -358,3 +359,24 @@ def parse_vif(spec: str) -> VifSpec:
         raise ValueError(f"vif {spec!r} asks for several network types: {', '.join(sorted(types))}")
     vif.type = types.pop() if types else vif.type
     return vif
+
+
+def parse_config_file(text: str, filename: str | None, overrides: Sequence[str] = ()
+                      ) -> tuple[DomainSpec, list[str]]:
+    """A config file's text as the agent receives it from `create`: parsed (errors name
+    ``filename``:line), relative kernel/ramdisk/disk paths made relative to the file's
+    directory, as a user expects. Returns the spec and the warnings."""
+    name = filename or "<config>"
+    parsed = parse_config(text, filename=name, overrides=overrides)
+    spec = parsed.spec
+    base = posixpath.dirname(filename) if filename and filename.startswith("/") else ""
+    if base:
+        for key in ("kernel", "ramdisk"):
+            val = getattr(spec, key)
+            if val and not val.startswith("/"):
+                setattr(spec, key, posixpath.join(base, val))
+        for d in spec.disks:
+            if d.path and d.backend != "nbd" and not d.path.startswith("/"):
+                d.path = posixpath.join(base, d.path)
+    spec.source = name
+    return spec, parsed.warnings
