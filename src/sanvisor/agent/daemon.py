@@ -140,7 +140,17 @@ async def serve(layout: Layout) -> None:
 
         driver = FakeDriver()
         log.info("driver: fake (no hypervisor)")
+    elif host.get("driver") == "xen" and not host.get("ctl"):
+        # a real Xen host: the agent runs in dom0 and calls xl itself
+        from sanvisor.drivers.xen.driver import XenDriver
+        from sanvisor.drivers.xen.local import LocalDom0
+
+        dom0 = LocalDom0()
+        driver = XenDriver(dom0.run, dom0.put_file, spawn=dom0.spawn)
+        kit_args = "console=hvc0 quiet"
+        log.info("driver: xen, in this dom0 (xl run locally)")
     elif host.get("driver") == "xen":
+        # a lab host: a nested Xen whose dom0 is reached through its command channel
         from sanvisor.drivers.xen.driver import XenDriver
         from sanvisor.xenhost.build import DOMU_KERNEL, DOMU_RAMDISK
         from sanvisor.xenhost.link import Dom0Link
