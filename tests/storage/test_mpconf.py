@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from sanvisor.errors import ConfigError
+from sanvisor.model.diskspec import sd_name
 from sanvisor.storage.mpconf import MultipathConf, parse_mpconf
 from sanvisor.storage.posixre import compile_ere
-from sanvisor.storage.scsi import dev_name
 from tests.storage.multipath_tools import (
     glibc_search,
     multipath_t,
@@ -98,7 +98,7 @@ def test_unknown_keywords_warn() -> None:
 
 
 def test_scsi_names() -> None:
-    assert [dev_name(n) for n in (0, 1, 25, 26, 27)] == ["sda", "sdb", "sdz", "sdaa", "sdab"]
+    assert [sd_name(n) for n in (0, 1, 25, 26, 27)] == ["sda", "sdb", "sdz", "sdaa", "sdab"]
 
 
 # ---- resolution, as propsel.c does it ----------------------------------------------------

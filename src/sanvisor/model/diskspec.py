@@ -44,7 +44,7 @@ def _nbd_host(host: str, spec: str) -> str:
 def _nbd_port(port: str | None, spec: str) -> int:
     if port is None or port == "":
         return NBD_PORT
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not re.fullmatch(r"[0-9]{1,5}", port) or not 0 < int(port) < 65536:  # ASCII digits
         raise ValueError(f"invalid NBD port {port!r} in {spec!r} (1-65535)")
     return int(port)
 
@@ -168,3 +168,13 @@ def rewrite_root(cmdline: str, rename: Callable[[str], str | None]) -> str:
         return m.group(0) if new is None else f"root={new}"
 
     return _ROOT_ARG.sub(sub, cmdline)
+
+
+def sd_name(index: int) -> str:
+    """The kernel's name of the ``index``-th SCSI disk: 0 -> sda, 25 -> sdz, 26 -> sdaa."""
+    letters = ""
+    index += 1
+    while index:
+        index, rem = divmod(index - 1, 26)
+        letters = chr(ord("a") + rem) + letters
+    return "sd" + letters

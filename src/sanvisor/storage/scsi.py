@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sanvisor.errors import ConfigError, NotFoundError, UsageError
+from sanvisor.model.diskspec import sd_name
 from sanvisor.storage.nbdclient import NbdClient, NbdError
 
 
@@ -55,16 +56,6 @@ class ScsiPath:
         return f"{self.hba}:{self.channel}:{self.target}:{self.lun}"
 
 
-def dev_name(n: int) -> str:
-    """0 -> sda, 25 -> sdz, 26 -> sdaa."""
-    s = ""
-    n += 1
-    while n:
-        n, r = divmod(n - 1, 26)
-        s = chr(ord("a") + r) + s
-    return "sd" + s
-
-
 def load_hbas(home: Path) -> list[HbaConf]:
     path = home / "host.json"
     try:
@@ -96,9 +87,9 @@ class ScsiTable:
     def _next_dev(self) -> tuple[str, int]:
         used = {p.dev for p in self.paths}
         n = 1  # sda is the host's own disk
-        while dev_name(n) in used:
+        while sd_name(n) in used:
             n += 1
-        return dev_name(n), 16 * n
+        return sd_name(n), 16 * n
 
     @staticmethod
     def probe(hba: HbaConf) -> list[dict[str, str]]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from sanvisor.model.diskspec import sd_name
 from sanvisor.model.domain import DiskSpec, target_slot
 
 PART_LUN_BASE = 1024
@@ -38,16 +39,6 @@ def scan_order(disks: Iterable[DiskSpec]) -> list[DiskSpec]:
 def creation_order(disks: Iterable[DiskSpec]) -> list[DiskSpec]:
     """The order to create the devices in for the guest to scan them in scan_order."""
     return scan_order(disks)[::-1]
-
-
-def sd_name(index: int) -> str:
-    """0 -> sda, 25 -> sdz, 26 -> sdaa (Linux's sd naming)."""
-    letters = ""
-    index += 1
-    while index:
-        index, rem = divmod(index - 1, 26)
-        letters = chr(ord("a") + rem) + letters
-    return "sd" + letters
 
 
 def guest_names(disks: Iterable[DiskSpec]) -> dict[str, str]:
