@@ -387,3 +387,16 @@ def test_lab_status_shows_every_host_its_agent_and_links(lab: Lab) -> None:
                                     check=False).stderr
     finally:
         lab.sv("lab", "fault", "hba-up", "host2", "1")
+
+
+def test_the_pool_config_the_lan_and_pool_wide_list(lab: Lab) -> None:
+    pool = json.loads((lab.root / "pool.json").read_text())
+    assert set(pool["hosts"]) == {"host1", "host2"}
+    assert [pool["hosts"][h]["lan"] for h in ("host1", "host2")] == \
+        ["10.213.100.11", "10.213.100.12"]
+    # the hosts share a LAN (xenbr0 on each, bridged to the lab's switch)
+    lab.in_host(1, "ping", "-c", "1", "-W", "5", "10.213.100.12")
+    rows = lab.js("list", "--pool")
+    assert {r["host"] for r in rows if r["name"] == "Domain-0"} == {"host1", "host2"}
+    assert lab.sv("list", "--pool").stdout.splitlines()[0].split()[:2] == ["Host", "Name"]
+    assert "no host 'host9' in the pool" in lab.sv("-H", "host9", "list", check=False).stderr

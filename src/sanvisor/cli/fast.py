@@ -6,7 +6,6 @@ parser, which prints the usage."""
 
 from __future__ import annotations
 
-import os
 import sys
 
 from sanvisor import where
@@ -24,10 +23,10 @@ def agent_home(home: str | None, on_host: str | None) -> str:
     from sanvisor.errors import NotFoundError
 
     if on_host:
-        lab = where.lab_root()
-        path = os.path.join(lab, on_host)
-        if not os.path.exists(os.path.join(path, "host.json")):
-            raise NotFoundError(f"no lab host {on_host!r} at {lab}", host=on_host)
+        path = where.pool_host_home(on_host)
+        if path is None:
+            raise NotFoundError(f"no host {on_host!r} in the pool at {where.pool_home()}",
+                                host=on_host)
         return path
     return home or where.default_home()
 

@@ -113,6 +113,8 @@ def _domain_verbs(verb: Any) -> None:
     c.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys")
     ls = verb("list", "list domains")
     ls.add_argument("-l", "--long", action="store_true", help="full details (JSON)")
+    ls.add_argument("--pool", action="store_true",
+                    help="every host of the pool, with a Host column")
     ls.add_argument("doms", nargs="*", metavar="DOM", help=DOM)
     for name, text in [("pause", "freeze a domain's vCPUs"),
                        ("unpause", "thaw a paused domain"),

@@ -15,10 +15,13 @@ def emit_json(data: Any) -> None:
     sys.stdout.write("\n")
 
 
-def list_table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'Name':<40} {'ID':>3} {'Mem':>5} {'VCPUs':>5} {'State':>10} {'Time(s)':>9}"]
+def list_table(rows: list[dict[str, Any]], *, host: bool = False) -> str:
+    """xm list's table; ``host``: a Host column first (list --pool)."""
+    h = f"{'Host':<10} " if host else ""
+    lines = [f"{h}{'Name':<40} {'ID':>3} {'Mem':>5} {'VCPUs':>5} {'State':>10} {'Time(s)':>9}"]
     for r in rows:
-        lines.append(f"{r['name']:<40} {r['domid']:>3} {r['mem_mib']:>5} {r['vcpus']:>5} "
+        h = f"{r.get('host', '-'):<10} " if host else ""
+        lines.append(f"{h}{r['name']:<40} {r['domid']:>3} {r['mem_mib']:>5} {r['vcpus']:>5} "
                      f"{r['letters']:>10} {r['cpu_seconds']:>9.1f}")
     return "\n".join(lines)
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from sanvisor.api.client import AgentClient
 from sanvisor.cli import render
-from sanvisor.errors import ConfigError, UsageError
+from sanvisor.errors import ConfigError, NotFoundError, UsageError
 from sanvisor.paths import Layout
 
 
@@ -69,6 +69,8 @@ def _read_only(rest: list[str]) -> Any:
     def run(args: argparse.Namespace, layout: Layout) -> int:
         from sanvisor.cli import fast
 
+        if getattr(args, "pool", False):
+            return _list_pool(args)
         return fast.run(rest_of(args), as_json=args.json, home=str(layout.home))
 
     def rest_of(args: argparse.Namespace) -> list[str]:
@@ -78,6 +80,20 @@ def _read_only(rest: list[str]) -> Any:
             return ["uptime", *args.doms]
         return [rest[0], *(getattr(args, a) for a in rest[1:])]
     return run
+
+
+def _list_pool(args: argparse.Namespace) -> int:
+    from sanvisor.cli.fast import select
+    from sanvisor.pool.config import PoolConfig
+    from sanvisor.pool.views import pool_domains
+
+    rows = pool_domains(PoolConfig.load())
+    if args.doms:
+        rows = select(rows, args.doms)
+    _out(args, rows, None if args.long else render.list_table(rows, host=True))
+    if args.long and not args.json:
+        render.emit_json(rows)
+    return 0
 
 
 def _simple(verb: str) -> Any:
@@ -108,14 +124,16 @@ def do_save(args: argparse.Namespace, layout: Layout) -> int:
 
 
 def do_migrate(args: argparse.Namespace, layout: Layout) -> int:
+    """HOST: a host of the pool (pool.json), or an agent's home directory."""
     target = Path(args.host)
-    if not (target / "host.json").exists() and not target.is_absolute():
-        from sanvisor.lab.topology import lab_root
+    if not target.is_absolute():
+        from sanvisor.pool.config import PoolConfig
 
-        target = lab_root() / args.host
+        target = Path(PoolConfig.load().host(args.host).home)
     sock = Layout(target).socket
     if not sock.exists():
-        raise UsageError(f"migrate: no agent for host {args.host!r} (no {sock})")
+        raise NotFoundError(f"migrate: no agent for host {args.host!r} (no {sock})",
+                            host=args.host)
     info = _client(layout).verb(args.dom, "migrate", {"target": str(sock), "live": args.live})
     _out(args, info, f"{args.dom} is now on {args.host} (id {info['domid']})")
     return 0
@@ -271,39 +289,16 @@ def do_multipath(args: argparse.Namespace, layout: Layout) -> int:
         text = args.file.read_text()
     except OSError as exc:
         raise ConfigError(exc.strerror or "cannot read", file=str(args.file)) from None
-    from sanvisor.lab import topology
+    from sanvisor.pool.config import PoolConfig
+    from sanvisor.pool.multipath import push_conf
     from sanvisor.storage.mpconf import parse_mpconf
 
     parse_mpconf(text, str(args.file))  # refuse a bad file before touching any host
-    root = topology.lab_root()
-    if (root / "lab.json").exists():
-        homes = {h.name: Path(h.home) for h in topology.LabState.load(root).hosts}
-    else:
-        homes = {"localhost": layout.home}
-    names: dict[str, dict[str, str]] = {}  # host -> name -> wwid
-    for host, home in homes.items():
-        view = AgentClient(Layout(home).socket).call(
-            "PUT", "/v1/multipath/conf", {"text": text, "source": str(args.file)})
-        names[host] = {m["name"]: m["wwid"] for m in view["maps"]}
-    problems = []
-    all_names = sorted({n for per in names.values() for n in per})
-    for name in all_names:
-        seen = {h: per[name] for h, per in names.items() if name in per}
-        if len(set(seen.values())) > 1:
-            problems.append(f"{name} is " + ", ".join(f"{w} on {h}" for h, w in seen.items()))
-    by_wwid: dict[str, dict[str, str]] = {}
-    for h, per in names.items():
-        for n, w in per.items():
-            by_wwid.setdefault(w, {})[h] = n
-    for w, per_host in sorted(by_wwid.items()):
-        if len(set(per_host.values())) > 1:
-            problems.append(f"WWID {w} is named " + ", ".join(
-                f"{n} on {h}" for h, n in per_host.items()))
-    report = {"hosts": names, "problems": problems}
-    text_out = "\n".join([f"pushed to {', '.join(homes)}"]
-                          + [f"MISMATCH: {p}" for p in problems])
+    report = push_conf(PoolConfig.load(), text, str(args.file))
+    text_out = "\n".join([f"pushed to {', '.join(report['hosts']) or 'no host'}"]
+                          + [f"MISMATCH: {p}" for p in report["problems"]])
     _out(args, report, text_out)
-    return 1 if problems else 0
+    return 1 if report["problems"] else 0
 
 
 def do_lab(args: argparse.Namespace, layout: Layout) -> int:

@@ -38,6 +38,7 @@ from sanvisor.errors import (
     TimeoutError_,
     UsageError,
 )
+from sanvisor.lab.lan import build_lan, lan_address
 from sanvisor.waiting import wait_until
 
 ARRAY_PORT = 10809
@@ -71,6 +72,7 @@ class HostSpec:
     driver: str = "qemu"  # qemu | xen (a nested Xen host, driven through dom0's xl)
     ctl: str = ""  # xen: dom0's command channel (unix socket)
     vm_pidfile: str = ""  # xen: the nested QEMU's pid
+    lan: str = ""  # its address on the lab's LAN (xenbr0), "" without one
 
 
 @dataclass
@@ -80,6 +82,7 @@ class LabState:
     array_netns: str
     hosts: list[HostSpec] = field(default_factory=list)
     mode: str = "netns"  # netns (root) | loopback (unprivileged)
+    lan_netns: str = ""  # the LAN switch's namespace (lab/lan.py), "" without a LAN
 
     @property
     def array_home(self) -> Path:
@@ -105,7 +108,7 @@ class LabState:
         hosts = [HostSpec(**{**h, "hbas": [Hba(**b) for b in h["hbas"]]})
                  for h in d["hosts"]]
         return cls(name=d["name"], root=d["root"], array_netns=d["array_netns"], hosts=hosts,
-                   mode=d.get("mode", "netns"))
+                   mode=d.get("mode", "netns"), lan_netns=d.get("lan_netns", ""))
 
 
 def _ip(*args: str) -> None:
@@ -178,8 +181,12 @@ def _build(state: LabState, hosts: int) -> None:
             _ip("-n", h.netns, "addr", "add", f"{hba.address}/24", "dev", hba.ifname)
             _ip("-n", h.netns, "link", "set", hba.ifname, "up")
             h.hbas.append(hba)
+        h.lan = lan_address(n)
         state.hosts.append(h)
         state.save()
+    state.lan_netns = f"{state.name}-lan"
+    state.save()
+    build_lan(_ip, state.lan_netns, [(n, h.netns) for n, h in enumerate(state.hosts, 1)])
     state.array_home.mkdir(parents=True, exist_ok=True)
     listens = [a for k in range(len(FABRICS)) for a in
                ("--listen", f"10.250.{k + 1}.1:{ARRAY_PORT}")]
@@ -199,7 +206,17 @@ def _start(state: LabState, array_netns: str | None, listens: list[str],
         Path(h.home).mkdir(parents=True, exist_ok=True, mode=0o700)
         (Path(h.home) / "host.json").write_text(json.dumps(asdict(h), indent=1))
         _sv(h.netns or None, "--home", h.home, "agent", "start")
+    write_pool(state)
     _wait_array(state)
+
+
+def write_pool(state: LabState) -> None:
+    """The pool config (pool/config.py): all that the CLI and the agents know of the
+    lab's hosts. The lab's topology (namespaces, fabrics) stays in lab.json."""
+    from sanvisor.pool.config import PoolConfig, PoolHost
+
+    PoolConfig(state.name, {h.name: PoolHost(h.name, h.home, h.driver, h.lan)
+                            for h in state.hosts}).save(Path(state.root) / "pool.json")
 
 
 def _free_port(addresses: list[str]) -> int:
@@ -255,6 +272,7 @@ def _add_xen_host(state: LabState, i: int) -> None:
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     (home / "host.json").write_text(json.dumps(asdict(h), indent=1))
     _sv(None, "--home", str(home), "agent", "start")
+    write_pool(state)
 
 
 def _wait_array(state: LabState, timeout: float = 20.0) -> None:
@@ -277,7 +295,7 @@ def down(root: Path | None = None) -> bool:
         if h.vm_pidfile:
             _kill_pidfile(Path(h.vm_pidfile))
     _kill_pidfile(state.array_home / "array.pid")
-    for ns in [h.netns for h in state.hosts] + [state.array_netns]:
+    for ns in [h.netns for h in state.hosts] + [state.array_netns, state.lan_netns]:
         if ns:
             run(["ip", "netns", "del", ns], check=False)
     shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,74 @@
+"""The pool config: which hosts make the pool and how to reach each one's agent.
+
+One JSON file in the pool's home (``sanvisor.where.pool_home()``): written by
+whoever builds the pool (`sanvisor lab up` for the one-machine lab; an
+administrator for real hosts), read by the CLI (`-H HOST`, `list --pool`,
+`migrate DOM HOST`) and by the agents. Nothing else knows how the pool was built.
+
+    {"name": "sv", "hosts": {"host1": {"home": "/var/lib/sanvisor/lab/host1",
+                                        "driver": "qemu", "lan": "10.213.100.11"}}}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sanvisor import where
+from sanvisor.errors import ConfigError, NotFoundError
+
+POOL_FILE = "pool.json"
+
+
+@dataclass
+class PoolHost:
+    name: str
+    home: str  # the host agent's home: its unix socket is home/agent.sock
+    driver: str = "qemu"  # qemu | xen
+    lan: str = ""  # the host's address on the pool's LAN ("" if it has none)
+
+    @property
+    def socket(self) -> Path:
+        return Path(self.home) / "agent.sock"
+
+
+@dataclass
+class PoolConfig:
+    name: str
+    hosts: dict[str, PoolHost] = field(default_factory=dict)
+
+    def host(self, name: str) -> PoolHost:
+        try:
+            return self.hosts[name]
+        except KeyError:
+            raise NotFoundError(f"no host {name!r} in pool {self.name} (hosts: "
+                                f"{', '.join(self.hosts) or 'none'})", host=name) from None
+
+    def save(self, path: Path | None = None) -> Path:
+        path = path or pool_file()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"name": self.name, "hosts": {
+            n: asdict(h) for n, h in self.hosts.items()}}, indent=1) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> PoolConfig:
+        path = path or pool_file()
+        try:
+            data = json.loads(path.read_text())
+            hosts = {n: PoolHost(**{**h, "name": n}) for n, h in data["hosts"].items()}
+            return cls(name=str(data["name"]), hosts=hosts)
+        except FileNotFoundError:
+            raise NotFoundError(f"no pool at {path.parent} (build one with 'sanvisor lab "
+                                "up', or write its pool.json)", path=str(path)) from None
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ConfigError(f"malformed pool config ({type(exc).__name__}: {exc})",
+                              file=str(path)) from None
+
+
+def pool_file() -> Path:
+    return Path(where.pool_home()) / POOL_FILE
