@@ -39,14 +39,17 @@ def test_spawn_payload_roundtrip() -> None:
 
 
 @pytest.fixture
-def served() -> Iterator[tuple[Channel, subprocess.Popen[bytes]]]:
+def served(tmp_path: Path) -> Iterator[tuple[Channel, subprocess.Popen[bytes]]]:
+    key = os.urandom(32)
+    (tmp_path / "dom0.key").write_text(key.hex())
     ours, theirs = socket.socketpair()
     src = Path(dom0server.__file__).resolve().parents[2]
     proc = subprocess.Popen([sys.executable, "-S", dom0server.__file__,
-                             f"fd:{theirs.fileno()}"], pass_fds=[theirs.fileno()],
+                             f"fd:{theirs.fileno()}", str(tmp_path / "dom0.key")],
+                            pass_fds=[theirs.fileno()],
                             env=dict(os.environ, PYTHONPATH=str(src)))
     theirs.close()
-    chan = Channel("test", hello_timeout=10, sock=ours)
+    chan = Channel("test", hello_timeout=10, sock=ours, key=key)
     try:
         yield chan, proc
     finally:
@@ -123,12 +126,4 @@ def test_host_going_away_kills_its_processes(
         os.kill(pid, 0)
 
 
-def test_a_new_host_session_kills_the_old_ones_processes(
-        served: tuple[Channel, subprocess.Popen[bytes]]) -> None:
-    """An agent that reconnects before dom0 saw its old connection end must not find
-    the old processes (an old `xl console` holds the console's lock)."""
-    chan, _ = served
-    old = chan.spawn(["sleep", "60"])
-    chan.send(b"H", 0, b"another-connection")  # what a new Channel says first
-    assert old.wait(10) == 137
-    assert chan.run(["echo", "still served"], 5)[1] == "still served\n"
+# (a new host session: tests/unit/test_dom0auth.py, behind a QEMU-like relay)

@@ -23,7 +23,20 @@ def add_parser(sub: Any) -> None:
     asub = ar.add_subparsers(dest="array_cmd", metavar="CMD", required=True)
     sv = asub.add_parser("serve", help="run the array daemon (NBD) in the foreground")
     sv.add_argument("--listen", action="append", default=[], metavar="ADDR:PORT",
-                    help="one per fabric (default 127.0.0.1:10809)")
+                    help="one per fabric: ADDR:PORT, [V6ADDR]:PORT, ADDR (port 10809), "
+                    "or PORT and :PORT, which mean 127.0.0.1 (all addresses only if "
+                    "asked for: 0.0.0.0:PORT); default 127.0.0.1:10809")
+    # (defaults: storage.arrayd.Limits; not imported here, the CLI starts faster)
+    sv.add_argument("--handshake-timeout", type=float, metavar="SECONDS",
+                    help="drop a connection that has not finished its NBD handshake by "
+                    "then (the wait of a fence request is not counted; default 10)")
+    sv.add_argument("--fence-wait", type=float, metavar="SECONDS", help="how long a "
+                    "fence request may wait for the fenced sessions (default 60)")
+    sv.add_argument("--max-connections", type=int, metavar="N",
+                    help="connections open at once, in all (default 1024)")
+    sv.add_argument("--max-connections-per-initiator", type=int, metavar="N",
+                    help="connections open at once from one initiator address "
+                    "(default 128)")
     sv.add_argument("--fault-dir", type=Path, help="loopback lab: drop the connections of "
                     "any initiator address with a file of that name here")
     sv.add_argument("--control", type=Path, help=argparse.SUPPRESS)  # tests: arrayhooks
@@ -88,7 +101,7 @@ def run(args: argparse.Namespace, home: Path) -> int:
     js = getattr(args, "json", False)
     if args.array_cmd == "serve":
         return _serve(ahome, args.listen or ["127.0.0.1:10809"], args.fault_dir,
-                      args.control)
+                      args.control, _limits(args))
     if args.array_cmd == "lun":
         return _lun(args, store, js)
     if args.array_cmd == "zone":
@@ -215,14 +228,58 @@ def _list(store: Any, js: bool) -> int:
     return 0
 
 
+def _limits(args: argparse.Namespace) -> Any:
+    from sanvisor.storage.arrayd import Limits
+
+    given: dict[str, float] = {}
+    for opt, field in (("handshake_timeout", "handshake"), ("fence_wait", "fence_wait"),
+                       ("max_connections", "connections"),
+                       ("max_connections_per_initiator", "per_initiator")):
+        value = getattr(args, opt)
+        if value is not None:
+            if not 0 < value < 1e6:  # nan and inf fail this too
+                raise UsageError(f"--{opt.replace('_', '-')}: expected a number above 0")
+            given[field] = value
+    return Limits(**given)  # type: ignore[arg-type]
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``ADDR:PORT``, ``[V6ADDR]:PORT``, ``ADDR`` (port 10809), or ``PORT`` and
+    ``:PORT`` on 127.0.0.1: every address only when asked for (``0.0.0.0:PORT``)."""
+    import ipaddress
+
+    text = text.strip()
+    port: str | None = None
+    if text.isascii() and text.isdigit():
+        host, port = "", text
+    elif text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest and not rest.startswith(":"):
+            raise UsageError(f"invalid --listen {text!r} (ADDR:PORT, [V6ADDR]:PORT or PORT)")
+        port = rest[1:] if rest else None
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    else:
+        host = text  # an address alone (IPv6 without brackets too)
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise UsageError(f"invalid address in --listen {text!r}") from None
+    if port is not None and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise UsageError(f"invalid port in --listen {text!r} (1-65535)")
+    return (host or "127.0.0.1", 10809 if port is None else int(port))
+
+
 def _serve(home: Path, listens: list[str], fault_dir: Path | None,
-           control: Path | None = None) -> int:
+           control: Path | None, limits: Any) -> int:
     import asyncio
     import logging
 
-    from sanvisor.storage.arrayd import parse_listen, serve
+    from sanvisor.storage.arrayd import serve
 
+    addresses = [parse_listen(x) for x in listens]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     home.mkdir(parents=True, exist_ok=True)
-    asyncio.run(serve(home, [parse_listen(x) for x in listens], fault_dir, control))
+    asyncio.run(serve(home, addresses, fault_dir, control, limits))
     return 0

@@ -7,6 +7,7 @@ tokenised and parsed by a small grammar, never evaluated as Python (as xm did).
 from __future__ import annotations
 
 import ipaddress
+import math
 import posixpath
 import re
 import uuid
@@ -29,6 +30,7 @@ _TOKEN = re.compile(r"""(?P<nl>\n)|(?P<ws>[^\S\n]+)|(?P<comment>\#[^\n]*)|(?P<pu
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _INT = re.compile(r"(-?)(?:0[xX]([0-9a-fA-F]+)|([0-9]+))")
 _FLOAT = re.compile(r"-?[0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?")
+_MAX_DIGITS = 30  # no setting takes a longer number (the spec caps them below 2**40)
 _ESCAPE = re.compile(r"\\(x[0-9A-Fa-f]{2}|[0-7]{1,3}|.)")
 _ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v",
             "\\": "\\", "'": "'", '"': '"'}
@@ -55,11 +57,30 @@ class _Entry(NamedTuple):
 
 
 def _int_text(text: str) -> int | None:
+    """The integer ``text`` spells (decimal, or hex with 0x), else None; so does one
+    with more digits than any setting can take (Python refuses to convert some)."""
     m = _INT.fullmatch(text.strip())
-    if not m:
+    if not m or len((m.group(2) or m.group(3)).lstrip("0")) > _MAX_DIGITS:
         return None
     n = int(m.group(2), 16) if m.group(2) else int(m.group(3), 10)
     return -n if m.group(1) else n
+
+
+def _brief(value: object) -> str:
+    """``repr(value)``, cut short: an error message names a value, it does not echo it."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:36] + "...'"
+
+
+def _number(tok: str, file: str, line: int) -> int | float:
+    num: int | float | None = _int_text(tok)
+    if num is None and _FLOAT.fullmatch(tok):
+        num = float(tok)
+    if num is None and not _INT.fullmatch(tok):
+        raise ConfigError(f"invalid number {_brief(tok)}", file=file, line=line)
+    if num is None or not math.isfinite(num):
+        raise ConfigError(f"number out of range: {_brief(tok)}", file=file, line=line)
+    return num
 
 
 def _lex(text: str, file: str, line: int) -> Iterator[_Tok]:
@@ -77,12 +98,7 @@ def _lex(text: str, file: str, line: int) -> Iterator[_Tok]:
         if kind == "str":
             yield _Tok("str", _ESCAPE.sub(unescape, tok[1:-1]), line)
         elif kind == "num":
-            num: int | float | None = _int_text(tok)
-            if num is None and _FLOAT.fullmatch(tok):
-                num = float(tok)
-            if num is None:
-                raise ConfigError(f"invalid number {tok!r}", file=file, line=line)
-            yield _Tok("num", num, line)
+            yield _Tok("num", _number(tok, file, line), line)
         elif kind in ("nl", "punct", "id"):
             yield _Tok(kind if kind != "punct" else tok, tok, line)
             line += kind == "nl"
@@ -180,7 +196,7 @@ def _fail(key: str, e: _Entry, msg: str, line: int | None = None) -> ConfigError
 
 
 def _want(key: str, e: _Entry, what: str) -> ConfigError:
-    got = "a list" if isinstance(e.value, list) else repr(e.value)
+    got = "a list" if isinstance(e.value, list) else _brief(e.value)
     return _fail(key, e, f"expected {what}, got {got}")
 
 
@@ -314,6 +330,7 @@ _MODELS = {"virtio": "virtio-net-pci", "virtio-net": "virtio-net-pci",
            "virtio-net-pci": "virtio-net-pci", "e1000": "e1000", "e1000e": "e1000e",
            "rtl8139": "rtl8139", "ne2k_pci": "ne2k_pci", "pcnet": "pcnet"}
 _VIF_TYPES = {"vif": "", "ioemu": "", "bridge": "bridge", "nat": "nat", "user": "user"}
+_VIF_KEY = re.compile(r"[a-z][a-z0-9_-]*")  # xl-network-configuration(5)'s keys' form
 _FLAGS = {"1": True, "yes": True, "true": True, "0": False, "no": False, "false": False}
 
 
@@ -324,6 +341,8 @@ def parse_vif(spec: str) -> VifSpec:
         key, sep, val = (s.strip() for s in item.partition("="))
         if not sep or not (key := key.lower()):
             raise ValueError(f"expected key=value, got {item!r} in vif {spec!r}")
+        if not _VIF_KEY.fullmatch(key):
+            raise ValueError(f"invalid vif setting {key!r} in vif {spec!r}")
         if key in seen:
             raise ValueError(f"{key}= given twice in vif {spec!r}")
         seen.add(key)

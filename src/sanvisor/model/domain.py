@@ -15,15 +15,16 @@ from typing import Any
 from sanvisor.errors import ConfigError
 
 XEN_OUI = "00:16:3e"
-_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-_TARGET_RE = re.compile(r"^(?:/dev/)?((sd|xvd|hd|vd)([a-z]{1,2})([0-9]*))$")
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}\Z")
+_TARGET_RE = re.compile(r"^(?:/dev/)?((sd|xvd|hd|vd)([a-z]{1,2})([0-9]*))\Z")
 MAX_PARTITION = 15  # xvdX1..xvdX15, as blkfront numbers them (16 minors a disk)
 #: The guest kit boots in this much memory (docs/guest-kit.md); less gets a warning.
 GUEST_KIT_MIN_MIB = 96
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-#: a network interface name the kernel takes and a shell cannot misread (<= 15 bytes)
-IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
-_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+#: a network interface name the kernel takes and a shell cannot misread (<= 15 bytes);
+#: these patterns end with \Z, not $ ($ also matches before a final newline: "web1\n")
+IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}\Z")
+_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 NIC_MODELS = ("virtio-net-pci", "e1000", "e1000e", "rtl8139", "ne2k_pci", "pcnet")
 VIF_TYPES = ("bridge", "nat", "user")
 DISK_BACKENDS = ("phy", "file", "nbd")

@@ -20,8 +20,8 @@ from pathlib import Path
 from sanvisor.errors import ConflictError, NotFoundError, UsageError
 
 HITACHI_OUI = 0x0060E8
-_WWPN_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){7}$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_WWPN_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){7}\Z")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 
 
 def check_wwpn(wwpn: str) -> str:

@@ -17,6 +17,9 @@ line:
                                   fenced, ended, idle; booleans count 0/1; a session
                                   that is gone has ended=1); {"error": "timeout"} past
                                   SECONDS
+    conns                         open connections: in all, and per initiator address
+    wait-conns ADDR N [SECONDS]   reply once ADDR has exactly N connections open (ADDR
+                                  ``*``: in all)
 
 ID is the session id in hex, as INFO_X_SESSION gave it.
 """
@@ -91,6 +94,11 @@ class Hooks:
             return {"error": "empty command"}
         if words[0] == "sessions":
             return {"sessions": [s.view() for s in self.array.sessions.values()]}
+        if words[0] == "conns":
+            return self._conns()
+        if words[0] == "wait-conns" and len(words) in (3, 4):
+            return await self._wait_conns(words[1], int(words[2]),
+                                          float(words[3]) if len(words) == 4 else 30.0)
         if len(words) < 2:
             return {"error": f"usage: {words[0]} ID ..."}
         if words[0] == "poison":
@@ -120,6 +128,22 @@ class Hooks:
             return await self._wait(token, words[2], int(words[3]),
                                     float(words[4]) if len(words) == 5 else 30.0)
         return {"error": f"unknown command {line.strip()!r}"}
+
+    def _conns(self) -> dict[str, Any]:
+        return {"total": self.array.connections, "peers": dict(self.array.by_peer)}
+
+    async def _wait_conns(self, peer: str, n: int, timeout: float) -> dict[str, Any]:
+        def count() -> int:
+            return int(self.array.connections if peer == "*"
+                       else self.array.by_peer.get(peer, 0))
+
+        try:
+            async with asyncio.timeout(timeout):
+                while count() != n:
+                    await self._event.wait()
+        except TimeoutError:
+            return {"error": "timeout", **self._conns()}
+        return self._conns()
 
     async def _wait(self, token: int, field: str, n: int, timeout: float) -> dict[str, Any]:
         try:

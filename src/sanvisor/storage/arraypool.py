@@ -9,12 +9,25 @@ raised when it runs low.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
+import logging
 import os
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sanvisor.errors import ResourceError
+
+if TYPE_CHECKING:
+    from sanvisor.storage.array import Lun
+
+log = logging.getLogger("sanvisor.array")
+POOL_CHECK = 5.0  # seconds between checks of the pool's free space
+ENOSPC_LOG_EVERY = 10.0  # seconds: at most one "pool full" warning per LUN per period
 
 LOW_SPACE_FRACTION = 0.10  # the pool is "low" under 10 % free...
 LOW_SPACE_BYTES = 1 << 30  # ...or under 1 GiB free
@@ -38,6 +51,44 @@ class PoolSpace:
                 f"{human(self.free)} free of {human(self.size)} "
                 f"({100 * self.free / max(self.size, 1):.1f} %); sparse LUNs may fail "
                 "writes with ENOSPC")
+
+
+class PoolWatch:
+    """The array daemon's warnings: a pool that becomes low (checked every POOL_CHECK
+    s), and a write that failed for lack of space (once per ENOSPC_LOG_EVERY a LUN)."""
+
+    def __init__(self, luns: Callable[[], Iterable[Lun]]) -> None:
+        self.luns = luns
+        self._low: set[str] = set()  # pools known to be low
+        self._enospc_logged: dict[int, float] = {}
+
+    def check(self) -> None:
+        for d in sorted({str(Path(lun.backing).parent) for lun in self.luns()}):
+            try:
+                space = pool_space(Path(d))
+            except OSError:
+                continue
+            if space.low and d not in self._low:
+                self._low.add(d)
+                log.warning("%s", space.warning())
+            elif not space.low and d in self._low:
+                self._low.discard(d)
+                log.info("the array's pool at %s has space again: %d MiB free", d,
+                         space.free >> 20)
+
+    def note_enospc(self, lun: Lun) -> None:
+        now = time.monotonic()
+        if now - self._enospc_logged.get(lun.id, -ENOSPC_LOG_EVERY) >= ENOSPC_LOG_EVERY:
+            self._enospc_logged[lun.id] = now
+            log.warning("LUN %d (%s): a write failed with ENOSPC: its pool is full",
+                        lun.id, lun.name)
+            self.check()
+
+    async def watch(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                self.check()
+            await asyncio.sleep(POOL_CHECK)
 
 
 def human(n: int) -> str:

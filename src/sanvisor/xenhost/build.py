@@ -4,6 +4,11 @@ The initramfs holds busybox, the unpacked Xen packages (toolstack, libraries, sc
 the system libraries their binaries need (copied from the build host), the Xen dom0
 kernel modules, our ``/init`` and command server, and the guest kit's ELF
 vmlinux and initrd under ``/srv/domu`` so a PV domU can be created without any disk.
+
+Each kit has a key of its own (random, made at build): the command server in dom0
+reads it from a root-only file of the initramfs, hosts booted from the kit get a
+copy next to their control socket, and the channel authenticates with it (see
+:mod:`sanvisor.xenhost.wire`). So the kit's ``dom0.cpio`` and ``ctl.key`` are 0600.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import gzip
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import stat
 import tempfile
@@ -26,8 +32,10 @@ from sanvisor.guestkit.modules import ModuleSet, collect_modules
 from sanvisor.xenhost import packages, pybundle, scripts
 from sanvisor.xenhost.packages import XenHostError
 
-BUILDER_VERSION = "4"
+BUILDER_VERSION = "5"
 KIT_JSON = "kit.json"
+KEY_FILE = "ctl.key"  # the kit's channel key (hex), next to kit.json
+DOM0_KEY = "etc/sanvisor/ctl.key"  # where dom0's command server reads it
 XEN_GZ = "boot/xen-4.17-amd64.gz"
 DOM0_MODULES: tuple[str, ...] = (
     "xen_evtchn", "xen_gntdev", "xen_gntalloc", "xen_privcmd", "xenfs",
@@ -63,6 +71,11 @@ class XenKit:
     dom0_kernel: Path
     dom0_initrd: Path
     version: str
+
+    @property
+    def key(self) -> Path:
+        """The key dom0's command server holds (a copy goes next to each host's socket)."""
+        return self.dom0_initrd.with_name(KEY_FILE)
 
     def to_dict(self) -> dict[str, str]:
         return {"xen": str(self.xen), "dom0_kernel": str(self.dom0_kernel),
@@ -120,11 +133,17 @@ class _Tree:
 
 def write_dom0_initrd(path: Path, xen_root: Path, mods: ModuleSet, libs: dict[str, Path],
                       domu: dict[str, Path], py: tuple[Path, dict[str, Path],
-                                                       dict[str, bytes]]) -> None:
-    with path.open("wb") as f:
+                                                       dict[str, bytes]],
+                      key: bytes) -> None:
+    """The dom0 initramfs, with the channel's ``key`` in it: only its owner may read it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "wb") as f:
         t = _Tree(NewcWriter(f))
         for d in _DIRS:
             t.mkdir(d, 0o700 if d == "root" else 0o755)
+        t.mkdir(DOM0_KEY.rpartition("/")[0], 0o700)
+        t.file(DOM0_KEY, key, 0o400)
         t.w.add(Entry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)))
         t.w.add(Entry("dev/null", stat.S_IFCHR | 0o666, rdev=(1, 3)))
         t.file("bin/busybox", guestbuild.BUSYBOX.read_bytes(), 0o755)
@@ -173,7 +192,7 @@ def _load(kit_dir: Path) -> XenKit | None:
                      kit_dir / meta["dom0_initrd"], meta["version"])
     except (OSError, ValueError, KeyError):
         return None
-    files = (kit.xen, kit.dom0_kernel, kit.dom0_initrd)
+    files = (kit.xen, kit.dom0_kernel, kit.dom0_initrd, kit.key)
     return kit if all(p.is_file() for p in files) else None
 
 
@@ -232,7 +251,11 @@ def build_xen_kit(cache_dir: Path | None = None, *, force: bool = False,
             libs.setdefault(extra, HOST_LIB_DIR / extra)
         # The ELF vmlinux boots as a PV domU ~4 s faster than the bzImage under TCG.
         domu = {"vmlinux": guest.kernel, "initrd.cpio": guest.initrd}
-        write_dom0_initrd(out / "dom0.cpio", xen_root, mods, libs, domu, py)
+        secret = secrets.token_hex(32).encode() + b"\n"
+        write_dom0_initrd(out / "dom0.cpio", xen_root, mods, libs, domu, py, secret)
+        fd = os.open(out / KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secret)
         version = debs[0].name.split("_")[1].replace("%3a", ":")
         meta = {"xen": "xen", "dom0_kernel": "vmlinuz", "dom0_initrd": "dom0.cpio",
                 "version": version, "kernel": release, "packages": [d.name for d in debs],

@@ -7,6 +7,11 @@ once over it (frames: :mod:`sanvisor.xenhost.wire`): short commands whose output
 collected (:meth:`Channel.run`), and long-lived ones whose output is streamed to a
 callback (``xl console`` on a pseudo-terminal, a file read back from dom0).
 
+The channel authenticates to dom0's server with the key in ``ctl.key`` next to the
+socket (0600; :func:`key_path`): a challenge-response over both ends' nonces, then
+a MAC on every frame it sends (:mod:`sanvisor.xenhost.wire`). It also checks dom0's
+own proof, so it never drives a dom0 that does not hold the key.
+
 A serial UART was the first transport: QEMU paces it at 115200 baud (~12 KB/s) and
 the shell server behind it forked ~7 times per request (~12 ms each in a PV dom0
 under TCG), ~95 ms for an empty round trip. This one costs a few milliseconds.
@@ -15,11 +20,14 @@ under TCG), ~95 ms for an empty round trip. This one costs a few milliseconds.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import os
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from sanvisor.errors import ChannelError as ChannelError  # re-exported
 from sanvisor.xenhost import wire
@@ -30,6 +38,43 @@ CHUNK = 256 << 10
 HELLO_EVERY = 0.25
 
 Sink = Callable[[bytes], None]
+
+
+def key_path(sock: str | Path) -> Path:
+    """Where the key of the channel on socket ``sock`` is kept: ``ctl.sock`` ->
+    ``ctl.key``, in the same (the host's work) directory."""
+    return Path(sock).with_suffix(".key")
+
+
+def read_key(path: Path) -> bytes:
+    """The channel's key from ``path``, which only its owner may read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ChannelError(f"no key for the dom0 channel: {path}: {exc.strerror}",
+                           path=str(path)) from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077:
+            raise ChannelError(f"the dom0 channel's key {path} must be a file only its "
+                               f"owner can read (mode {stat.S_IMODE(st.st_mode):o})",
+                               path=str(path))
+        try:
+            return wire.parse_key(f.read(4096))
+        except ValueError as exc:
+            raise ChannelError(f"the dom0 channel's key {path} is not a key: {exc}",
+                               path=str(path)) from None
+
+
+def write_key(path: Path, text: bytes) -> None:
+    """Install a key (hex, as the kit has it) at ``path``, mode 0600, atomically."""
+    wire.parse_key(text)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 class Proc:
@@ -103,9 +148,11 @@ class Channel:
     """One connection to dom0's server; thread-safe."""
 
     def __init__(self, path: str, hello_timeout: float = 10.0,
-                 sock: socket.socket | None = None) -> None:
-        """Connect to the unix socket ``path`` (or use the connected ``sock``)."""
+                 sock: socket.socket | None = None, key: bytes | None = None) -> None:
+        """Connect to the unix socket ``path`` (or use the connected ``sock``) and
+        authenticate with ``key`` (default: read from :func:`key_path` of ``path``)."""
         self.path = path
+        self._key = key if key is not None else read_key(key_path(path))
         if sock is None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -119,32 +166,58 @@ class Channel:
         self._procs: dict[int, Proc] = {}
         self._next = 0
         self._closed: str | None = None
-        self._hello = threading.Event()
-        self._nonce = os.urandom(8).hex().encode()
+        self._nonce = wire.new_nonce()
+        self._challenge: bytes | None = None  # dom0's nonce, once it challenged us
+        self._challenged = threading.Event()
+        self._hello = threading.Event()  # dom0 welcomed us, or refused (_refused)
+        self._refused: str | None = None
+        self._skey: bytes | None = None  # the session's key, once authenticated
+        self._seq = 0
         self._reader = threading.Thread(target=self._read, name=f"dom0:{path}", daemon=True)
         self._reader.start()
-        # dom0 drops what arrives before its server opened the port: say hello again
-        # until it answers (repeated hellos are harmless, each is only echoed)
-        deadline = time.monotonic() + hello_timeout
-        while True:
-            try:
-                self.send(b"H", 0, self._nonce)
-            except ChannelError:
-                self.close()
-                raise
-            if self._hello.wait(min(HELLO_EVERY, max(0.0, deadline - time.monotonic()))):
-                break
-            if time.monotonic() >= deadline:
-                self.close()
-                raise ChannelError(f"dom0 server does not answer on {path}")
+        try:
+            self._authenticate(time.monotonic() + hello_timeout)
+        except ChannelError:
+            self.close()
+            raise
 
-    def send(self, kind: bytes, stream: int, payload: bytes = b"") -> None:
-        data = wire.frame(kind, stream, payload)
+    def _authenticate(self, deadline: float) -> None:
+        # dom0 drops what arrives before its server opened the port: say hello again
+        # until it answers (a repeated hello gets the same challenge)
+        while not self._challenged.wait(
+                min(HELLO_EVERY, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                raise ChannelError(f"dom0 server does not answer on {self.path}")
+            self._send_raw(b"H", self._nonce)
+        if self._refused is None:
+            assert self._challenge is not None
+            self._send_raw(b"R", self._nonce + b" " + wire.proof(
+                self._key, b"host", self._nonce, self._challenge))
+            if not self._hello.wait(max(0.0, deadline - time.monotonic())):
+                raise ChannelError(f"dom0 server does not answer on {self.path}")
+        if self._refused is not None:
+            raise ChannelError(f"dom0 refused the channel on {self.path}: {self._refused}")
+
+    def _send_raw(self, kind: bytes, payload: bytes) -> None:
         with self._send_lock:
             if self._closed:
                 raise ChannelError(f"dom0 channel closed: {self._closed}")
             try:
-                self._sock.sendall(data)
+                self._sock.sendall(wire.frame(kind, 0, payload))
+            except OSError as exc:
+                raise ChannelError(f"dom0 channel: {exc}") from exc
+
+    def send(self, kind: bytes, stream: int, payload: bytes = b"") -> None:
+        """Send a frame of the session (with its MAC)."""
+        with self._send_lock:
+            if self._closed:
+                raise ChannelError(f"dom0 channel closed: {self._closed}")
+            if self._skey is None:
+                raise ChannelError("dom0 channel: not authenticated")
+            mac = wire.tag(self._skey, self._seq, kind, stream, payload)
+            self._seq += 1
+            try:
+                self._sock.sendall(wire.frame(kind, stream, mac + payload))
             except OSError as exc:
                 raise ChannelError(f"dom0 channel: {exc}") from exc
 
@@ -167,11 +240,47 @@ class Channel:
         for proc in procs:
             proc._end(None, f"dom0 channel closed ({reason})")
 
-    def _dispatch(self, kind: bytes, stream: int, payload: bytes) -> None:
-        if kind == b"H":
-            if payload == self._nonce:
-                self._hello.set()
+    def _handshake(self, kind: bytes, payload: bytes) -> None:
+        """dom0's side of the hello exchange (on the reader thread)."""
+        nonce, _, rest = payload.partition(b" ")
+        if nonce != self._nonce:
+            return  # not ours (dom0's banner, an answer to another connection)
+        if self._hello.is_set():
+            if kind == b"D" and self._skey is not None:  # dom0 ended our session
+                self._end(f"dom0 ended the session: {rest.decode(errors='replace')}")
             return
+        if kind == b"C" and self._challenge is None:
+            self._challenge = rest
+            self._challenged.set()
+            return
+        if kind == b"H" and not rest:
+            self._refused = "its command server does not authenticate (an old Xen kit?)"
+        elif kind == b"H" and self._challenge is not None:
+            want = wire.proof(self._key, b"dom0", self._nonce, self._challenge)
+            if hmac.compare_digest(rest, want):
+                self._skey = wire.session_key(self._key, self._nonce, self._challenge)
+            else:
+                self._refused = "dom0 does not hold the channel's key"
+        elif kind == b"D":
+            self._refused = rest.decode(errors="replace")
+        else:
+            return
+        self._hello.set()
+        self._challenged.set()  # (a refusal may come instead of a challenge)
+
+    def _end(self, reason: str) -> None:
+        """Close the channel from the reader's side (its link then reconnects)."""
+        with self._lock:
+            self._closed = self._closed or reason
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)  # the reader ends, failing every process
+
+    def _dispatch(self, kind: bytes, stream: int, payload: bytes) -> None:
+        if kind in (b"C", b"H", b"D"):
+            self._handshake(kind, payload)
+            return
+        if kind == b"F" and payload.startswith(b"not authenticated"):
+            self._end("dom0 no longer knows this session")
         with self._lock:
             proc = self._procs.get(stream)
             if proc is not None and kind in (b"X", b"F"):

@@ -7,6 +7,12 @@ processes over it (frames: :mod:`sanvisor.xenhost.wire`). Processes are started 
 a vfork almost nothing), with pipes or a pseudo-terminal (``xl console`` wants one),
 each under its own deadline.
 
+Nothing runs before the host proved that it holds the channel's key (the hello
+exchange of :mod:`sanvisor.xenhost.wire`: a challenge, an HMAC over both nonces),
+and every later frame must carry the session's MAC: a frame that does not ends the
+session (its sender is not the host that authenticated). The key is read from
+``KEYFILE`` (default ``/etc/sanvisor/ctl.key``, root's, in dom0's initramfs).
+
 When the host side goes away (read returns end-of-file), every process it started
 is killed and the server waits for the next connection.
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hmac
 import os
 import select
 import signal
@@ -27,6 +34,8 @@ READ_SIZE = 65536
 #: Output still arriving this long after the process exited belongs to a grandchild
 #: that kept the pipe (a daemon); the exit is reported without waiting for it.
 LINGER_S = 0.3
+KEY_FILE = "/etc/sanvisor/ctl.key"
+MAX_CHALLENGES = 8  # hellos answered and not yet responded to (each used once)
 
 
 class Proc:
@@ -45,11 +54,22 @@ class Proc:
         self.stdin_eof = False
 
 
+def read_key(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return wire.parse_key(f.read())
+    except (OSError, ValueError) as exc:
+        print(f"dom0server: no key ({path}: {exc}): every hello is refused",
+              file=sys.stderr)
+        return None
+
+
 class Server:
-    def __init__(self, port: str) -> None:
+    def __init__(self, port: str, key_file: str = KEY_FILE) -> None:
         """``port``: the device to serve, or ``fd:N`` for an inherited socket (tests);
         the server returns when a socket's peer goes away."""
         self.port = port
+        self.key = read_key(key_file)
         self.is_socket = port.startswith("fd:")
         if self.is_socket:
             self.fd = int(port[3:])
@@ -58,6 +78,9 @@ class Server:
             self.fd = os.open(port, os.O_RDWR | os.O_NONBLOCK)
         self.running = True
         self.session: bytes | None = None  # the nonce of the host connection we serve
+        self.skey: bytes | None = None  # its session key (None: nobody authenticated)
+        self.seq = 0  # the sequence number of the next frame it sends
+        self.challenges: dict[bytes, bytes] = {}  # host nonce -> our nonce, pending
         self.parser = wire.Parser()
         self.procs: dict[int, Proc] = {}
         self.by_fd: dict[int, Proc] = {}
@@ -85,19 +108,70 @@ class Server:
     # -- requests --------------------------------------------------------------------
     def handle(self, kind: bytes, stream: int, payload: bytes) -> None:
         if kind == b"H":
-            if self.session is not None and payload != self.session:
-                # a new host connection: the old one's processes have nobody to report
-                # to (the host may reconnect before this end ever reads end-of-file)
-                self.disconnect(reset_parser=False)
-            self.session = payload
-            self.send(b"H", stream, payload)
-        elif kind == b"S":
+            self.hello(payload)
+            return
+        if kind == b"R":
+            self.respond(payload)
+            return
+        if self.skey is None or not self.authentic(kind, stream, payload):
+            if kind == b"S":
+                self.send(b"F", stream, b"not authenticated: nothing runs before the "
+                          b"hello exchange")
+            return
+        payload = payload[wire.TAG_BYTES:]
+        if kind == b"S":
             self.spawn(stream, payload)
         elif kind == b"I":
             self.feed_stdin(stream, payload)
         elif kind == b"K" and stream in self.procs:
             with contextlib.suppress(OSError, ValueError):
                 os.kill(self.procs[stream].pid, int(payload or b"9"))
+
+    # -- authentication -----------------------------------------------------------------
+    def hello(self, nonce: bytes) -> None:
+        """A host's hello: challenge it (the same challenge to a repeated hello)."""
+        if not wire.is_nonce(nonce) or nonce == self.session:
+            return  # garbage, or a late copy of the authenticated host's own hello
+        ours = self.challenges.pop(nonce, None) or wire.new_nonce()
+        self.challenges[nonce] = ours
+        while len(self.challenges) > MAX_CHALLENGES:
+            del self.challenges[next(iter(self.challenges))]
+        self.send(b"C", 0, nonce + b" " + ours)
+
+    def respond(self, payload: bytes) -> None:
+        nonce, _, mac = payload.partition(b" ")
+        ours = self.challenges.pop(nonce, None)
+        if self.key is None:
+            why = "dom0 has no key"
+        elif ours is None:
+            why = "no challenge pending for this hello (replayed?)"
+        elif not hmac.compare_digest(mac, wire.proof(self.key, b"host", nonce, ours)):
+            why = "wrong key"
+        else:
+            if self.session is not None and nonce != self.session:
+                # a new host connection: the old one's processes have nobody to report
+                # to (the host may reconnect before this end ever reads end-of-file)
+                self.disconnect(reset_parser=False)
+            self.session, self.seq = nonce, 0
+            self.skey = wire.session_key(self.key, nonce, ours)
+            self.send(b"H", 0, nonce + b" " + wire.proof(self.key, b"dom0", nonce, ours))
+            return
+        print(f"dom0server: hello refused: {why}", file=sys.stderr)
+        self.send(b"D", 0, nonce[:64] + b" " + why.encode())
+
+    def authentic(self, kind: bytes, stream: int, payload: bytes) -> bool:
+        """Whether the frame is the session's next one; if not, the session ends."""
+        assert self.skey is not None
+        mac, body = payload[:wire.TAG_BYTES], payload[wire.TAG_BYTES:]
+        if hmac.compare_digest(mac, wire.tag(self.skey, self.seq, kind, stream, body)):
+            self.seq += 1
+            return True
+        print("dom0server: a frame without the session's MAC: session ended",
+              file=sys.stderr)
+        nonce = self.session or b"-"
+        self.disconnect(reset_parser=False)  # its processes killed, then the host told
+        self.send(b"D", 0, nonce + b" session ended: a frame without its MAC")
+        return False
 
     def spawn(self, stream: int, payload: bytes) -> None:
         try:
@@ -249,13 +323,14 @@ class Server:
                 os.waitpid(proc.pid, 0)
                 proc.status = -9
             self.finish(proc)
+        self.session = self.skey = None
+        self.challenges.clear()
         if reset_parser:
             self.parser.reset()
-            self.session = None
 
     # -- main loop ---------------------------------------------------------------------
     def serve(self) -> None:
-        self.send(b"H", 0, b"sv-dom0 1")
+        self.send(b"H", 0, b"sv-dom0 2")
         while self.running:
             timeout = 100 if self.procs else None
             for fd, _ev in self.poll.poll(timeout):
@@ -290,10 +365,10 @@ class Server:
 
 
 def main() -> int:
-    if len(sys.argv) != 2:
-        print("usage: dom0server PORT", file=sys.stderr)
+    if len(sys.argv) not in (2, 3):
+        print("usage: dom0server PORT [KEYFILE]", file=sys.stderr)
         return 2
-    Server(sys.argv[1]).serve()
+    Server(*sys.argv[1:]).serve()
     return 0
 
 

@@ -11,7 +11,15 @@ from sanvisor.errors import TimeoutError_
 from sanvisor.waiting import wait_until
 from sanvisor.xenhost import scripts
 from sanvisor.xenhost.build import DOMU_KERNEL, DOMU_RAMDISK, XenKit
-from sanvisor.xenhost.channel import Channel, ChannelError, Proc, Sink, put_file
+from sanvisor.xenhost.channel import (
+    Channel,
+    ChannelError,
+    Proc,
+    Sink,
+    key_path,
+    put_file,
+    write_key,
+)
 from sanvisor.xenhost.packages import XenHostError
 
 QEMU = "qemu-system-x86_64"
@@ -114,6 +122,11 @@ class XenHost:
         self.workdir.mkdir(parents=True, exist_ok=True)
         sock = self.workdir / "ctl.sock"
         sock.unlink(missing_ok=True)
+        try:  # the channel's key, next to its socket (the host's agent reads it there)
+            write_key(key_path(sock), self.kit.key.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise XenHostError(f"{self.name}: the kit's channel key: {exc}",
+                               path=str(self.kit.key)) from None
         argv = qemu_argv(self.kit, self.workdir, self.name, self.memory_mib, self.dom0_mib)
         (self.workdir / "qemu.cmd").write_text(shlex.join(argv) + "\n")
         t0 = time.monotonic()
@@ -180,6 +193,7 @@ class XenHost:
             self.proc.wait()
             self.proc = None
         (self.workdir / "ctl.sock").unlink(missing_ok=True)
+        key_path(self.workdir / "ctl.sock").unlink(missing_ok=True)
 
     def __enter__(self) -> XenHost:
         return self

@@ -5,22 +5,40 @@ A frame is ``MAGIC | kind (1 byte) | stream (u32) | length (u32) | payload``. Th
 host multiplexes any number of processes ("streams") in dom0 over the one port:
 
 host -> dom0
-  ``H`` hello (payload: a nonce, echoed back), ``S`` spawn (payload: :func:`spawn_payload`),
-  ``I`` input for the stream's stdin (empty payload: end of input), ``K`` kill (payload:
-  signal number).
+  ``H`` hello (payload: the host's nonce), ``R`` response to dom0's challenge
+  (payload: nonce, space, :func:`proof` of the host); then, authenticated, ``S`` spawn
+  (payload: :func:`spawn_payload`), ``I`` input for the stream's stdin (empty: end of
+  input), ``K`` kill (payload: signal number), each payload led by its :func:`tag`.
 dom0 -> host
-  ``H`` hello reply, ``O``/``E`` stdout/stderr data, ``A`` this many bytes of input
-  were taken by the process (flow control), ``X`` exit (payload: return code, 128+N
-  for a signal), ``F`` spawn failed (payload: the reason).
+  ``C`` challenge (payload: the host's nonce, space, dom0's nonce), ``H`` welcome
+  (payload: the host's nonce, space, :func:`proof` of dom0) or ``D`` denied (the
+  host's nonce, space, why); ``O``/``E`` stdout/stderr data, ``A`` this many bytes of
+  input were taken by the process (flow control), ``X`` exit (payload: return code,
+  128+N for a signal), ``F`` spawn failed (payload: the reason).
+
+Authentication (docs/xen.md, "The command channel"): both ends know a secret key
+(the host: a 0600 file next to the control socket; dom0: a root-only file in its
+initramfs, written at kit build). The host proves it knows the key by an HMAC over
+both nonces (dom0's fresh for each hello, used once), so a stray hello or a replayed
+one is refused. Every later frame from the host carries a MAC, under a key derived
+for that session, over its sequence number and content: a peer that did not pass
+the exchange (another process on the socket once the host's connection ended,
+unseen by dom0) or a replay is not obeyed.
 """
 
 from __future__ import annotations
 
+import hmac
+import os
 import struct
 
 MAGIC = b"SVX1"
 HEADER = struct.Struct(">4scII")
 MAX_PAYLOAD = 1 << 20
+NONCE_BYTES = 16  # sent as hex
+TAG_BYTES = 16
+KEY_MIN_BYTES = 16
+_TAGGED = struct.Struct(">QcI")  # sequence number, kind, stream
 
 
 def frame(kind: bytes, stream: int, payload: bytes = b"") -> bytes:
@@ -72,3 +90,38 @@ def parse_spawn(payload: bytes) -> tuple[list[str], float, bool]:
     head, *argv = payload.decode(errors="surrogateescape").split("\0")
     timeout, pty = head.split(" ")
     return argv, float(timeout), pty == "1"
+
+
+# ---- authentication ------------------------------------------------------------------
+def new_nonce() -> bytes:
+    return os.urandom(NONCE_BYTES).hex().encode()
+
+
+def is_nonce(value: bytes) -> bool:
+    return len(value) == 2 * NONCE_BYTES and all(c in b"0123456789abcdef" for c in value)
+
+
+def proof(key: bytes, role: bytes, host_nonce: bytes, dom0_nonce: bytes) -> bytes:
+    """What ``role`` (b"host" or b"dom0") answers to prove it holds ``key`` (hex)."""
+    msg = b"sv-dom0 proof\0" + role + b"\0" + host_nonce + b"\0" + dom0_nonce
+    return hmac.new(key, msg, "sha256").hexdigest().encode()
+
+
+def session_key(key: bytes, host_nonce: bytes, dom0_nonce: bytes) -> bytes:
+    return hmac.digest(key, b"sv-dom0 session\0" + host_nonce + b"\0" + dom0_nonce,
+                       "sha256")
+
+
+def tag(skey: bytes, seq: int, kind: bytes, stream: int, payload: bytes) -> bytes:
+    """The MAC of the ``seq``-th frame the host sends in a session."""
+    mac = hmac.new(skey, _TAGGED.pack(seq, kind, stream), "sha256")
+    mac.update(payload)
+    return mac.digest()[:TAG_BYTES]
+
+
+def parse_key(text: bytes) -> bytes:
+    """A key file's content (hex) as the key; ValueError if it is not one."""
+    key = bytes.fromhex(text.decode("ascii").strip())
+    if len(key) < KEY_MIN_BYTES:
+        raise ValueError(f"a key of {len(key)} bytes is too short")
+    return key
