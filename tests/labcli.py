@@ -15,6 +15,9 @@ class LabCli:
         self.root, self.name = root, name
         self.env = dict(os.environ, SANVISOR_LAB_HOME=str(root))
 
+    def argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "sanvisor", *args]
+
     def sv(self, *args: str, check: bool = True, timeout: float = 300
            ) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run([sys.executable, "-m", "sanvisor", *args], capture_output=True,

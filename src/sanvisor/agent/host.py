@@ -159,6 +159,42 @@ class HostResources:
                 return
         raise ResourceError("the NAT network 10.213.0.0/24 has no free address")
 
+    def identities(self, disks: dict[str, str]) -> dict[str, str | None]:
+        """path -> what names that disk here (drivers/xen/diskid.py): a multipath map's
+        WWID, a device's WWID or dm uuid, a read-only file's bytes; None if absent.
+        ``disks``: path -> mode. On a Xen host, as dom0 sees them. Blocking."""
+        from sanvisor.drivers.xen.diskid import identities
+        from sanvisor.drivers.xen.local import LocalDom0
+
+        seen = self.driver.disk_identities(disks)
+        if seen is not None:
+            return seen
+        out: dict[str, str | None] = {}
+        rest: dict[str, str] = {}
+        for path, mode in disks.items():
+            if path.startswith("/dev/mapper/") and self.mapper is not None:
+                name = path.removeprefix("/dev/mapper/")
+                wwid = next((w for w, mp in self.mapper.maps.items() if mp.name == name),
+                            None)
+                out[path] = f"wwid:{wwid}" if wwid else None
+            elif path.startswith("nbd://"):
+                out[path] = f"nbd:{path}"  # a network export: the same server and name
+            else:
+                rest[path] = mode
+        out.update(identities(LocalDom0().run, rest))
+        return out
+
+    def check_bridges(self, nics: list[NicPlan]) -> None:
+        """Every bridged NIC's bridge exists here (a migration target creates none)."""
+        if self.remote:
+            return
+        for nic in nics:
+            bridge = nic.vif.bridge or DEFAULT_BRIDGE
+            if nic.vif.type == "bridge" and is_root() and \
+                    not Path("/sys/class/net", bridge, "bridge").exists():
+                raise ConfigError(f"vif {nic.index}: bridge {bridge} does not exist on this "
+                                  "host")
+
     # ---- plumbing (undo: unplumb) -----------------------------------------------------
     def plumb(self, domid: int, nics: list[NicPlan]) -> None:
         """Create the taps (root) or fall back to user networking; on a failure the

@@ -21,7 +21,7 @@ from sanvisor.drivers.base import NicPlan
 from sanvisor.errors import ConfigError, RecordError
 from sanvisor.model.domain import XEN_OUI, DomainSpec, State, VifSpec
 
-_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -89,6 +89,7 @@ class SaveVerbs(VerbBase):
                     raise HypervisorError(f"{path}: the domain's boot file {f} is gone")
             self.host.check_disks(rec.spec)
             rec.domid = self.table.registry.next_domid()
+            rec.pid = 0  # the saved process is long gone; its pid may be another's now
             rec.state, rec.reason = (State.PAUSED if paused else State.RUNNING), "restored"
             rec.created = time.time()
             for nic in rec.nics:

@@ -130,12 +130,22 @@ class ConfBody(BaseModel):
 class MigrateBody(BaseModel):
     target: str = Field(description="the target host agent's unix socket")
     live: bool = False
+    policy: dict[str, Any] | None = Field(None, description="convergence policy "
+                                          "(model/migration.py); default when absent")
 
 
 class IncomingBody(BaseModel):
     record: dict[str, Any]
-    disks: dict[str, str] = Field(default_factory=dict, description="path -> identity")
+    disks: dict[str, str | None] = Field(default_factory=dict,
+                                         description="path -> identity on the source")
     live: bool = False
+    policy: dict[str, Any] | None = None
+    driver: str | None = None
+    accelerator: str | None = None
+
+
+class FinishBody(BaseModel):
+    resume: bool = Field(True, description="run the domain here once it arrived")
 
 
 class DeviceBody(BaseModel):
@@ -220,11 +230,21 @@ def build_app(svc: HostService, storage: StorageService | None = None) -> FastAP
 
     @app.post("/v1/domains/{ref:path}/migrate")
     async def migrate(ref: str, body: MigrateBody) -> dict[str, Any]:
-        return await migrations.migrate(ref, body.target, body.live)
+        from sanvisor.model.migration import ConvergencePolicy
+
+        try:
+            policy = ConvergencePolicy.from_dict(body.policy)
+        except ValueError as exc:
+            raise UsageError(f"migrate: {exc}") from exc
+        return await migrations.migrate(ref, body.target, body.live, policy)
+
+    @app.get("/v1/domains/{ref:path}/migration")
+    async def migration_status(ref: str) -> dict[str, Any]:
+        return migrations.status(ref)
 
     @app.post("/v1/migrate/incoming")
     async def migrate_incoming(body: IncomingBody) -> dict[str, str]:
-        return await migrations.incoming(body.record, body.disks, body.live)
+        return await migrations.incoming(body.model_dump())
 
     @app.post("/v1/migrate/{uuid}/abort")
     async def migrate_abort(uuid: str) -> dict[str, str]:
@@ -232,8 +252,8 @@ def build_app(svc: HostService, storage: StorageService | None = None) -> FastAP
         return {"ok": uuid}
 
     @app.post("/v1/migrate/{uuid}/finish")
-    async def migrate_finish(uuid: str) -> dict[str, Any]:
-        return await migrations.finish(uuid)
+    async def migrate_finish(uuid: str, body: FinishBody) -> dict[str, Any]:
+        return await migrations.finish(uuid, body.resume)
 
     @app.post("/v1/restore")
     async def restore(body: PathBody) -> dict[str, Any]:

@@ -37,7 +37,7 @@ domain verbs (xm-compatible):
   network-attach DOM [KEY=VALUE ...]      hot-add a NIC (mac=, bridge=, ip=, model=)
   network-detach DOM DEVID|MAC            hot-remove a NIC
   network-list DOM                        the NICs of a domain
-  migrate [-l] DOM HOST                   move a running domain to HOST (Xen hosts)
+  migrate [-l] DOM HOST                   move a domain to HOST of the pool (-l: live)
   domid NAME / domname ID / uptime [DOM ...] / info
 DOM is a domain name, id or uuid (Domain-0 is the host). Every verb takes --json.
 """
@@ -131,10 +131,19 @@ def _domain_verbs(verb: Any) -> None:
                     help="seconds to wait with -w (default 60)")
     sv = verb("save", "save a domain's state to FILE and stop it", "dom")
     sv.add_argument("file", help="the save file to write (must not be a directory)")
-    mg = verb("migrate", "move a running domain to another host (Xen hosts)", "dom")
+    mg = verb("migrate", "move a domain to another host of the pool", "dom")
     mg.add_argument("-l", "--live", action="store_true",
-                    help="live (xl migrate); without: stop, copy, restart (xl save/restore)")
-    mg.add_argument("host", help="the target host: a lab host name or an agent home")
+                    help="live: the guest runs while its memory is copied (QEMU pre-copy, "
+                    "then post-copy; xl migrate); without: paused, moved, resumed")
+    mg.add_argument("host", help="the target: a host of the pool, or an agent's home")
+    mg.add_argument("--bandwidth", type=int, metavar="MIB", default=None,
+                    help="cap the stream at MIB MiB/s (default: uncapped)")
+    mg.add_argument("--max-downtime", type=int, metavar="MS", default=None,
+                    help="the first allowed pause in ms (then raised step by step)")
+    mg.add_argument("--no-postcopy", action="store_true",
+                    help="never switch to post-copy (give up instead, at --timeout)")
+    mg.add_argument("--timeout", type=float, metavar="SEC", default=None,
+                    help="give up after SEC seconds: the guest runs on here (default 120)")
     rs = verb("restore", "restore a domain from a save file")
     rs.add_argument("-p", "--paused", action="store_true", help="leave it paused")
     rs.add_argument("file", help="a save file written by 'save'")

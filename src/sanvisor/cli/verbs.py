@@ -10,7 +10,7 @@ from typing import Any
 
 from sanvisor.api.client import AgentClient
 from sanvisor.cli import render
-from sanvisor.errors import ConfigError, NotFoundError, UsageError
+from sanvisor.errors import ConfigError, UsageError
 from sanvisor.paths import Layout
 
 
@@ -124,19 +124,9 @@ def do_save(args: argparse.Namespace, layout: Layout) -> int:
 
 
 def do_migrate(args: argparse.Namespace, layout: Layout) -> int:
-    """HOST: a host of the pool (pool.json), or an agent's home directory."""
-    target = Path(args.host)
-    if not target.is_absolute():
-        from sanvisor.pool.config import PoolConfig
+    from sanvisor.cli import migrate
 
-        target = Path(PoolConfig.load().host(args.host).home)
-    sock = Layout(target).socket
-    if not sock.exists():
-        raise NotFoundError(f"migrate: no agent for host {args.host!r} (no {sock})",
-                            host=args.host)
-    info = _client(layout).verb(args.dom, "migrate", {"target": str(sock), "live": args.live})
-    _out(args, info, f"{args.dom} is now on {args.host} (id {info['domid']})")
-    return 0
+    return migrate.run(args, layout)
 
 
 def do_restore(args: argparse.Namespace, layout: Layout) -> int:

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sanvisor.errors import HypervisorError
 from sanvisor.model.domain import DiskSpec, DomainSpec, VifSpec
 from sanvisor.model.lifecycle import DomainEvent
+from sanvisor.model.migration import ConvergencePolicy, MigrationReport
 
 #: How a driver tells the agent what happened to a domain (model/lifecycle.py's events).
 EventSink = Callable[[DomainEvent], Coroutine[Any, Any, None]]
@@ -48,6 +50,34 @@ class LaunchPlan:
     accel: str = ""  # filled in by the driver: "tcg" or "kvm"
     guest_channel: bool = False  # the guest answers on the control channel (guest kit)
     disk_sources: dict[str, str] = field(default_factory=dict)  # target -> NBD socket
+
+
+@dataclass(frozen=True)
+class MigrationCaps:
+    """What a driver can do to move a domain to another host (Ganeti's hv_base has
+    paired hooks; these are ours)."""
+
+    live: bool = False  # pre-copy while the guest runs
+    offline: bool = False  # paused, moved, resumed (xm's migrate without -l)
+    postcopy: bool = False
+
+
+class IncomingMigration(abc.ABC):
+    """The target side of a migration, prepared and listening at ``address``."""
+
+    address: str  # what the source's migrate_to is given
+    pid: int = 0  # the process receiving it, when there is one already (QEMU)
+
+    @abc.abstractmethod
+    async def finish(self, timeout: float) -> Instance:
+        """Wait until the domain has arrived; the instance that now runs it here."""
+
+    @abc.abstractmethod
+    async def abort(self) -> None:
+        """Give up: nothing of the incoming domain is left on this host."""
+
+
+Progress = Callable[[dict[str, Any]], None]
 
 
 @dataclass
@@ -124,6 +154,12 @@ class Instance(abc.ABC):
     async def close(self) -> None:
         """Let go of the instance without stopping it (agent shutdown)."""
 
+    async def migrate_to(self, address: str, *, live: bool, policy: ConvergencePolicy,
+                         progress: Progress, timeout: float) -> MigrationReport:
+        """Source side: send the domain to an IncomingMigration's ``address``. On success
+        this copy is stopped for good (the target runs it); on failure it runs on."""
+        raise HypervisorError("this driver cannot migrate a domain")
+
     async def wait_alive(self, timeout: float) -> str | None:
         """Wait until the freshly started guest shows a sign of life (it printed on its
         console, or its kernel is running); None when it did, else where it is stuck.
@@ -136,6 +172,18 @@ class Driver(abc.ABC):
     memory_block_mib: int = 128  # granularity of memory hot-plug
     console_device: str = "ttyS0"  # the guest's console when its config names none
     life_timeout: float = 30.0  # seconds a new guest has to show a sign of life
+
+    migration: MigrationCaps = MigrationCaps()
+
+    async def incoming(self, plan: LaunchPlan, events: EventSink, *, live: bool,
+                       policy: ConvergencePolicy) -> IncomingMigration:
+        """Target side: get ready to receive the domain ``plan`` describes."""
+        raise HypervisorError(f"the {self.name} driver cannot receive a migration")
+
+    def disk_identities(self, disks: dict[str, str]) -> dict[str, str | None] | None:
+        """path -> identity where the hypervisor sees the disks (Xen: in dom0); None
+        when they are this host's paths (the agent knows them). Blocking."""
+        return None
 
     def accelerator(self) -> dict[str, object]:
         """What runs the guests' CPUs here, and why (``sanvisor info``)."""

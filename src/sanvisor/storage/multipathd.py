@@ -120,9 +120,19 @@ class Multipathd:
                     wanted.setdefault(sp.wwid, []).append(sp)
             for hctl in [h for h, p in self.paths.items()
                          if p.scsi.wwid not in wanted or p.scsi not in wanted[p.scsi.wwid]]:
-                self.paths.pop(hctl).fail("removed by a rescan")
+                gone = self.paths.pop(hctl)
+                if isinstance(gone, Path):  # the engine's: removed by the sync
+                    gone.fail("removed by a rescan")
             for wwid in [w for w in self.maps if w not in wanted]:
                 await self._drop_map(self.maps.pop(wwid))
+            # renamed maps go first: when a new multipath.conf swaps two names, dropping
+            # one map later would take the socket the other has just been given
+            for wwid, sps in wanted.items():
+                old = self.maps.get(wwid)
+                settings = self.conf.settings_for(wwid, sps[0].vendor, sps[0].model)
+                if old is not None and old.name != self.name_for(
+                        wwid, settings.user_friendly_names):
+                    await self._drop_map(self.maps.pop(wwid))
             for dm, (wwid, sps) in enumerate(sorted(wanted.items())):
                 first = sps[0]
                 settings = self.conf.settings_for(wwid, first.vendor, first.model)

@@ -189,7 +189,8 @@ def build_argv(plan: LaunchPlan, *, qemu: str, accel: str) -> list[str]:
         argv += ["-object", f"memory-backend-ram,id=mem{i},size={int(mib)}M",
                  "-device", f"pc-dimm,id=dimm{i},memdev=mem{i}"]
     if plan.incoming:
-        argv += ["-incoming", "defer"]
-    if plan.paused or plan.incoming:
+        argv += ["-incoming", "defer"]  # the stream's runstate decides: a running guest
+        #                                 starts here on arrival, a paused one stays
+    if plan.paused:
         argv.append("-S")
     return argv

@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
-from sanvisor.drivers.base import Driver, EventSink, Instance, LaunchPlan
+from sanvisor.drivers.base import (
+    Driver,
+    EventSink,
+    IncomingMigration,
+    Instance,
+    LaunchPlan,
+    MigrationCaps,
+)
 from sanvisor.drivers.qemu.argv import build_argv
 from sanvisor.drivers.qemu.instance import QemuInstance
 from sanvisor.drivers.qemu.probe import AccelChoice, AccelProbe, Kit
 from sanvisor.errors import HypervisorError
+from sanvisor.model.migration import ConvergencePolicy
 from sanvisor.waiting import wait_until_async
 
+log = logging.getLogger(__name__)
 QEMU_BINARY = "qemu-system-x86_64"
 START_TIMEOUT = 60.0
 
@@ -123,10 +133,30 @@ class QemuDriver(Driver):
             self._children.pop(proc.pid, None)
             raise
 
+    migration = MigrationCaps(live=True, offline=True, postcopy=True)
+
+    async def incoming(self, plan: LaunchPlan, events: EventSink, *, live: bool,
+                       policy: ConvergencePolicy) -> IncomingMigration:
+        """QEMU with the domain's devices, waiting for the stream on a unix socket."""
+        from sanvisor.drivers.qemu.migrate import QemuIncoming
+
+        plan.incoming, plan.paused = True, False
+        inst = await self.launch(plan, events)
+        assert isinstance(inst, QemuInstance)
+        try:
+            return await QemuIncoming.listen(inst, live and policy.postcopy_after_s
+                                             is not None)
+        except BaseException:
+            await inst.destroy()
+            await inst.close()
+            raise
+
     def _reap(self, pid: int) -> None:
         proc = self._children.pop(pid, None)
         if proc is not None:
-            proc.wait()
+            rc = proc.wait()
+            if rc != 0:  # a signal is negative: -9 killed, -11 crashed, -6 aborted
+                log.warning("QEMU pid %d exited with status %d", pid, rc)
 
     async def reattach(self, plan: LaunchPlan, pid: int, events: EventSink) -> Instance | None:
         if not _pid_alive(pid) or not _is_qemu(pid, plan.rundir):

@@ -14,12 +14,21 @@ from typing import Any
 
 from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError
 
-from sanvisor.drivers.base import EventSink, Instance, LaunchPlan, NicPlan, RunStatus, Stats
+from sanvisor.drivers.base import (
+    EventSink,
+    Instance,
+    LaunchPlan,
+    NicPlan,
+    Progress,
+    RunStatus,
+    Stats,
+)
 from sanvisor.drivers.qemu import argv as qargv
 from sanvisor.drivers.qemu import procstat
 from sanvisor.errors import DeviceError, HypervisorError, TimeoutError_
 from sanvisor.model.domain import DiskSpec
 from sanvisor.model.lifecycle import DomainEvent, EventKind
+from sanvisor.model.migration import ConvergencePolicy, MigrationReport
 from sanvisor.waiting import wait_until_async
 
 log = logging.getLogger(__name__)
@@ -208,6 +217,17 @@ class QemuInstance(Instance):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, 9)
             await self.wait_exit(5)
+
+    def qmp_events(self, listener: EventListener) -> Any:
+        """A context in which ``listener`` receives QMP's events."""
+        return self._qmp.listen(listener)
+
+    async def migrate_to(self, address: str, *, live: bool, policy: ConvergencePolicy,
+                         progress: Progress, timeout: float) -> MigrationReport:
+        from sanvisor.drivers.qemu import migrate
+
+        return await migrate.send(self, address, live=live, policy=policy,
+                                  progress=progress, timeout=timeout)
 
     async def _migration(self, cmd: str, args: dict[str, Any], timeout: float) -> str:
         """Run a migration command; wait for its end by MIGRATION events (and polls)."""

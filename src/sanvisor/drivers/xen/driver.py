@@ -20,9 +20,12 @@ from typing import Any
 from sanvisor.drivers.base import (
     Driver,
     EventSink,
+    IncomingMigration,
     Instance,
     LaunchPlan,
+    MigrationCaps,
     NicPlan,
+    Progress,
     RunStatus,
     Stats,
 )
@@ -32,6 +35,7 @@ from sanvisor.drivers.xen.xl import DomInfo, Runner, Xl
 from sanvisor.errors import HypervisorError, SanvisorError
 from sanvisor.model.domain import DiskSpec
 from sanvisor.model.lifecycle import DomainEvent, EventKind
+from sanvisor.model.migration import ConvergencePolicy, MigrationReport
 
 log = logging.getLogger(__name__)
 CFG_DIR = "/etc/xen/sanvisor"
@@ -183,6 +187,22 @@ class XenInstance(Instance):
         if rc != 0:
             raise HypervisorError(f"dom0: {argv[0]} failed: {err.strip()}", argv=argv)
 
+    async def migrate_to(self, address: str, *, live: bool, policy: ConvergencePolicy,
+                         progress: Progress, timeout: float) -> MigrationReport:
+        """`xl migrate` (live) or `xl save -p` (not live: this copy stays paused until
+        the agent tears it down) into the target's socket."""
+        from sanvisor.drivers.xen.migrate import send
+
+        assert self.drv.spawn is not None
+        report = MigrationReport(live=live, status="active", policy=policy.to_dict())
+        progress(report.to_dict())
+        t0 = time.monotonic()
+        await asyncio.to_thread(functools.partial(send, self.drv.run, self.drv.spawn,
+                                                  self.name, address, timeout, live=live))
+        report.status, report.total_ms = "completed", (time.monotonic() - t0) * 1000
+        progress(report.to_dict())
+        return report
+
     async def set_balloon(self, mib: int) -> None:
         await self._x("mem-set", self.name, f"{mib}m")
 
@@ -249,6 +269,22 @@ class XenDriver(Driver):
 
     def accelerator(self) -> dict[str, object]:
         return {"accel": "xen", "reason": "domains run under the Xen hypervisor (xl in dom0)"}
+
+    # live: xl migrate (refused by this Xen for PV guests: no log-dirty, see migrate.py)
+    migration = MigrationCaps(live=True, offline=True)
+
+    async def incoming(self, plan: LaunchPlan, events: EventSink, *, live: bool,
+                       policy: ConvergencePolicy) -> IncomingMigration:
+        from sanvisor.drivers.xen.incoming import XenIncoming
+
+        if self.spawn is None:
+            raise HypervisorError("this dom0 link cannot stream a migration")
+        return await XenIncoming.listen(self, plan, events, live)
+
+    def disk_identities(self, disks: dict[str, str]) -> dict[str, str | None] | None:
+        from sanvisor.drivers.xen.diskid import identities
+
+        return identities(self.run, disks)
 
     def host_facts(self) -> dict[str, object]:
         """dom0's own facts from `xl info` (blocking: one xl run)."""

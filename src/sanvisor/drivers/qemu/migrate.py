@@ -1,0 +1,147 @@
+"""Live migration between two QEMU processes (QMP `migrate` / `migrate-incoming`).
+
+Target: QEMU started with ``-incoming defer`` and the same devices, then
+`migrate-incoming` on a unix socket in its run directory (the lab's hosts share
+the machine; between machines this is where TCP with TLS goes). A live migration
+of a running guest starts it on the target by itself (QEMU's autostart): after
+pre-copy completes, or as soon as post-copy starts; a paused guest arrives paused.
+
+Source: `migrate` with the convergence policy (model/migration.py) applied while
+it runs: the allowed downtime raised step by step, post-copy after a while, given
+up after a bound (`migrate_cancel`: the guest runs on where it was). Progress
+(remaining RAM, rate, pass) is reported as QEMU counts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from qemu.qmp import EventListener
+
+from sanvisor.drivers.base import IncomingMigration, Instance, Progress
+from sanvisor.errors import HypervisorError, TimeoutError_
+from sanvisor.model.migration import ConvergencePolicy, MigrationReport
+from sanvisor.waiting import wait_until_async
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from sanvisor.drivers.qemu.instance import QemuInstance
+
+log = logging.getLogger(__name__)
+FINAL = ("completed", "failed", "cancelled")
+
+
+async def _capabilities(inst: QemuInstance, postcopy: bool) -> None:
+    """Both sides must agree; set every time (a QEMU that arrived by a post-copy-ready
+    migration keeps the capability, and its next, pre-copy-only, migration would fail
+    the handshake: 'Unable to write to socket')."""
+    caps = [{"capability": "events", "state": True},
+            {"capability": "postcopy-ram", "state": postcopy}]
+    await inst.qmp("migrate-set-capabilities", {"capabilities": caps})
+
+
+def _fill(report: MigrationReport, info: dict[str, Any]) -> None:
+    ram = info.get("ram") or {}
+    report.status = str(info.get("status", report.status))
+    report.total_ms = float(info.get("total-time", report.total_ms) or 0)
+    report.downtime_ms = float(info.get("downtime", report.downtime_ms) or 0)
+    report.setup_ms = float(info.get("setup-time", report.setup_ms) or 0)
+    report.transferred_bytes = int(ram.get("transferred", report.transferred_bytes))
+    report.remaining_bytes = int(ram.get("remaining", report.remaining_bytes))
+    report.total_bytes = int(ram.get("total", report.total_bytes))
+    report.passes = int(ram.get("dirty-sync-count", report.passes))
+    report.mbps = float(ram.get("mbps", report.mbps))
+
+
+async def send(inst: QemuInstance, address: str, *, live: bool, policy: ConvergencePolicy,
+               progress: Progress, timeout: float) -> MigrationReport:
+    report = MigrationReport(live=live, policy=policy.to_dict())
+    postcopy = live and policy.postcopy_after_s is not None
+    await _capabilities(inst, postcopy)
+    bandwidth = policy.bandwidth_mib_s << 20 if policy.bandwidth_mib_s else 1 << 40
+    await inst.qmp("migrate-set-parameters", {
+        "max-bandwidth": bandwidth, "downtime-limit": policy.downtime_at(0),
+        "announce-initial": 1, "announce-rounds": 3})
+    if not live:
+        await inst.qmp("stop")  # xm's migrate without -l: paused, moved, resumed
+    t0 = time.monotonic()
+    limit = min(timeout, policy.abort_after_s)
+    listener = EventListener("MIGRATION")
+    with inst.qmp_events(listener):
+        await inst.qmp("migrate", {"uri": address})
+        downtime = policy.downtime_at(0)
+        while True:
+            info = dict(await inst.qmp("query-migrate"))
+            _fill(report, info)
+            progress(report.to_dict())
+            if report.status in FINAL and (report.status != "completed"
+                                           or report.total_ms > 0):
+                break
+            elapsed = time.monotonic() - t0
+            if elapsed > limit:
+                with contextlib.suppress(HypervisorError):
+                    await inst.qmp("migrate_cancel")
+                raise TimeoutError_(f"the migration did not converge within {limit:g} s "
+                                    f"({report.remaining_bytes >> 20} MiB left after "
+                                    f"{report.passes} passes); it was cancelled, the guest "
+                                    "runs on here", timeout=limit)
+            if live and report.status == "active":
+                want = policy.downtime_at(elapsed)
+                if want != downtime:
+                    downtime = want
+                    await inst.qmp("migrate-set-parameters", {"downtime-limit": want})
+                if postcopy and not report.postcopy and elapsed >= (policy.postcopy_after_s
+                                                                    or 0):
+                    await inst.qmp("migrate-start-postcopy")
+                    report.postcopy = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(listener.get(), 0.1)
+    if not live:  # stopped before the stream started: paused all along
+        report.downtime_ms = report.total_ms
+    if report.status != "completed":
+        if not live:
+            with contextlib.suppress(HypervisorError):
+                await inst.qmp("cont")
+        detail = inst.log_tail() or "see the target's log"
+        raise HypervisorError(f"the migration {report.status}: {detail}",
+                              status=report.status)
+    return report
+
+
+class QemuIncoming(IncomingMigration):
+    def __init__(self, inst: QemuInstance, address: str) -> None:
+        self.inst = inst
+        self.address = address
+        self.pid = inst.pid
+
+    @classmethod
+    async def listen(cls, inst: QemuInstance, postcopy: bool) -> QemuIncoming:
+        sock = inst.plan.rundir / "migrate-in.sock"
+        sock.unlink(missing_ok=True)
+        await _capabilities(inst, postcopy)
+        address = f"unix:{sock}"
+        await inst.qmp("migrate-incoming", {"uri": address})
+        return cls(inst, address)
+
+    async def finish(self, timeout: float) -> Instance:
+        async def arrived() -> bool:
+            if self.inst.exited:
+                raise HypervisorError(f"the target QEMU exited: {self.inst.log_tail()}")
+            status = str(dict(await self.inst.qmp("query-migrate")).get("status", ""))
+            if status in ("failed", "cancelled"):
+                raise HypervisorError(f"the incoming migration {status}: "
+                                      f"{self.inst.log_tail() or 'no message'}")
+            return status == "completed"
+
+        await wait_until_async("the incoming migration", arrived, timeout)
+        return self.inst
+
+    async def abort(self) -> None:
+        log.warning("incoming migration of %s aborted; its QEMU said: %s",
+                    self.inst.plan.spec.name, self.inst.log_tail() or "nothing")
+        await self.inst.destroy()
+        await self.inst.close()

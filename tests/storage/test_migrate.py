@@ -1,0 +1,178 @@
+"""`migrate [-l]` between two QEMU hosts of the SAN lab: a guest on a multipath LUN,
+on the lab's LAN, moves with its memory, its writes and its network; the seed's
+trap (the same name for another LUN on the target) is refused; a failure in the
+middle leaves exactly one running copy, where it was."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sanvisor.lab.guestshell import GuestShell
+from tests.guest.helpers import qemu_pids, wait_until
+from tests.labcli import LabCli
+
+pytestmark = [pytest.mark.lab, pytest.mark.guest,
+              pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]
+WWPNS = ["10:00:00:00:c9:00:01:00", "10:00:00:00:c9:00:01:01",
+         "10:00:00:00:c9:00:02:00", "10:00:00:00:c9:00:02:01"]
+GUEST_IP = "10.213.100.50"
+MAC = "00:16:3e:00:aa:01"
+N = 200  # sequence-numbered records the guest writes across the migrations
+
+
+class Pool(LabCli):
+    def rows(self) -> list[dict[str, Any]]:
+        return [r for r in self.js("list", "--pool") if r["name"] == "m1"]
+
+    def shell(self, host: str) -> GuestShell:
+        row = next(r for r in self.js("-H", host, "list") if r["name"] == "m1")
+        return GuestShell(row["console_socket"])
+
+    def lan(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["ip", "netns", "exec", f"{self.name}-lan", *cmd],
+                              capture_output=True, text=True, check=check, timeout=120)
+
+    def wwid(self, lun: str) -> str:
+        return str(next(x["wwid"] for x in self.js("array", "lun", "list")
+                        if x["name"] == lun))
+
+
+@pytest.fixture(scope="module")
+def pool(kit: object) -> Iterator[Pool]:
+    root = Path(tempfile.mkdtemp(prefix="svmig", dir="/tmp"))
+    shutil.rmtree(root)
+    p = Pool(root, f"m{os.getpid() % 100000}")
+    try:
+        p.sv("lab", "up", "--hosts", "2", "--name", p.name)
+        for lun in ("sys", "other"):
+            p.sv("array", "lun", "create", lun, "--size", "32M")
+            for w in WWPNS:
+                p.sv("array", "zone", "add", lun, w)
+        for host in ("host1", "host2"):
+            p.sv("-H", host, "scsi", "rescan")
+        conf = root / "pool.conf"
+        conf.write_text("defaults {\n  user_friendly_names yes\n}\nmultipaths {\n"
+                        f"  multipath {{\n    wwid {p.wwid('sys')}\n    alias sys\n  }}\n"
+                        f"  multipath {{\n    wwid {p.wwid('other')}\n    alias other\n  }}\n"
+                        "}\n")
+        p.sv("multipath", "push", str(conf))
+        cfg = root / "m1.cfg"
+        cfg.write_text(f'name = "m1"\nmemory = 128\nvif = [ "mac={MAC}, bridge=xenbr0, '
+                       f'ip={GUEST_IP}/24" ]\ndisk = [ "phy:/dev/mapper/sys,sda,w" ]\n')
+        p.sv("-H", "host1", "create", str(cfg))
+        row = next(r for r in p.js("-H", "host1", "list") if r["name"] == "m1")
+        log = Path(row["console_log"])
+        wait_until("m1's marker", lambda: b"SANVISOR-READY" in log.read_bytes(), 60)
+        yield p
+    finally:
+        p.sv("lab", "down", check=False)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_live_migration_keeps_memory_writes_and_network(pool: Pool) -> None:
+    guest = pool.shell("host1")
+    guest.run("echo moved-not-rebooted > /run/mark")
+    c1 = guest.counter()
+    guest.run(f"(i=0; e=0; while [ $i -lt {N} ]; do printf 'SVREC %08d\\n' $i | "
+              "dd of=/dev/sda bs=512 seek=$i conv=sync,fsync 2>/dev/null || e=$((e+1)); "
+              "i=$((i+1)); echo $i > /run/w.n; done; echo \"DONE $e\" > /run/w.out) "
+              "</dev/null >/dev/null 2>&1 & true")
+    wait_until("40 records", lambda: int(guest.run("cat /run/w.n 2>/dev/null || echo 0"))
+               >= 40, 120, 0.2)
+    pinger = subprocess.Popen(["ip", "netns", "exec", f"{pool.name}-lan", "ping", "-n",
+                               "-i", "0.01", "-w", "8", GUEST_IP],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        report = pool.js("-H", "host1", "migrate", "-l", "m1", "host2")
+    finally:
+        pinger.send_signal(signal.SIGINT)
+        out, _ = pinger.communicate(timeout=30)
+    m = report["migration"]
+    assert (m["live"], m["status"]) == (True, "completed"), m
+    assert m["transferred_bytes"] > 0 and m["total_ms"] > 0
+    assert [(r["host"], r["state"] in ("running", "blocked")) for r in pool.rows()] == \
+        [("host2", True)]  # exactly one copy, running, on the target
+    moved = pool.shell("host2")
+    assert moved.run("cat /run/mark") == "moved-not-rebooted"  # its memory came along
+    assert moved.counter() > c1
+    assert moved.run("cat /sys/class/net/eth0/address") == MAC
+    assert wait_until("the writer", lambda: moved.run("cat /run/w.out 2>/dev/null || true"),
+                      180, 0.5) == "DONE 0"  # no write failed in the guest
+    assert "received" in out and " 0 received" not in out  # the LAN reached it throughout
+    pool.lan("ping", "-c", "3", "-W", "5", GUEST_IP)  # and finds it on host2 now
+    backing = next(x["backing"] for x in pool.js("array", "lun", "list")
+                   if x["name"] == "sys")
+    data = Path(backing).read_bytes()
+    lost = [i for i in range(N) if data[i * 512:i * 512 + 15] != f"SVREC {i:08d}\n".encode()]
+    assert lost == [], f"records lost: {lost[:10]}"
+
+
+def test_migrate_without_l_pauses_moves_and_resumes(pool: Pool) -> None:
+    moved = pool.shell("host2")
+    c1 = moved.counter()
+    report = pool.js("-H", "host2", "migrate", "m1", "host1")
+    assert (report["migration"]["live"], report["state"]) == (False, "running")
+    assert [r["host"] for r in pool.rows()] == ["host1"]
+    back = pool.shell("host1")
+    assert back.run("cat /run/mark") == "moved-not-rebooted"
+    wait_until("the counter going on", lambda: back.counter() > c1, 30)
+
+
+def test_the_same_name_for_another_lun_is_refused(pool: Pool) -> None:
+    """The seed's trap: on the target, 'sys' names another LUN (a multipath.conf that
+    differs between hosts). Refused before anything moves, both WWIDs named."""
+    from sanvisor.api.client import AgentClient
+
+    host2 = AgentClient(pool.root / "host2" / "agent.sock")
+    swapped = ("defaults {\n  user_friendly_names yes\n}\nmultipaths {\n"
+               f"  multipath {{\n    wwid {pool.wwid('other')}\n    alias sys\n  }}\n"
+               f"  multipath {{\n    wwid {pool.wwid('sys')}\n    alias other\n  }}\n}}\n")
+    good = (pool.root / "pool.conf").read_text()
+    host2.call("PUT", "/v1/multipath/conf", {"text": swapped, "source": "swapped.conf"})
+    try:
+        err = pool.sv("-H", "host1", "migrate", "-l", "m1", "host2", check=False).stderr
+        assert "disk /dev/mapper/sys on the target is not the same disk" in err, err
+        assert f"WWID {pool.wwid('sys')} on the source" in err
+        assert f"WWID {pool.wwid('other')} on the target" in err
+        assert [r["host"] for r in pool.rows()] == ["host1"]
+    finally:
+        host2.call("PUT", "/v1/multipath/conf", {"text": good, "source": "pool.conf"})
+    assert pool.shell("host1").run("cat /run/mark") == "moved-not-rebooted"
+
+
+def test_a_target_killed_mid_transfer_leaves_the_guest_where_it_was(pool: Pool) -> None:
+    guest = pool.shell("host1")
+    c1 = guest.counter()
+    mig = subprocess.Popen(pool.argv("-H", "host1", "migrate", "-l", "--bandwidth", "1",
+                                     "--no-postcopy", "m1", "host2"),
+                           env=pool.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    try:
+        def arriving_row() -> dict[str, Any] | None:
+            assert mig.poll() is None, mig.communicate()  # still migrating
+            return next((r for r in pool.rows() if r["host"] == "host2" and r["pid"]), None)
+
+        arriving = wait_until("m1 arriving on host2", arriving_row, 60)
+        assert arriving["reason"] == "arriving by migration"
+        assert arriving["pid"] != next(r["pid"] for r in pool.rows() if r["host"] == "host1")
+        os.kill(arriving["pid"], signal.SIGKILL)  # the target's QEMU, mid-transfer
+        _, err = mig.communicate(timeout=120)
+    finally:
+        if mig.poll() is None:
+            mig.kill()
+            mig.wait()
+    assert mig.returncode == 1 and err.startswith("sanvisor: error: "), err
+    rows = pool.rows()
+    assert [(r["host"], r["state"] in ("running", "blocked")) for r in rows] == \
+        [("host1", True)], [(r["state"], r["reason"]) for r in rows]  # one copy, running
+    assert qemu_pids(pool.root / "host2") == []
+    wait_until("the counter going on", lambda: guest.counter() > c1, 30)
