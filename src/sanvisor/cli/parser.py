@@ -216,8 +216,10 @@ def _host_verbs(verb: Any, sub: Any, only: str | None) -> None:
     lf.add_argument("hba", type=int, help="the HBA's number (0 or 1)")
     dm = verb("demo", "run the seed's xm session on real guests, then clean up")
     dm.add_argument("--keep", action="store_true", help="keep the demo's files in /tmp")
+    dm.add_argument("--no-san", dest="san", action="store_false",
+                    help="skip act 2 (the SAN lab: multipath, a live migration)")
     dm.add_argument("--no-xen", dest="xen", action="store_false",
-                    help="skip act 2 (two nested Xen hosts, ~1.5 min, ~8 GB of RAM)")
+                    help="skip act 3 (two nested Xen hosts, ~1.5 min, ~8 GB of RAM)")
     gk = verb("guest-kit", "build the tiny Linux guest used by default")
     gk.add_argument("action", choices=["build"], help="build (or find) the kit")
     gk.add_argument("--force", action="store_true", help="rebuild even if cached")

@@ -330,7 +330,7 @@ def do_lab(args: argparse.Namespace, layout: Layout) -> int:
 def do_demo(args: argparse.Namespace, layout: Layout) -> int:
     from sanvisor.lab import demo
 
-    return demo.main(keep=args.keep, xen=args.xen)
+    return demo.main(keep=args.keep, xen=args.xen, san=args.san)
 
 
 HANDLERS: dict[str, Any] = {

@@ -3,8 +3,10 @@
 Starts a private agent (inside a network namespace of its own when root, so
 nothing touches the host's network), creates a guest from an xm config file,
 and runs the seed's verbs on it, printing each command as a user would type
-it; then (as root) the same on two nested Xen hosts, with a migration between
-them (:mod:`sanvisor.lab.xendemo`). Everything it made is removed at the end.
+it; then (as root) the SAN lab: multipath, an HBA cut, a live migration between
+two hosts (:mod:`sanvisor.lab.sandemo`); then the same verbs on two nested Xen
+hosts, with a migration between them (:mod:`sanvisor.lab.xendemo`). Everything it
+made is removed at the end.
 """
 
 from __future__ import annotations
@@ -64,12 +66,13 @@ def wait_marker(log: Path, count: int = 1, timeout: float = 90) -> float:
 
 
 class Demo:
-    def __init__(self, keep: bool = False, xen: bool = True) -> None:
+    def __init__(self, keep: bool = False, xen: bool = True, san: bool = True) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="svdemo", dir="/tmp"))
         self.home = self.tmp / "home"
         self.netns = f"svdemo{os.getpid()}" if os.geteuid() == 0 else None
         self.keep = keep
         self.xen = xen and os.geteuid() == 0  # the Xen lab needs root
+        self.san = san and os.geteuid() == 0  # so does the SAN lab
 
     def sv(self, *args: str, show: bool = True, check: bool = True) -> str:
         cmd = [sys.executable, "-m", "sanvisor", "--home", str(self.home), *args]
@@ -133,6 +136,10 @@ class Demo:
         self.sv("top", "-b", "-n", "1")
         self.sv("shutdown", "-w", "demo1")
         self.sv("list")
+        if self.san:
+            from sanvisor.lab.sandemo import SanAct
+
+            SanAct(self.tmp).run()
         if self.xen:
             from sanvisor.lab.xendemo import XenAct
 
@@ -171,5 +178,5 @@ class Demo:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def main(keep: bool = False, xen: bool = True) -> int:
-    return Demo(keep=keep, xen=xen).run()
+def main(keep: bool = False, xen: bool = True, san: bool = True) -> int:
+    return Demo(keep=keep, xen=xen, san=san).run()

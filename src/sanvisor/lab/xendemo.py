@@ -1,4 +1,4 @@
-"""The demo's second act: the seed's own hypervisor. Two real Xen 4.17 hosts nested
+"""The demo's third act: the seed's own hypervisor. Two real Xen 4.17 hosts nested
 under QEMU (`lab up --xen-hosts 2`), a guest created on xen1 from an xm config,
 then moved to xen2 with `migrate`, its memory with it. Removed at the end."""
 
@@ -37,7 +37,7 @@ class XenAct:
         return dict(next(r for r in rows if r["domid"] != 0))
 
     def run(self) -> None:
-        print("\n# ---- act 2: Xen, the seed's hypervisor (two nested Xen 4.17 hosts) ----")
+        print("\n# ---- act 3: Xen, the seed's hypervisor (two nested Xen 4.17 hosts) ----")
         t0 = time.monotonic()
         self.sv("lab", "up", "--hosts", "0", "--xen-hosts", "2", "--loopback", show=False)
         print(f"\n# two Xen hosts up in {time.monotonic() - t0:.0f} s: xen1, xen2")
