@@ -1,11 +1,19 @@
-"""The data path: QEMU's NBD client view of /dev/mapper/NAME (multipath -> array)
-against a direct qemu-storage-daemon NBD export of the same file on a unix socket.
+"""The data path: QEMU's NBD client view of /dev/mapper/NAME (multipath -> array),
+through the engine and through the Python data path, against a direct
+qemu-storage-daemon NBD export of the same file on a unix socket.
 
 Runs in a lab of its own (one host, one 256 MiB LUN on two HBAs, multibus).
-fio's nbd engine drives both targets with the same jobs: sequential 1 MiB and
-random 4 KiB, read and write, queue depth 1 and 16. Then the I/O stall when an
-HBA dies and when it comes back: the longest gap between two completed 4 KiB
-writes of a closed loop, around each event.
+fio's nbd engine drives every target with the same jobs: sequential 1 MiB and
+random 4 KiB, read and write, queue depth 1 and 16. Beside them, in the same
+run: the array itself over one fabric (fio straight to its TCP port: the ceiling
+any host-side path has, since the lab's array is a Python process), and
+qemu-storage-daemon as a proxy (its NBD client to the array, one path, re-exported
+on a unix socket: the engine candidate that has no multipath). CPU seconds per
+GiB moved are those of the data-path process (the engine, the agent, or QSD),
+and of the array. Then the I/O stall when an HBA dies and when it comes back:
+the longest gap between two completed 4 KiB writes of a closed loop, around each
+event, for each data path. Last, a map as a kernel block device (QSD's FUSE
+export of the engine's socket, plus a loop device), with fio's libaio engine.
 """
 
 from __future__ import annotations
@@ -14,57 +22,107 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = [("seq-read-1M", "read", "1M", 1), ("seq-read-1M", "read", "1M", 16),
         ("seq-write-1M", "write", "1M", 1), ("seq-write-1M", "write", "1M", 16),
         ("rand-read-4K", "randread", "4k", 1), ("rand-read-4K", "randread", "4k", 16),
         ("rand-write-4K", "randwrite", "4k", 1), ("rand-write-4K", "randwrite", "4k", 16)]
+TICK = os.sysconf("SC_CLK_TCK")
 
 
 def sv(env: dict[str, str], *args: str) -> str:
-    return subprocess.run([sys.executable, "-m", "sanvisor", *args], env=env, check=True,
-                          capture_output=True, text=True).stdout
+    proc = subprocess.run([sys.executable, "-m", "sanvisor", *args], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"sanvisor {' '.join(args)}: {proc.stderr.strip()}")
+    return proc.stdout
 
 
-def fio(uri: str, rw: str, bs: str, depth: int, seconds: float) -> dict[str, float]:
-    out = subprocess.run(
-        ["fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
-         f"--iodepth={depth}", "--size=256M", "--time_based", f"--runtime={seconds}",
-         "--output-format=json"], check=True, capture_output=True, text=True).stdout
+def cpu(pid: int) -> float:
+    """CPU seconds (user + system) used by a process so far; 0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def fio(target: str, rw: str, bs: str, depth: int, seconds: float,
+        netns: str = "") -> dict[str, float]:
+    """One fio job; target: an NBD URI, or a block device (libaio, O_DIRECT)."""
+    dev = target.startswith("/dev/")
+    cmd = ["fio", "--name=b", f"--rw={rw}", f"--bs={bs}", f"--iodepth={depth}",
+           "--size=256M", "--time_based", f"--runtime={seconds}", "--output-format=json"]
+    cmd += ([f"--filename={target}", "--ioengine=libaio", "--direct=1"] if dev
+            else ["--ioengine=nbd", f"--uri={target}"])
+    if netns:
+        cmd = ["ip", "netns", "exec", netns, *cmd]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     job = json.loads(out[out.index("{"):])["jobs"][0]  # fio prints a line first
     side = job["read"] if "read" in rw else job["write"]
-    return {"MiB/s": side["bw_bytes"] / (1 << 20), "IOPS": side["iops"]}
+    return {"MiB/s": side["bw_bytes"] / (1 << 20), "IOPS": side["iops"],
+            "bytes": float(side["io_bytes"])}
 
 
-def stall(env: dict[str, str], sock: str, ns: str) -> dict[str, float]:
+def measure(target: str, pids: list[int], job: tuple[str, str, str, int], seconds: float,
+            runs: int, netns: str = "") -> dict[str, float]:
+    """The median of ``runs`` fio runs, and CPU seconds per GiB of each process."""
+    _label, rw, bs, depth = job
+    key = "MiB/s" if bs == "1M" else "IOPS"
+    values, moved = [], 0.0
+    before = [cpu(p) for p in pids]
+    for _ in range(runs):
+        r = fio(target, rw, bs, depth, seconds, netns)
+        values.append(r[key])
+        moved += r["bytes"]
+    gib = moved / (1 << 30) or 1.0
+    used = [cpu(p) - b for p, b in zip(pids, before, strict=True)]
+    return {"value": statistics.median(values),
+            **{f"cpu{i}": u / gib for i, u in enumerate(used)}}
+
+
+def stall(env: dict[str, str], sock: str, name: str, writers: int = 4) -> dict[str, float]:
+    """The longest gap between two completed 4 KiB writes of any of ``writers`` closed
+    loops (each its own connection, so that writes are in flight on the path that dies
+    and must wait for its fence), around an HBA's death and return."""
     from sanvisor.storage.nbdclient import NbdClient
 
     gaps: list[tuple[float, float]] = []
+    errors: list[str] = []
     stop = threading.Event()
+    lock = threading.Lock()
 
-    def loop() -> None:
+    def loop(k: int) -> None:
         with NbdClient(sock, timeout=60) as c:
-            c.go("bench")
+            c.go(name)
             last = time.monotonic()
             block = os.urandom(4096)
             i = 0
             while not stop.is_set():
-                c.pwrite(block, (i % 4096) * 4096)
+                try:
+                    c.pwrite(block, ((i * writers + k) % 4096) * 4096)
+                except Exception as exc:  # an error the guest would see: counted
+                    errors.append(str(exc))
+                    return
                 now = time.monotonic()
-                gaps.append((now, now - last))
+                with lock:
+                    gaps.append((now, now - last))
                 last, i = now, i + 1
 
-    t = threading.Thread(target=loop)
-    t.start()
+    threads = [threading.Thread(target=loop, args=(k,)) for k in range(writers)]
+    for t in threads:
+        t.start()
     try:
-        time.sleep(1.0)  # the loop's normal pace, before the event
+        time.sleep(1.0)  # the loops' normal pace, before the event
         t_down = time.monotonic()
         sv(env, "lab", "fault", "hba-down", "host1", "0")
         time.sleep(2.0)
@@ -73,19 +131,49 @@ def stall(env: dict[str, str], sock: str, ns: str) -> dict[str, float]:
         time.sleep(2.0)
     finally:
         stop.set()
-        t.join()
+        for t in threads:
+            t.join()
 
     def worst(a: float, b: float) -> float:
         return max((g for when, g in gaps if a <= when <= b), default=0.0)
 
     return {"normal_max_gap_ms": worst(0, t_down) * 1e3,
             "hba_down_max_gap_ms": worst(t_down, t_up) * 1e3,
-            "hba_up_max_gap_ms": worst(t_up, time.monotonic()) * 1e3}
+            "hba_up_max_gap_ms": worst(t_up, time.monotonic()) * 1e3,
+            "errors": float(len(errors))}
+
+
+def restart_agent(env: dict[str, str], netns: str, datapath: str) -> None:
+    sv(env, "-H", "host1", "agent", "stop")
+    subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-m", "sanvisor", "-H",
+                    "host1", "agent", "start"], env=dict(env, SANVISOR_DATAPATH=datapath),
+                   check=True, capture_output=True)
+    deadline = time.monotonic() + 30
+    while True:
+        view = json.loads(sv(env, "-H", "host1", "--json", "multipath"))
+        if view.get("datapath", "python") == datapath and all(
+                p["state"] == "ready" for m in view["maps"] for p in m["paths"]):
+            return
+        assert time.monotonic() < deadline, f"the {datapath} data path did not come up"
+        time.sleep(0.1)
+
+
+def start_qsd(args: list[str], sock: Path, netns: str = "") -> subprocess.Popen[bytes]:
+    cmd = ["qemu-storage-daemon", *args]
+    if netns:
+        cmd = ["ip", "netns", "exec", netns, *cmd]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not sock.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "QSD did not start"
+        time.sleep(0.02)
+    return proc
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=float, default=3.0, help="per fio job")
+    ap.add_argument("--runs", type=int, default=1, help="fio runs per cell (the median)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "storage.json")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -93,11 +181,14 @@ def main() -> int:
         return 2
     root = Path(tempfile.mkdtemp(prefix="svbl", dir="/tmp"))
     shutil.rmtree(root)
-    env = dict(os.environ, SANVISOR_LAB_HOME=str(root))
-    qsd = None
-    results: dict[str, object] = {}
+    env = dict(os.environ, SANVISOR_LAB_HOME=str(root), SANVISOR_DATAPATH="engine")
+    procs: list[subprocess.Popen[bytes]] = []
+    results: dict[str, Any] = {"seconds": args.seconds, "runs": args.runs}
     try:
         sv(env, "lab", "up", "--hosts", "1", "--name", f"b{os.getpid() % 10000}")
+        lab = json.loads((root / "lab.json").read_text())
+        host = lab["hosts"][0]
+        netns, home = host["netns"], Path(host["home"])
         lun = json.loads(sv(env, "--json", "array", "lun", "create", "bench", "--size", "256M"))
         for k in (0, 1):
             sv(env, "array", "zone", "add", "bench", f"10:00:00:00:c9:00:01:0{k}")
@@ -111,50 +202,101 @@ def main() -> int:
         sv(env, "multipath", "push", str(conf))
         subprocess.run(["dd", "if=/dev/urandom", f"of={lun['backing']}", "bs=1M",
                         "count=256", "conv=notrunc"], check=True, capture_output=True)
-        qsock = root / "qsd.sock"
-        qsd = subprocess.Popen(
-            ["qemu-storage-daemon", "--blockdev",
-             f"driver=file,filename={lun['backing']},node-name=f",
-             "--nbd-server", f"addr.type=unix,addr.path={qsock}",
-             "--export", "type=nbd,id=e,node-name=f,name=bench,writable=on"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        while not qsock.exists():
-            time.sleep(0.05)
-        ours_uri = f"nbd+unix:///bench?socket={root}/host1/mapper/bench.sock"
-        direct_uri = f"nbd+unix:///bench?socket={qsock}"
-        rows = []
-        for label, rw, bs, depth in JOBS:
-            d = fio(direct_uri, rw, bs, depth, args.seconds)
-            o = fio(ours_uri, rw, bs, depth, args.seconds)
-            key = "MiB/s" if bs == "1M" else "IOPS"
-            rows.append({"job": label, "depth": depth, "unit": key, "direct": d[key],
-                         "multipath": o[key], "ratio": o[key] / d[key] if d[key] else 0})
+        array_pid = int((root / "array" / "array.pid").read_text())
+        qsock, psock = root / "qsd.sock", root / "proxy.sock"
+        qsd = start_qsd(["--blockdev", f"driver=file,filename={lun['backing']},node-name=f",
+                         "--nbd-server", f"addr.type=unix,addr.path={qsock}",
+                         "--export", "type=nbd,id=e,node-name=f,name=bench,writable=on"], qsock)
+        procs.append(qsd)
+        target = host["hbas"][0]["target"]
+        t_host, t_port = target.rsplit(":", 1)
+        proxy = start_qsd(["--blockdev", f"driver=nbd,node-name=n,server.type=inet,"
+                           f"server.host={t_host},server.port={t_port},export={lun['wwid']}",
+                           "--nbd-server", f"addr.type=unix,addr.path={psock}",
+                           "--export", "type=nbd,id=e,node-name=n,name=bench,writable=on"],
+                          psock, netns)
+        procs.append(proxy)
+        map_uri = f"nbd+unix:///bench?socket={home}/mapper/bench.sock"
+        direct = f"nbd+unix:///bench?socket={qsock}"
+        array_uri = f"nbd://{target}/{lun['wwid']}"
+        restart_agent(env, netns, "engine")
+        engine_pid = int((home / "engine" / "engine.pid").read_text())
+        rows: list[dict[str, Any]] = []
+        for job in JOBS:
+            m = {"direct": measure(direct, [qsd.pid, array_pid], job, args.seconds, args.runs),
+                 "engine": measure(map_uri, [engine_pid, array_pid], job, args.seconds,
+                                   args.runs),
+                 "array": measure(array_uri, [array_pid, array_pid], job, args.seconds,
+                                  args.runs, netns),
+                 "qsd_proxy": measure(f"nbd+unix:///bench?socket={psock}",
+                                      [proxy.pid, array_pid], job, args.seconds, args.runs)}
+            rows.append({"job": job[0], "depth": job[3],
+                         "unit": "MiB/s" if job[2] == "1M" else "IOPS", **m})
+        results["failover_engine"] = stall(env, f"{home}/mapper/bench.sock", "bench")
+        results["blockdev"] = blockdev(home / "mapper" / "bench.sock", root, args)
+        restart_agent(env, netns, "python")
+        agent_pid = int((home / "agent.lock").read_text())
+        for job, row in zip(JOBS, rows, strict=True):
+            row["direct_py"] = measure(direct, [qsd.pid, array_pid], job, args.seconds,
+                                       args.runs)
+            row["python"] = measure(map_uri, [agent_pid, array_pid], job, args.seconds,
+                                    args.runs)
+        results["failover_python"] = stall(env, f"{home}/mapper/bench.sock", "bench")
         results["throughput"] = rows
-        qsd.terminate()
-        qsd.wait()
-        qsd = None
-        results["failover"] = stall(env, f"{root}/host1/mapper/bench.sock", "")
-        maps = json.loads(sv(env, "-H", "host1", "--json", "multipath"))["maps"]
-        results["paths"] = [{k: p[k] for k in ("hctl", "read_bytes", "written_bytes")}
-                            for p in maps[0]["paths"]]
     finally:
-        if qsd is not None:
-            qsd.kill()
+        for p in procs:
+            p.kill()
+            p.wait()
         subprocess.run([sys.executable, "-m", "sanvisor", "lab", "down"], env=env,
                        capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
-    print(f"{'job':<16} {'qd':>3} {'unit':>6} {'direct QSD':>12} {'multipath':>12} {'ratio':>6}")
-    for r in results["throughput"]:  # type: ignore[attr-defined]
-        print(f"{r['job']:<16} {r['depth']:>3} {r['unit']:>6} {r['direct']:>12.0f} "
-              f"{r['multipath']:>12.0f} {r['ratio']:>6.2f}")
-    f = results["failover"]
-    print(f"\nlongest gap between 4 KiB writes: normal {f['normal_max_gap_ms']:.1f} ms, "  # type: ignore[index]
-          f"HBA down {f['hba_down_max_gap_ms']:.1f} ms, HBA up {f['hba_up_max_gap_ms']:.1f} ms")  # type: ignore[index]
-    print("bytes per path:", results["paths"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    print(f"\nJSON: {args.out}")
+    report(results, args.out)
     return 0
+
+
+def blockdev(sock: Path, root: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The map as a kernel block device: QSD's FUSE export of its socket + losetup."""
+    from sanvisor.storage.hostdev import HostDevice
+
+    rows = []
+    with HostDevice(sock, "bench", root / "hostdev") as dev:
+        for job in JOBS:
+            r = measure(str(dev.device), [dev.pid], job, args.seconds, args.runs)
+            rows.append({"job": job[0], "depth": job[3],
+                         "unit": "MiB/s" if job[2] == "1M" else "IOPS", **r})
+    return rows
+
+
+def report(results: dict[str, Any], out: Path) -> None:
+    def ratio(row: dict[str, Any], key: str, base: str = "direct") -> str:
+        d = row[base]["value"]
+        return f"{row[key]['value']:>9.0f} {row[key]['value'] / d if d else 0:>5.2f}"
+
+    print(f"{'job':<14} {'qd':>3} {'unit':>6} {'direct':>8} {'engine':>9} {'ratio':>5} "
+          f"{'python':>9} {'ratio':>5} {'array':>9} {'ratio':>5} {'qsdproxy':>9} {'ratio':>5}")
+    for r in results["throughput"]:
+        print(f"{r['job']:<14} {r['depth']:>3} {r['unit']:>6} {r['direct']['value']:>8.0f} "
+              f"{ratio(r, 'engine')} {ratio(r, 'python', 'direct_py')} {ratio(r, 'array')} "
+              f"{ratio(r, 'qsd_proxy')}")
+    print("\nCPU seconds per GiB moved (data-path process / the array):")
+    print(f"{'job':<14} {'qd':>3} {'QSD':>7} {'engine':>15} {'python (agent)':>15}")
+    for r in results["throughput"]:
+        print(f"{r['job']:<14} {r['depth']:>3} {r['direct']['cpu0']:>7.2f} "
+              f"{r['engine']['cpu0']:>7.2f}/{r['engine']['cpu1']:<7.2f} "
+              f"{r['python']['cpu0']:>7.2f}/{r['python']['cpu1']:<7.2f}")
+    for name in ("engine", "python"):
+        f = results[f"failover_{name}"]
+        print(f"\n{name}: longest gap between 4 KiB writes: normal "
+              f"{f['normal_max_gap_ms']:.1f} ms, HBA down {f['hba_down_max_gap_ms']:.1f} ms, "
+              f"HBA up {f['hba_up_max_gap_ms']:.1f} ms, errors {f['errors']:.0f}", end="")
+    print("\n\nthe engine's map as a block device (FUSE + loop, fio libaio O_DIRECT):")
+    for r, t in zip(results["blockdev"], results["throughput"], strict=True):
+        d = t["direct"]["value"]
+        print(f"{r['job']:<14} {r['depth']:>3} {r['unit']:>6} {r['value']:>9.0f} "
+              f"({r['value'] / d if d else 0:.2f} of direct NBD)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nJSON: {out}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Install what sanvisor needs on a fresh Debian 12 machine (idempotent, fast when done):
-# Debian packages, the Python environment (.venv), and the guest kit.
+# Debian packages, the Python environment (.venv), the data-path engine, and the guest kit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PKGS=(qemu-system-x86 qemu-utils busybox-static iproute2 nftables libnbd-bin iputils-ping fio multipath-tools)
+PKGS=(qemu-system-x86 qemu-utils busybox-static iproute2 nftables libnbd-bin iputils-ping fio multipath-tools lvm2
+      gcc make libc6-dev)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -33,6 +34,10 @@ fi
 # Byte-compile the package: where PYTHONDONTWRITEBYTECODE is set (as on these machines),
 # Python would compile every module again at every CLI call (~10 ms each time).
 .venv/bin/python -m compileall -q src/sanvisor
+
+# The data-path engine (engine/, C, no dependency beyond libc): build/engine/sanvisor-engine,
+# where the agent looks for it. make rebuilds it only when a source changed (~3 s when it does).
+make -s -C engine OUT="$PWD/build/engine"
 
 # The guest kit (Debian kernel + busybox initramfs): built once, cached.
 .venv/bin/sanvisor guest-kit build >/dev/null

@@ -18,8 +18,11 @@ from typing import Any
 
 from sanvisor.errors import NbdError
 from sanvisor.storage import nbdproto as P
-from sanvisor.storage.fence import FENCE_TIMEOUT, WRITES, DeadSession, fence
+from sanvisor.storage.fence import FENCE_TIMEOUT as FENCE_TIMEOUT
+from sanvisor.storage.fence import WRITES as WRITES
+from sanvisor.storage.fence import DeadSession, fence
 from sanvisor.storage.mpconf import Settings
+from sanvisor.storage.mpview import PathView, render_ll
 from sanvisor.storage.paths import Path, Request
 
 log = logging.getLogger("sanvisor.multipath")
@@ -249,36 +252,16 @@ class Map:
 
     def ll(self) -> str:
         """The `multipath -ll` lines of the seed's multipath-tools."""
-        size = _human(self.size)
-        lines = [f"{self.name} ({self.wwid}) dm-{self.dm} {self.vendor},{self.model}",
-                 f"[size={size}][features={self.settings.features()}][hwhandler=0][rw]"]
-        sel = self.settings.path_selector
-        if self.settings.path_grouping_policy == "multibus":
-            groups = [self.paths]
-        else:
-            groups = [[p] for p in self.paths]
-        active = self.choose_view()
-        for group in groups:
-            state = "active" if any(p is active or (p.ready and len(group) > 1)
-                                    for p in group) else "enabled"
-            lines.append(f"\\_ {sel} [prio={len(group)}][{state}]")
-            for p in group:
-                dm_state, check = ("active", "ready") if p.ready else ("failed", "faulty")
-                lines.append(f" \\_ {p.scsi.hctl} {p.scsi.dev} 8:{p.scsi.minor:<3} "
-                             f"[{dm_state}][{check}]")
-        return "\n".join(lines)
+        return render_ll(self)
 
-    def choose_view(self) -> Path | None:
+    @property
+    def path_views(self) -> list[PathView]:
+        return list(self.paths)
+
+    def choose_view(self) -> PathView | None:
         if self.settings.path_grouping_policy == "multibus":
             return None
         cur = self._current
         return cur if cur is not None and cur.ready else next(
             (p for p in self.paths if p.ready), None)
 
-
-def _human(n: int) -> str:
-    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
-        if n >= 1 << shift:
-            v = n / (1 << shift)
-            return f"{v:.0f}{unit}" if v == int(v) else f"{v:.1f}{unit}"
-    return str(n)

@@ -6,6 +6,12 @@ from this host's bindings when user_friendly_names is on (assigned in the order
 this host first saw each WWID: another host may number them differently, the
 seed's trap), else the WWID. Each map serves /dev/mapper/NAME to QEMU as an
 NBD unix socket under HOME/mapper/.
+
+The per-request data path is either the engine (a native process the agent
+drives, enginemap.py and docs/dataplane.md) or the Python one of mpmap.py,
+paths.py and mpfront.py: SANVISOR_DATAPATH=engine|python, read when the daemon
+is made; unset, the engine when it is built. Everything else here (maps, names,
+paths, settings) is the same control plane for both.
 """
 
 from __future__ import annotations
@@ -13,11 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from pathlib import Path as FsPath
 from typing import Any
 
-from sanvisor.errors import SanvisorError
+from sanvisor.errors import ConfigError, SanvisorError
+from sanvisor.storage.engine import engine_binary
+from sanvisor.storage.enginemap import EngineBackend, EngineMap, EnginePath
 from sanvisor.storage.fence import FENCE_TIMEOUT
 from sanvisor.storage.mpconf import MultipathConf, parse_mpconf
 from sanvisor.storage.mpfront import Front
@@ -29,14 +38,31 @@ log = logging.getLogger("sanvisor.multipath")
 LINK_CHECK = 0.05  # seconds between HBA link-state checks
 
 
+def datapath_setting() -> str:
+    """SANVISOR_DATAPATH: ``engine`` or ``python``; unset, the engine when it is built
+    (scripts/setup.sh builds it), else the Python data path, with a warning."""
+    value = os.environ.get("SANVISOR_DATAPATH", "").strip().lower()
+    if value in ("engine", "python"):
+        return value
+    if value:
+        raise ConfigError(f"SANVISOR_DATAPATH={value!r}: it must be engine or python")
+    if engine_binary() is not None:
+        return "engine"
+    log.warning("the data-path engine is not built (scripts/setup.sh): using the Python "
+                "data path")
+    return "python"
+
+
 class Multipathd:
-    def __init__(self, home: FsPath) -> None:
+    def __init__(self, home: FsPath, datapath: str | None = None) -> None:
         self.home = home
         self.conf_path = home / "multipath.conf"
         self.mapper = home / "mapper"
         self.conf = MultipathConf()
-        self.maps: dict[str, Map] = {}  # by WWID
-        self.paths: dict[str, Path] = {}  # by H:C:T:L
+        self.datapath = datapath or datapath_setting()
+        self.backend = EngineBackend(home, self.mapper) if self.datapath == "engine" else None
+        self.maps: dict[str, Map | EngineMap] = {}  # by WWID
+        self.paths: dict[str, Path | EnginePath] = {}  # by H:C:T:L
         self.servers: dict[str, asyncio.AbstractServer] = {}  # by map name
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -88,6 +114,8 @@ class Multipathd:
 
     # ---- life -----------------------------------------------------------------------
     async def start(self) -> None:
+        if self.backend is not None:
+            await self.backend.start(self.maps)  # type: ignore[arg-type]
         with contextlib.suppress(SanvisorError):
             await self.reload()
         self._task = asyncio.create_task(self._checker(), name="multipath-checker")
@@ -97,12 +125,16 @@ class Multipathd:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self.backend is not None:
+            await self.backend.stop()
+            return
         for srv in self.servers.values():
             srv.close()
         for mp in self.maps.values():
             mp.close()
         for p in self.paths.values():
-            p.fail("multipathd stopping")
+            if isinstance(p, Path):
+                p.fail("multipathd stopping")
 
     async def reload(self) -> None:
         """Rebuild maps from the SCSI table and multipath.conf; keep live paths."""
@@ -141,22 +173,41 @@ class Multipathd:
                 if mp is not None and mp.name != name:
                     await self._drop_map(self.maps.pop(wwid))
                     mp = None
-                if mp is None:
+                if mp is None and self.backend is not None:
+                    mp = EngineMap(self.backend, name, wwid, dm, first.vendor, first.model,
+                                   first.size, settings)
+                    self.maps[wwid] = mp
+                elif mp is None:
                     mp = Map(name, wwid, dm, first.vendor, first.model, first.size, settings)
                     mp.io_timeout, mp.fence_timeout = self.io_timeout, self.fence_timeout
                     self.maps[wwid] = mp
                     await self._serve(mp)
-                mp.settings = settings
-                mp.paths = [self._path(sp, hbas[sp.hba], mp) for sp in sps]
+                mp.settings, mp.size = settings, first.size
+                if isinstance(mp, EngineMap):
+                    mp.paths = [self._engine_path(sp, hbas[sp.hba]) for sp in sps]
+                else:
+                    mp.paths = [self._path(sp, hbas[sp.hba], mp) for sp in sps]
+            if self.backend is not None:
+                self.backend.io_timeout = self.io_timeout
+                self.backend.fence_timeout = self.fence_timeout
+                await self.backend.sync()
+                return
             await asyncio.gather(*(p.connect() for p in self.paths.values()
-                                   if not p.ready and p.link_up()))
+                                   if isinstance(p, Path) and not p.ready and p.link_up()))
 
     def _path(self, sp: Any, hba: HbaConf, mp: Map) -> Path:
         p = self.paths.get(sp.hctl)
-        if p is None or p.scsi.wwid != sp.wwid:
+        if not isinstance(p, Path) or p.scsi.wwid != sp.wwid:
             p = Path(sp, hba, mp.path_changed)
             self.paths[sp.hctl] = p
         p.on_change = mp.path_changed
+        return p
+
+    def _engine_path(self, sp: Any, hba: HbaConf) -> EnginePath:
+        p = self.paths.get(sp.hctl)
+        if not isinstance(p, EnginePath) or p.scsi != sp or p.hba != hba:
+            p = EnginePath(sp, hba)
+            self.paths[sp.hctl] = p
         return p
 
     async def _serve(self, mp: Map) -> None:
@@ -168,8 +219,11 @@ class Multipathd:
         sock.chmod(0o600)
         self.servers[mp.name] = srv
 
-    async def _drop_map(self, mp: Map) -> None:
+    async def _drop_map(self, mp: Map | EngineMap) -> None:
         mp.close()
+        if self.backend is not None:
+            self.backend.drop(mp.name)
+            return
         srv = self.servers.pop(mp.name, None)
         if srv is not None:
             srv.close()
@@ -182,8 +236,13 @@ class Multipathd:
         last_probe: dict[str, float] = {}
         while True:
             await asyncio.sleep(LINK_CHECK)
+            if self.backend is not None:  # the engine times and retries by itself
+                self.backend.check_links()
+                continue
             now = time.monotonic()
             for mp in list(self.maps.values()):
+                if not isinstance(mp, Map):
+                    continue
                 for p in mp.paths:
                     if p.ready and not p.link_up():
                         p.fail(f"link down on {p.hba.ifname or f'HBA {p.hba.index}'}")
@@ -210,8 +269,15 @@ class Multipathd:
         return sorted(mp.name for mp in self.maps.values())
 
     def ll(self) -> str:
+        if self.backend is not None:
+            self.backend.refresh()
         return "\n".join(mp.ll() for mp in sorted(self.maps.values(), key=lambda m: m.dm))
 
     def view(self) -> dict[str, Any]:
-        return {"maps": [mp.view() for mp in sorted(self.maps.values(), key=lambda m: m.dm)],
-                "ll": self.ll(), "warnings": self.conf.warnings}
+        if self.backend is not None:
+            self.backend.refresh()
+        maps = sorted(self.maps.values(), key=lambda m: m.dm)
+        return {"maps": [mp.view(fresh=False) if isinstance(mp, EngineMap) else mp.view()
+                         for mp in maps],
+                "ll": "\n".join(mp.ll() for mp in maps), "warnings": self.conf.warnings,
+                "datapath": self.datapath}

@@ -1,0 +1,271 @@
+"""The engine dies (kill -9) or its agent does: no acknowledged write is lost.
+
+- a client that writes sequence-numbered blocks, and resends what was in flight
+  after reconnecting (as QEMU's NBD client does), while the engine is killed
+  with SIGKILL three times: the agent starts another each time, the client
+  reconnects to the same socket, and every block holds its last acknowledged
+  write, through the engine and in the LUN itself;
+- the stale-write scenario across an engine crash: a write queued at the array
+  behind a slow fdatasync on a path whose link then died, the engine killed: the
+  new engine fences the dead engine's sessions before it sends anything, so the
+  block rewritten through it keeps the newer data; the same run with the
+  sessions file removed before the new engine starts shows the stale write
+  replayed (what makes the first a test);
+- a new agent adopts the running engine: a client's connection lives through it;
+- an engine without agent and without client ends by itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from sanvisor.storage import nbdproto as P
+from sanvisor.storage.multipathd import Multipathd
+from tests.storage.enginekit import BUILD, engine_bench, recv_exactly
+from tests.storage.harness import DEADLINE, Host
+
+BS = 4096
+BLOCKS = 64
+OLD, STALE, NEW = b"O" * BS, b"S" * BS, b"N" * BS
+FAILOVER = ("defaults {\n user_friendly_names yes\n polling_interval 0.2\n}\n"
+            "devices {\n device {\n  vendor \"HITACHI\"\n  product \"DF600F\"\n"
+            "  path_grouping_policy failover\n  no_path_retry queue\n }\n}\n")
+
+
+class Resender:
+    """An NBD client that reconnects and resends what it had in flight, as QEMU does
+    (reconnect-delay): what it was not answered, it asks again."""
+
+    def __init__(self, host: Host) -> None:
+        self.path = str(host.home / "mapper" / f"{host.map().name}.sock")
+        self.name = host.map().name
+        self.sock: socket.socket | None = None
+        self.inflight: dict[int, tuple[int, int, bytes]] = {}  # cookie -> (cmd, off, data)
+        self.cookie = 0
+        self.reconnects = -1
+
+    def connect(self) -> None:
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            try:
+                s = socket.socket(socket.AF_UNIX)
+                s.settimeout(DEADLINE)
+                s.connect(self.path)
+                recv_exactly(s, 18)
+                data = P.go_request(self.name)
+                s.sendall(b"\0\0\0\3" + P.OPT_HEADER.pack(P.IHAVEOPT, P.OPT_GO, len(data))
+                          + data)
+                while True:
+                    _m, _o, rtype, length = P.OPT_REPLY.unpack(recv_exactly(s, 20))
+                    recv_exactly(s, length)
+                    if rtype == P.REP_ACK:
+                        break
+                    assert not rtype & (1 << 31)
+                break
+            except (OSError, ConnectionError):
+                s.close()
+                assert time.monotonic() < deadline, "cannot reconnect to the map"
+                time.sleep(0.01)
+        self.sock = s
+        self.reconnects += 1
+        for cookie, (cmd, off, data) in self.inflight.items():  # resent, as QEMU does
+            s.sendall(P.REQUEST.pack(P.REQUEST_MAGIC, 0, cmd, cookie, off, len(data) or BS)
+                      + (data if cmd == P.CMD_WRITE else b""))
+
+    def send(self, cmd: int, off: int, data: bytes = b"") -> int:
+        self.cookie += 1
+        self.inflight[self.cookie] = (cmd, off, data)
+        assert self.sock is not None
+        try:
+            self.sock.sendall(P.REQUEST.pack(P.REQUEST_MAGIC, 0, cmd, self.cookie, off,
+                                             len(data) or BS)
+                              + (data if cmd == P.CMD_WRITE else b""))
+        except OSError:
+            self.connect()  # resends it with the rest
+        return self.cookie
+
+    def receive(self) -> tuple[int, int, bytes]:
+        while True:
+            try:
+                assert self.sock is not None
+                _magic, err, cookie = P.SIMPLE_REPLY.unpack(recv_exactly(self.sock, 16))
+                cmd, _off, _data = self.inflight[cookie]
+                data = recv_exactly(self.sock, BS) if cmd == P.CMD_READ and not err else b""
+                del self.inflight[cookie]
+                return cookie, err, data
+            except (OSError, ConnectionError):
+                self.connect()
+
+
+def _block(i: int, version: int) -> bytes:
+    head = f"block {i:04d} version {version:08d}\n".encode()
+    return head * (BS // len(head)) + b"\0" * (BS % len(head))
+
+
+def test_kill_9_mid_write_loses_no_acknowledged_write(monkeypatch: pytest.MonkeyPatch
+                                                      ) -> None:
+    with engine_bench(monkeypatch, sanitized=False, restarts=True) as (arr, host):
+        c = Resender(host)
+        c.connect()
+        acked: dict[int, bytes] = {}
+        busy: dict[int, tuple[int, bytes]] = {}  # cookie -> (block, data)
+        version = 0
+        kills = 0
+        stop = threading.Event()
+
+        def killer() -> None:
+            nonlocal kills
+            for _ in range(3):
+                time.sleep(0.4)
+                pid = host.engine.pid
+                os.kill(pid, signal.SIGKILL)
+                kills += 1
+                deadline = time.monotonic() + DEADLINE
+                while host.engine.pid == pid and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            stop.set()
+
+        t = threading.Thread(target=killer)
+        t.start()
+        try:
+            while not stop.is_set() or busy:
+                while len(busy) < 8 and not stop.is_set():
+                    free = [b for b in range(BLOCKS) if all(x[0] != b for x in busy.values())]
+                    block = free[version % len(free)]
+                    version += 1
+                    data = _block(block, version)
+                    busy[c.send(P.CMD_WRITE, block * BS, data)] = (block, data)
+                cookie, err, _ = c.receive()
+                block, data = busy.pop(cookie)
+                assert err == 0, f"a write failed: {err}"
+                acked[block] = data
+        finally:
+            stop.set()
+            t.join()
+        assert kills == 3 and host.engine.restarts == 3
+        assert c.reconnects >= 3, "the client never lost its connection: no kill mid-write"
+        for block in range(BLOCKS):
+            c.send(P.CMD_READ, block * BS)
+            _cookie, err, data = c.receive()
+            assert err == 0 and data == acked.get(block, bytes(BS)), f"block {block}"
+        lun = Path(arr.lun("sys").backing).read_bytes()
+        for block, data in acked.items():
+            assert lun[block * BS:(block + 1) * BS] == data, f"block {block} on the LUN"
+        assert version > 100, "too few writes to mean anything"
+
+
+def _stale_scenario(arr: object, host: Host) -> bytes:
+    """The dead engine's path A held a write behind a stalled fdatasync, its link cut;
+    a new engine; the block rewritten through it. Returns what block 0 holds."""
+    from tests.storage.harness import ArrayProc, Replies
+
+    assert isinstance(arr, ArrayProc)
+    g = Replies(host.guest())
+    assert g.io(P.CMD_WRITE, 0, BS, OLD)[0] == 0
+    assert g.io(P.CMD_FLUSH, 0, 0)[0] == 0
+    token_a = host.call(lambda: host.path(0).session)
+    arr.control(f"stall {token_a:x} flush")
+    g.send(P.CMD_FLUSH, 0, 0)
+    g.send(P.CMD_WRITE, 0, BS, STALE)
+    arr.wait(token_a, "stalled")
+    arr.wait(token_a, "queued", 1)
+    host.call(host.fabrics[0].blackhole)  # A's end stays half-open at the array
+    host.hba_down(0)
+    pid = host.engine.pid
+    os.kill(pid, signal.SIGKILL)
+    host.until("a new engine", lambda: host.engine.pid != pid and host.engine.restarts == 1)
+    host.until("path B ready", lambda: host.map().view()["paths"][1]["state"] == "ready")
+    g2 = Replies(host.guest())  # the client reconnects
+    new = g2.send(P.CMD_WRITE, 0, BS, NEW)
+    fenced = threading.Event()
+
+    def watch() -> None:
+        with contextlib.suppress(AssertionError):  # no fence at all: the control run
+            arr.wait(token_a, "fences", 1)
+            fenced.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    acked = g2.events[new]
+    deadline = time.monotonic() + DEADLINE
+    while not (fenced.is_set() or acked.is_set()):
+        assert time.monotonic() < deadline, "neither a fence nor a reply"
+        time.sleep(0.005)
+    if fenced.is_set():
+        assert not acked.is_set(), "the write went out before the dead engine's fence"
+    arr.control(f"release {token_a:x}")
+    assert g2.wait(new)[0] == 0
+    assert g2.io(P.CMD_FLUSH, 0, 0)[0] == 0
+    # whatever A still held has run (no fence), or was discarded with it (fenced)
+    arr.wait(token_a, "ended" if fenced.is_set() else "idle")
+    err, data = g2.io(P.CMD_READ, 0, BS)
+    assert err == 0
+    g2.guest.close()
+    g.guest.close()
+    return data
+
+
+def test_a_new_engine_fences_the_dead_engines_sessions_first(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    with engine_bench(monkeypatch, sanitized=False, restarts=True, conf=FAILOVER) as (arr, host):
+        assert _stale_scenario(arr, host) == NEW
+        assert host.view()["io_errors"] == 0
+
+
+def test_without_its_sessions_file_a_new_engine_replays_a_stale_write(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """What makes the test above a test: the same crash, the sessions file removed
+    before the new engine starts: the stale write lands over the newer data."""
+    wrapper = tmp_path / "sanvisor-engine"
+    wrapper.write_text("#!/bin/sh\nprev=\nfor a in \"$@\"; do [ \"$prev\" = --state ] && "
+                       "rm -f \"$a/sessions\"; prev=$a; done\n"
+                       f"exec {BUILD / 'sanvisor-engine'} \"$@\"\n")
+    wrapper.chmod(0o755)
+    with engine_bench(monkeypatch, sanitized=False, restarts=True, conf=FAILOVER) as (arr, host):
+        monkeypatch.setenv("SANVISOR_ENGINE", str(wrapper))  # for the restart
+        assert _stale_scenario(arr, host) == STALE
+
+
+def test_a_new_agent_adopts_the_running_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    with engine_bench(monkeypatch, sanitized=False, restarts=True) as (_arr, host):
+        g = host.guest()
+        g.pwrite(b"a" * BS, 0)
+        old = host.mpd
+        pid = host.engine.pid
+
+        async def agent_dies() -> None:  # as after kill -9: the engine is left running
+            old.backend.engine._stopping = True
+            old.backend.engine.link.close()
+            if old._task is not None:
+                old._task.cancel()
+
+        host.call(agent_dies)
+        g.pwrite(b"b" * BS, 0)  # no agent: the data path goes on
+        new = Multipathd(host.home, "engine")
+        host.mpd = new
+        host.call(new.start)
+        assert new.backend is not None and new.backend.engine.pid == pid  # adopted
+        host.until("paths ready", lambda: all(p.ready for p in new.paths.values()))
+        assert g.pread(BS, 0) == b"b" * BS  # the same connection, all along
+        assert new.view()["maps"][0]["paths"][0]["written_bytes"] >= BS
+
+
+def test_an_engine_without_agent_and_client_ends(tmp_path: Path) -> None:
+    proc = subprocess.Popen([str(BUILD / "sanvisor-engine"), "--control",
+                             str(tmp_path / "c.sock"), "--state", str(tmp_path),
+                             "--idle-exit", "0.3"], stderr=subprocess.PIPE)
+    try:
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert b"no agent and no client" in (proc.stderr.read() if proc.stderr else b"")
