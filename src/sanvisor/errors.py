@@ -253,6 +253,70 @@ class ChannelError(XenHostError):
     code = "xenhost.channel"
 
 
+class VolumeError(SanvisorError):
+    """A volume (LVM) operation refused or failed (the base of the volume.* codes)."""
+
+    code = "volume.failed"
+
+
+class VolumeNameError(VolumeError, UsageError):
+    """A PV, VG or LV name (or a size) LVM refuses: charset, length, reserved names."""
+
+    code = "volume.name"
+
+
+class VolumeNotFoundError(VolumeError, NotFoundError):
+    """A named PV, VG or LV does not exist (here, or on any device this host sees)."""
+
+    code = "volume.not_found"
+
+
+class VolumeExistsError(VolumeError, ConflictError):
+    """A VG or LV name is taken, or a device is already a PV."""
+
+    code = "volume.exists"
+
+
+class VolumeSpaceError(VolumeError, ResourceError):
+    """A VG has not the free extents a request needs (the message says what is free)."""
+
+    code = "volume.space"
+
+
+class VolumeInUseError(VolumeError, ConflictError):
+    """A device holds something (a filesystem, a partition table, another VG) or a
+    PV/LV is in use (allocated extents, active on a host): refused without --force."""
+
+    code = "volume.in_use"
+
+
+class MetadataError(VolumeError):
+    """LVM metadata that cannot be read or trusted: a bad label, header or checksum,
+    text that does not parse, a VG that does not hold together."""
+
+    code = "volume.metadata"
+
+
+class MissingPvError(VolumeError, ConflictError):
+    """A VG has a PV this host cannot see: nothing is written until
+    `vgreduce --removemissing`."""
+
+    code = "volume.missing_pv"
+
+
+class LeaseError(VolumeError, ConflictError):
+    """The VG's lease on the shared storage could not be taken in time, or was lost
+    (a host that cannot renew its lease stops writing metadata)."""
+
+    code = "volume.lease"
+
+
+class VolumeIOError(VolumeError):
+    """A read or write on a PV's device failed."""
+
+    code = "volume.io"
+
+
 def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, str | bool | int):
         return value

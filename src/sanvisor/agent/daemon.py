@@ -180,9 +180,11 @@ async def serve(layout: Layout) -> None:
     log.info("agent up: %d domain(s) found again", len(manager.table))
     sock = _bind(layout.socket)
     from sanvisor.agent.storage_service import StorageService
+    from sanvisor.agent.volume_service import VolumeService
 
-    app = build_app(HostService(manager, host_name=host.get("name")),
-                    StorageService(layout.home, mpd))
+    storage = StorageService(layout.home, mpd)
+    volumes = VolumeService.attach(storage, host.get("name"))
+    app = build_app(HostService(manager, host_name=host.get("name")), storage)
     config = uvicorn.Config(app, fd=sock.fileno(),
                             http=_peer_checked_protocol(), log_level="warning",
                             lifespan="off", timeout_graceful_shutdown=2)
@@ -191,6 +193,7 @@ async def serve(layout: Layout) -> None:
         await server.serve()
     finally:
         await manager.stop()
+        await volumes.close()
         await mpd.stop()
         sock.close()
         with contextlib.suppress(FileNotFoundError):

@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from sanvisor import __version__
 from sanvisor.agent.service import HostService
 from sanvisor.agent.storage_service import StorageService
+from sanvisor.api import volume_routes
 from sanvisor.errors import (
     AgentProtocolError,
     AgentUnavailableError,
@@ -289,6 +290,7 @@ def build_app(svc: HostService, storage: StorageService | None = None) -> FastAP
 
     if storage is not None:
         _storage_routes(app, storage)
+    volume_routes.register(app, storage)
     return app
 
 

@@ -10,6 +10,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from sanvisor.cli import lvm_verbs
+
 DOM = "domain name, id or uuid"
 GLOBALS_EPILOG = ("global options, anywhere on the line: --json (machine-readable "
                   "output), -H HOST (run as lab host HOST), --home DIR (agent state "
@@ -48,7 +50,7 @@ VERBS = frozenset((
     "block-attach", "block-detach", "network-attach", "network-detach", "domid", "domname",
     "migrate", "uptime", "info", "top", "agent", "guest-kit", "array", "scsi", "multipath",
     "lab", "demo",
-))
+)) | lvm_verbs.VERBS
 
 
 class _Skip:
@@ -78,7 +80,8 @@ def build_parser(only: str | None = None
     cls = _parser_class(innermost)
     p = cls(prog="sanvisor", formatter_class=argparse.RawDescriptionHelpFormatter,
             description="The xm experience over QEMU/Xen hosts on shared SAN storage.",
-            epilog=DOMAIN_VERBS_HELP + "\n" + GLOBALS_EPILOG)
+            epilog=DOMAIN_VERBS_HELP + "\n" + lvm_verbs.VOLUME_VERBS_HELP + "\n"
+            + GLOBALS_EPILOG)
     p.add_argument("--home", type=Path, help="agent state directory "
                    "(default $SANVISOR_HOME, /var/lib/sanvisor as root)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -183,6 +186,7 @@ def _host_verbs(verb: Any, sub: Any, only: str | None) -> None:
 
     if only in (None, "array"):
         array_verbs.add_parser(sub)
+    lvm_verbs.add_parsers(verb)
     sc = verb("scsi", "the SCSI paths this host sees on the SAN")
     ssub = sc.add_subparsers(dest="scsi_cmd", metavar="ACTION", required=True)
     ssub.add_parser("list", help="the /proc/scsi/scsi view")

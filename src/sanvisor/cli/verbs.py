@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sanvisor.api.client import AgentClient
-from sanvisor.cli import render
+from sanvisor.cli import lvm_verbs, render
 from sanvisor.errors import ConfigError, UsageError
 from sanvisor.paths import Layout
 
@@ -349,6 +349,7 @@ HANDLERS: dict[str, Any] = {
     "info": _read_only(["info"]), "top": do_top, "agent": do_agent,
     "guest-kit": do_guest_kit,
 }
+HANDLERS.update(lvm_verbs.handlers())
 
 
 def dispatch(args: argparse.Namespace, layout: Layout) -> int:
