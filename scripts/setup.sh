@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PKGS=(qemu-system-x86 qemu-utils busybox-static iproute2 nftables libnbd-bin iputils-ping fio multipath-tools lvm2
-      gcc make libc6-dev)
+      gcc make libc6-dev etcd-server)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -18,6 +18,11 @@ if ((${#missing[@]})); then
     echo "setup: installing ${missing[*]}" >&2
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # etcd-server's package starts a system etcd on :2379; sanvisor starts its own
+    # (the store tests, a pool's members), so the one we just installed is stopped
+    if [[ " ${missing[*]} " == *" etcd-server "* ]] && command -v systemctl >/dev/null; then
+        systemctl disable --now etcd >/dev/null 2>&1 || true
+    fi
 fi
 
 PY=${PYTHON:-python3}

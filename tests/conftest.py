@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 
 #: The tiers, each selectable by marker: unit (seconds, nothing booted), guest (real
-#: QEMU guests), lab (the SAN lab: array, namespaces, fabrics), xen (nested Xen hosts).
-TIERS = ("unit", "guest", "lab", "xen")
-_DIR_TIER = {"unit": "unit", "guest": "guest", "storage": "lab", "xen": "xen"}
+#: QEMU guests), lab (the SAN lab: array, namespaces, fabrics), xen (nested Xen hosts),
+#: store (the pool's state store on SQLite and on a real etcd server).
+TIERS = ("unit", "guest", "lab", "xen", "store")
+_DIR_TIER = {"unit": "unit", "guest": "guest", "storage": "lab", "xen": "xen",
+             "store": "store"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -171,6 +171,44 @@ class AgentProtocolError(SanvisorError):
     code = "agent.protocol"
 
 
+class StoreError(SanvisorError):
+    """The pool's state store refused or failed an operation (the base of store.*)."""
+
+    code = "store"
+
+
+class StoreUnavailableError(StoreError):
+    """The state store cannot be reached or used (etcd down, the SQLite file unreadable
+    or locked too long); for a write, whether it happened is then unknown."""
+
+    code = "store.unavailable"
+
+
+class StoreConflictError(StoreError, ConflictError):
+    """A conditional write lost: a key is already taken, or changed since it was read."""
+
+    code = "store.conflict"
+
+
+class StoreLeaseExpiredError(StoreConflictError):
+    """A lease is gone (expired or revoked): what was attached to it is gone too."""
+
+    code = "store.lease_expired"
+
+
+class StoreFencedError(StoreConflictError):
+    """A write on behalf of an owner whose fencing token is no longer current (its lease
+    lapsed, or another host took the domain): refused, nothing written."""
+
+    code = "store.fenced"
+
+
+class StoreCompactedError(StoreError):
+    """A watch asked for history the store no longer keeps: read the state again."""
+
+    code = "store.compacted"
+
+
 class InternalError(SanvisorError):
     """An exception the agent did not expect (a bug, or a case no check caught): its type
     and message, the traceback in the agent log."""

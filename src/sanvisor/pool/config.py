@@ -6,7 +6,11 @@ administrator for real hosts), read by the CLI (`-H HOST`, `list --pool`,
 `migrate DOM HOST`) and by the agents. Nothing else knows how the pool was built.
 
     {"name": "sv", "hosts": {"host1": {"home": "/var/lib/sanvisor/lab/host1",
-                                        "driver": "qemu", "lan": "10.213.100.11"}}}
+                                        "driver": "qemu", "lan": "10.213.100.11"}},
+     "store": "etcd://10.0.0.1:2379,10.0.0.2:2379"}
+
+``store`` (optional) is the pool's state store URL (docs/store.md); without it, the
+SQLite file store.db in the pool home.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class PoolHost:
 class PoolConfig:
     name: str
     hosts: dict[str, PoolHost] = field(default_factory=dict)
+    store: str = ""  # the state store's URL ("": sqlite:<pool home>/store.db)
 
     def host(self, name: str) -> PoolHost:
         try:
@@ -50,8 +55,11 @@ class PoolConfig:
         path = path or pool_file()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"name": self.name, "hosts": {
-            n: asdict(h) for n, h in self.hosts.items()}}, indent=1) + "\n")
+        data: dict[str, object] = {"name": self.name, "hosts": {
+            n: asdict(h) for n, h in self.hosts.items()}}
+        if self.store:
+            data["store"] = self.store
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
         os.replace(tmp, path)
         return path
 
@@ -61,7 +69,10 @@ class PoolConfig:
         try:
             data = json.loads(path.read_text())
             hosts = {n: PoolHost(**{**h, "name": n}) for n, h in data["hosts"].items()}
-            return cls(name=str(data["name"]), hosts=hosts)
+            store = data.get("store") or ""
+            if not isinstance(store, str):
+                raise TypeError(f"store must be a URL, not {store!r}")
+            return cls(name=str(data["name"]), hosts=hosts, store=store)
         except FileNotFoundError:
             raise NotFoundError(f"no pool at {path.parent} (build one with 'sanvisor lab "
                                 "up', or write its pool.json)", path=str(path)) from None
