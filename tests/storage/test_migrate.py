@@ -176,3 +176,137 @@ def test_a_target_killed_mid_transfer_leaves_the_guest_where_it_was(pool: Pool) 
         [("host1", True)], [(r["state"], r["reason"]) for r in rows]  # one copy, running
     assert qemu_pids(pool.root / "host2") == []
     wait_until("the counter going on", lambda: guest.counter() > c1, 30)
+
+
+# ---- one running copy in the pool: ownership in the store -----------------------------
+
+def _agent(pool: Pool, host: str) -> int:
+    from sanvisor.agent.daemon import agent_pid
+    from sanvisor.paths import Layout
+
+    pid = agent_pid(Layout(pool.root / host))
+    assert pid, f"no agent on {host}"
+    return pid
+
+
+def _kill_agent(pool: Pool, host: str) -> None:
+    """SIGKILL a host's agent (its QEMUs run on)."""
+    pid = _agent(pool, host)
+    os.kill(pid, signal.SIGKILL)
+    wait_until(f"{host}'s agent gone", lambda: not Path(f"/proc/{pid}").exists(), 30)
+
+
+def _start_agent(pool: Pool, host: str) -> None:
+    n = host.removeprefix("host")
+    subprocess.run(["ip", "netns", "exec", f"{pool.name}-h{n}", *pool.argv(
+        "--home", str(pool.root / host), "agent", "start")], env=pool.env, check=True,
+        capture_output=True, timeout=120)
+
+
+def _qmp_status(sock: Path) -> str:
+    import asyncio
+
+    from qemu.qmp import QMPClient
+
+    async def ask() -> str:
+        qmp = QMPClient("test")
+        await qmp.connect(str(sock))
+        try:
+            return str(dict(await qmp.execute("query-status"))["status"])  # type: ignore[arg-type]
+        finally:
+            await qmp.disconnect()
+
+    return asyncio.run(ask())
+
+
+def _where(pool: Pool) -> list[tuple[str, bool]]:
+    return [(r["host"], r["state"] in ("running", "blocked")) for r in pool.rows()]
+
+
+def test_a_domain_runs_once_in_the_pool(pool: Pool) -> None:
+    """create of a name that runs on another host, and a save file restored a second
+    time, are refused: never two guests on one LUN (the seed's cold migration by hand
+    works once)."""
+    assert _where(pool) == [("host1", True)]
+    guest = pool.shell("host1")
+    guest.run("echo saved-on-host1 > /run/mark2")
+    proc = pool.sv("-H", "host2", "create", str(pool.root / "m1.cfg"), check=False)
+    assert proc.returncode == 1 and "m1" in proc.stderr and "runs on host1" in proc.stderr, \
+        proc.stderr
+    assert qemu_pids(pool.root / "host2") == []
+    save = pool.root / "m1.save"
+    pool.sv("-H", "host1", "save", "m1", str(save))
+    pool.sv("-H", "host2", "restore", str(save))  # the seed's move by hand: fine once
+    assert _where(pool) == [("host2", True)]
+    assert pool.shell("host2").run("cat /run/mark2") == "saved-on-host1"
+    proc = pool.sv("-H", "host1", "restore", str(save), check=False)
+    assert proc.returncode == 1 and "runs on host2" in proc.stderr, proc.stderr
+    assert _where(pool) == [("host2", True)] and qemu_pids(pool.root / "host1") == []
+    pool.js("-H", "host2", "migrate", "-l", "m1", "host1")  # back, for what follows
+    assert _where(pool) == [("host1", True)]
+
+
+def _slow_migration(pool: Pool) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    """m1 on its way from host1 to host2 at 8 MiB/s (~10 s); its incoming row."""
+    mig = subprocess.Popen(pool.argv("-H", "host1", "migrate", "-l", "--bandwidth", "8",
+                                     "--no-postcopy", "m1", "host2"),
+                           env=pool.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+
+    def arriving_row() -> dict[str, Any] | None:
+        assert mig.poll() is None, mig.communicate()
+        return next((r for r in pool.rows() if r["host"] == "host2" and r["pid"]), None)
+
+    return mig, wait_until("m1 arriving on host2", arriving_row, 60)
+
+
+def test_source_agent_killed_mid_migration_rolls_back(pool: Pool) -> None:
+    """The source's agent dies mid-stream: its QEMU finishes the stream alone and stops
+    (the target, -S, holds the whole guest and never runs it). When the agent comes
+    back it takes the domain again (a new fencing token: the hand-over can no longer
+    happen) and runs its copy on; the target, seeing the source's hold change,
+    removes its incoming copy."""
+    guest = pool.shell("host1")
+    c1 = guest.counter()
+    mig, _ = _slow_migration(pool)
+    try:
+        _kill_agent(pool, "host1")
+        [sock] = list((pool.root / "host1" / "dom").glob("*/qmp.sock"))
+        wait_until("the stream's end, with no agent", lambda: _qmp_status(sock)
+                   == "postmigrate", 120, 0.5)
+        _start_agent(pool, "host1")
+        mig.communicate(timeout=120)
+    finally:
+        if mig.poll() is None:
+            mig.kill()
+            mig.wait()
+    assert mig.returncode != 0
+    wait_until("one copy, on host1", lambda: _where(pool) == [("host1", True)], 60)
+    wait_until("host2's incoming copy removed",
+               lambda: qemu_pids(pool.root / "host2") == [], 30)
+    assert guest.run("cat /run/mark2") == "saved-on-host1"
+    wait_until("the counter going on", lambda: guest.counter() > c1, 30)
+
+
+def test_target_agent_killed_mid_migration(pool: Pool) -> None:
+    """The target's agent dies mid-stream: its QEMU receives the whole guest but never
+    runs it (-S: only a switch-over would). The source cannot switch over, keeps the
+    domain and runs it on; the target's agent, back, removes its stale copy."""
+    guest = pool.shell("host1")
+    c1 = guest.counter()
+    mig, _ = _slow_migration(pool)
+    try:
+        _kill_agent(pool, "host2")
+        _, err = mig.communicate(timeout=180)
+    finally:
+        if mig.poll() is None:
+            mig.kill()
+            mig.wait()
+    assert mig.returncode == 1 and "sanvisor: error:" in err, err
+    wait_until("the counter going on", lambda: guest.counter() > c1, 30)
+    [sock] = list((pool.root / "host2" / "dom").glob("*/qmp.sock"))
+    assert _qmp_status(sock) != "running"  # the whole guest is there, never run
+    _start_agent(pool, "host2")
+    wait_until("host2's stale copy removed", lambda: qemu_pids(pool.root / "host2") == [], 30)
+    assert _where(pool) == [("host1", True)]
+    assert guest.run("cat /run/mark2") == "saved-on-host1"

@@ -74,6 +74,9 @@ class CreateVerbs(VerbBase):
         self.table.add(dom)
         async with dom.lock, Plan("start", rec.spec.name) as plan:
             plan.did("name, uuid and MACs taken", lambda: self.life.teardown(dom))
+            if self.table.pool is not None:  # and in the pool: it runs nowhere else
+                await self.table.pool.claim(rec.spec.name, rec.uuid)
+                plan.did("owned in the pool")  # teardown gives it up
             self.host.plumb(rec.domid, rec.nics)
             plan.did("taps plugged")  # teardown unplugs them
             launch = self.host.launch_plan(rec, incoming=incoming_fd >= 0, paused=paused)

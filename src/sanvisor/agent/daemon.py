@@ -176,6 +176,9 @@ async def serve(layout: Layout) -> None:
     mpd = Multipathd(layout.home)
     await mpd.start()
     manager = Manager(layout, driver, kit=kit, mapper=mpd, kit_args=kit_args)
+    from sanvisor.agent.membership import Membership
+
+    manager.table.pool = await Membership.join(host)  # None outside a pool
     await manager.start()
     log.info("agent up: %d domain(s) found again", len(manager.table))
     sock = _bind(layout.socket)
@@ -193,6 +196,8 @@ async def serve(layout: Layout) -> None:
         await server.serve()
     finally:
         await manager.stop()
+        if manager.table.pool is not None:
+            await manager.table.pool.close()
         await volumes.close()
         await mpd.stop()
         sock.close()

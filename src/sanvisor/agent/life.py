@@ -46,7 +46,33 @@ class Lifecycle:
                                          "while the agent was away")
                 continue
             dom.inst = inst
+            if await self._moved_away(dom):
+                continue
+            if dom.record.reason != "arriving by migration":
+                try:  # a migration out of here its dead agent left half-way: ours again
+                    await inst.settle_outgoing(resume=dom.record.state is State.RUNNING)
+                except SanvisorError as exc:
+                    log.warning("%s: %s", dom.name, exc)
             await self._reconcile(dom)
+
+    async def _moved_away(self, dom: Domain) -> bool:
+        """After a restart, a domain found running here is taken again in the pool (a
+        new fencing token: a hand-over prepared before the restart cannot happen any
+        more); one that another host owns now moved while the agent was away, and this
+        stale copy is removed."""
+        if self.table.pool is None:
+            return False
+        try:
+            where = await self.table.pool.resume_ownership(dom.name, dom.record.uuid)
+        except SanvisorError as exc:
+            log.warning("%s: cannot take it again in the pool: %s", dom.name, exc)
+            return False
+        if where == "ours":
+            return False
+        log.warning("%s: %s runs it now (it moved while this agent was away): removing "
+                    "the copy here", dom.name, where)
+        await self.teardown(dom)
+        return True
 
     async def stop(self) -> None:
         for dom in self.table:
@@ -127,3 +153,5 @@ class Lifecycle:
         self.table.remove(dom)
         shutil.rmtree(self.table.layout.domain_dir(dom.record.uuid), ignore_errors=True)
         self.table.set_state(dom, State.DYING, "destroyed")
+        if self.table.pool is not None:  # no longer runs here: the pool may start it
+            await self.table.pool.release(dom.name, dom.record.uuid)

@@ -41,13 +41,14 @@ from sanvisor.agent.table import Domain, DomainTable
 from sanvisor.api.client import AgentClient
 from sanvisor.drivers.base import IncomingMigration
 from sanvisor.drivers.xen.diskid import check_movable, check_same
-from sanvisor.errors import ConflictError, HypervisorError, RecordError
+from sanvisor.errors import ConflictError, HypervisorError, RecordError, StoreError
 from sanvisor.model.domain import State
 from sanvisor.model.lifecycle import Busy
 from sanvisor.model.migration import ConvergencePolicy
 
 log = logging.getLogger("sanvisor.agent")
 MIGRATE_TIMEOUT = 600.0
+WATCH_EVERY = 2.0  # s: how often an incoming migration checks its source still holds it
 
 
 def _modes(rec: DomainRecord) -> dict[str, str]:
@@ -60,6 +61,8 @@ class Incoming:
     dom: Domain
     mig: IncomingMigration
     expiry: asyncio.TimerHandle | None = None
+    done: asyncio.Task[dict[str, Any]] | None = None  # switched over: its arrival
+    watch: asyncio.Task[None] | None = None  # the source's hold on it, until then
 
 
 class Migrations:
@@ -86,6 +89,7 @@ class Migrations:
         policy = policy or ConvergencePolicy()
         drv = self.svc.driver
         dom = self.table.find(ref)
+        pool = self.table.pool
         async with dom.lock:
             inst = self.svc.admit(dom, "migrate")
             caps = drv.migration
@@ -96,34 +100,73 @@ class Migrations:
             ids = await asyncio.to_thread(self.host.identities, _modes(rec))
             check_movable(ids)
             target = AgentClient(Path(target_socket))
+            source = pool.host if pool is not None else ""
+            token = pool.token(rec.uuid) if pool is not None else None
             prep = await asyncio.to_thread(
                 target.call, "POST", "/v1/migrate/incoming",
                 {"record": rec.to_dict(), "disks": ids, "live": live,
                  "policy": policy.to_dict(), "driver": drv.name,
-                 "accelerator": drv.accelerator()["accel"]})
+                 "accelerator": drv.accelerator()["accel"], "source": source,
+                 "token": token})
             was_running = rec.state is State.RUNNING
+            hand = {"resume": was_running, "source": source, "token": token}
+            switched = False
+
+            async def switchover() -> None:  # the driver's point of no return
+                nonlocal switched
+                await asyncio.to_thread(target.call, "POST",
+                                        f"/v1/migrate/{rec.uuid}/switchover", hand)
+                switched = True
+
             dom.busy = Busy.MIGRATING  # the hypervisor's news of a leaving domain is ours
             progress = self.progress.setdefault(rec.uuid, {})
             try:
                 report = await inst.migrate_to(str(prep["address"]), live=live,
                                                policy=policy, progress=progress.update,
-                                               timeout=MIGRATE_TIMEOUT)
+                                               timeout=MIGRATE_TIMEOUT,
+                                               switchover=switchover)
                 info: dict[str, Any] = await asyncio.to_thread(
-                    target.call, "POST", f"/v1/migrate/{rec.uuid}/finish",
-                    {"resume": was_running})
-            except BaseException:
+                    target.call, "POST", f"/v1/migrate/{rec.uuid}/finish", hand)
+            except BaseException as exc:
                 dom.busy = Busy.NONE
-                with contextlib.suppress(Exception):
-                    await asyncio.to_thread(target.call, "POST",
-                                            f"/v1/migrate/{rec.uuid}/abort", {})
-                if was_running:  # ours is the copy that lives: running, as it was
-                    with contextlib.suppress(Exception):
-                        await inst.unpause()
+                await self._recover(dom, target, was_running, switched, exc)
                 raise
             finally:
                 self.progress.pop(rec.uuid, None)
             await self.life.teardown(dom)  # our stopped copy; the target runs it now
         return {**info, "migration": report.to_dict()}
+
+    async def _recover(self, dom: Domain, target: AgentClient, was_running: bool,
+                       switched: bool, exc: BaseException) -> None:
+        """The migration failed: which copy lives. Before the switch-over, ours (the
+        target's is removed); after it, the target's (it owns the domain; ours is
+        stale and is removed). When the pool cannot say, ours stays paused."""
+        rec, pool = dom.record, self.table.pool
+        owner: str | None = "ours"
+        if pool is not None:
+            try:
+                now = await pool.own.current(rec.uuid)
+                owner = "ours" if now is None or now.host == pool.host else now.host
+            except StoreError as err:
+                log.warning("%s: migration failed (%s) and the pool's store cannot say who "
+                            "owns it now (%s): left paused here", dom.name, exc, err)
+                owner = None
+        elif switched:
+            owner = "target"
+        if owner == "ours":
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(target.call, "POST",
+                                        f"/v1/migrate/{rec.uuid}/abort", {})
+            if pool is not None and pool.token(rec.uuid) is None:
+                with contextlib.suppress(Exception):
+                    await pool.claim(dom.name, rec.uuid)  # the target gave it back
+            if was_running and dom.inst is not None:  # ours lives: running, as it was
+                with contextlib.suppress(Exception):
+                    await dom.inst.unpause()
+        elif owner is not None:
+            log.warning("%s: migration failed after the switch-over (%s): %s runs it; "
+                        "removing the copy here", dom.name, exc, owner)
+            await self.life.teardown(dom)
 
     def status(self, ref: str) -> dict[str, Any]:
         """A migration in progress from here (for `migrate`'s progress bar)."""
@@ -154,6 +197,18 @@ class Migrations:
         if rec.uuid in self.pending:
             raise ConflictError(f"migrate: {rec.spec.name} is already on its way here")
         self.table.check_free(rec.spec.name, rec.uuid, [n.mac for n in rec.nics])
+        self.table.reserve(rec.uuid, rec.spec.name, [n.mac for n in rec.nics],
+                           "arriving by migration")
+        try:
+            return await self._prepare(rec, body, live, policy)
+        finally:
+            self.table.release(rec.uuid)  # in the table by now, or refused
+
+    async def _prepare(self, rec: DomainRecord, body: dict[str, Any], live: bool,
+                       policy: ConvergencePolicy) -> dict[str, str]:
+        drv = self.svc.driver
+        if self.table.pool is not None:
+            await self.table.pool.expect(rec.spec.name, rec.uuid, str(body.get("source")))
         modes = _modes(rec)
         disks = dict(body.get("disks") or {})
         if set(disks) != set(modes):
@@ -183,12 +238,69 @@ class Migrations:
         pending.expiry = asyncio.get_running_loop().call_later(
             MIGRATE_TIMEOUT + 60, lambda: asyncio.ensure_future(self._expire(rec.uuid)))
         self.pending[rec.uuid] = pending
+        if self.table.pool is not None and body.get("token") is not None:
+            pending.watch = asyncio.get_running_loop().create_task(
+                self._watch_source(rec.uuid, int(body["token"])))
         return {"address": mig.address}
 
-    async def finish(self, uuid: str, resume: bool) -> dict[str, Any]:
-        pending = self._take(uuid)
+    async def _watch_source(self, uuid: str, token: int) -> None:
+        """Until the switch-over: if the source's hold on the domain changes (its agent
+        restarted and took the domain again, or gave it up), the migration is over and
+        this incoming copy is removed, without waiting for the expiry."""
+        pool = self.table.pool
+        assert pool is not None
+        while (pending := self.pending.get(uuid)) is not None and pending.done is None:
+            await asyncio.sleep(WATCH_EVERY)
+            try:
+                now = await pool.own.current(uuid)
+            except StoreError:
+                continue
+            if (pending := self.pending.get(uuid)) is None or pending.done is not None:
+                return
+            if now is None or now.token != token:
+                log.warning("migrate: %s's source let go of it (%s); removing the "
+                            "incoming copy", pending.dom.name,
+                            "no owner" if now is None else f"{now.host} took it again")
+                with contextlib.suppress(ConflictError):
+                    await self.abort(uuid)
+                return
+
+    async def switchover(self, uuid: str, body: dict[str, Any]) -> None:
+        """The source's point of no return: the domain becomes this host's (its
+        ownership moves in the pool's store, only if the source still holds it with
+        the token it sends), then the hypervisor may run it once it has arrived.
+        Idempotent; refused (and nothing changes) if the hand-over is refused."""
+        pending = self.pending.get(uuid)
         if pending is None:
             raise ConflictError(f"migrate: no incoming migration {uuid}")
+        if pending.done is not None:
+            return
+        pool, dom = self.table.pool, pending.dom
+        if pool is not None:
+            await pool.take_over(dom.name, uuid, str(body.get("source") or ""),
+                                 body.get("token"))
+        if pending.expiry is not None:  # ours now: it arrives, or is lost, here
+            pending.expiry.cancel()
+        resume = bool(body.get("resume", True))
+        try:
+            if resume:
+                await pending.mig.switchover()
+        except BaseException:
+            self.pending.pop(uuid, None)
+            await self._clean(pending)
+            raise
+        pending.done = asyncio.get_running_loop().create_task(self._arrive(pending, resume))
+
+    async def finish(self, uuid: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The stream is in (the source says so): switch over if not yet, and answer
+        once the domain runs here."""
+        await self.switchover(uuid, body)
+        pending = self.pending.get(uuid)
+        if pending is None or pending.done is None:
+            raise ConflictError(f"migrate: no incoming migration {uuid}")
+        return await asyncio.shield(pending.done)
+
+    async def _arrive(self, pending: Incoming, resume: bool) -> dict[str, Any]:
         dom = pending.dom
         try:
             inst = await pending.mig.finish(MIGRATE_TIMEOUT)
@@ -198,14 +310,21 @@ class Migrations:
             if resume and not running:
                 await inst.unpause()
         except BaseException:
-            await self._clean(pending)
+            await self._clean(pending)  # and with it, this host's ownership is released
             raise
+        finally:
+            self.pending.pop(dom.record.uuid, None)
         dom.busy = Busy.NONE
         self.table.set_state(dom, State.RUNNING if resume else State.PAUSED, "migrated in")
         return self.svc.info(dom)
 
     async def abort(self, uuid: str) -> None:
-        """The source gave up: nothing of the incoming domain is left here."""
+        """The source gave up: nothing of the incoming domain is left here. Refused once
+        switched over (the domain is this host's then)."""
+        pending = self.pending.get(uuid)
+        if pending is not None and pending.done is not None:
+            raise ConflictError(f"migrate: {pending.dom.name} was switched over to this "
+                                "host; it is not the source's to abort any more")
         pending = self._take(uuid)
         if pending is not None:
             await self._clean(pending)

@@ -23,6 +23,10 @@ from sanvisor.model.domain import State
 from sanvisor.model.lifecycle import Busy
 from sanvisor.paths import Layout
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from sanvisor.agent.membership import Membership
+
 
 @dataclass
 class Domain:
@@ -55,6 +59,8 @@ class DomainTable:
         self.registry = Registry(layout.registry)
         self.domains: dict[str, Domain] = {}  # by uuid
         self.reserved: dict[str, Reservation] = {}  # by uuid: not in the table yet
+        #: this host in the pool's store (agent/membership.py); None outside a pool
+        self.pool: Membership | None = None
 
     def __iter__(self) -> Iterator[Domain]:
         return iter(list(self.domains.values()))

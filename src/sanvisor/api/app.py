@@ -143,10 +143,16 @@ class IncomingBody(BaseModel):
     policy: dict[str, Any] | None = None
     driver: str | None = None
     accelerator: str | None = None
+    source: str = Field("", description="the source host's name in the pool")
+    token: int | None = Field(None, description="the source's fencing token for it")
 
 
 class FinishBody(BaseModel):
     resume: bool = Field(True, description="run the domain here once it arrived")
+    source: str = Field("", description="the source host's name in the pool")
+    token: int | None = Field(None, description="the source's fencing token for the "
+                              "domain (pool/ownership.py): the hand-over happens only if "
+                              "it is still current")
 
 
 class DeviceBody(BaseModel):
@@ -252,9 +258,14 @@ def build_app(svc: HostService, storage: StorageService | None = None) -> FastAP
         await migrations.abort(uuid)
         return {"ok": uuid}
 
+    @app.post("/v1/migrate/{uuid}/switchover")
+    async def migrate_switchover(uuid: str, body: FinishBody) -> dict[str, str]:
+        await migrations.switchover(uuid, body.model_dump())
+        return {"result": "switched over"}
+
     @app.post("/v1/migrate/{uuid}/finish")
     async def migrate_finish(uuid: str, body: FinishBody) -> dict[str, Any]:
-        return await migrations.finish(uuid, body.resume)
+        return await migrations.finish(uuid, body.model_dump())
 
     @app.post("/v1/restore")
     async def restore(body: PathBody) -> dict[str, Any]:

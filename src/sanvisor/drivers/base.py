@@ -8,7 +8,7 @@ so a Xen driver (xl) and the QEMU driver (QMP) are interchangeable.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,8 +76,17 @@ class IncomingMigration(abc.ABC):
     async def abort(self) -> None:
         """Give up: nothing of the incoming domain is left on this host."""
 
+    async def switchover(self) -> None:
+        """The domain is this host's now (the pool's ownership moved): run it as soon as
+        it has arrived (QEMU: `cont`, which in the incoming state means "start when the
+        stream is in"). Until then an incoming domain never runs by itself."""
+        return None
+
 
 Progress = Callable[[dict[str, Any]], None]
+#: called by a source right before its point of no return (QEMU: before post-copy
+#: starts); raising refuses it, and the migration is cancelled
+Switchover = Callable[[], Awaitable[None]]
 
 
 @dataclass
@@ -154,10 +163,18 @@ class Instance(abc.ABC):
     async def close(self) -> None:
         """Let go of the instance without stopping it (agent shutdown)."""
 
+    async def settle_outgoing(self, resume: bool) -> None:
+        """After an agent restart: an outgoing migration this instance was in (in
+        progress, or through but never switched over: the agent that drove it died) is
+        cancelled, and the guest runs on here if ``resume``. Default: nothing to do."""
+        return None
+
     async def migrate_to(self, address: str, *, live: bool, policy: ConvergencePolicy,
-                         progress: Progress, timeout: float) -> MigrationReport:
+                         progress: Progress, timeout: float,
+                         switchover: Switchover | None = None) -> MigrationReport:
         """Source side: send the domain to an IncomingMigration's ``address``. On success
-        this copy is stopped for good (the target runs it); on failure it runs on."""
+        this copy is stopped for good (the target runs it once the agents switched it
+        over); on failure before ``switchover`` was called, it runs on."""
         raise HypervisorError("this driver cannot migrate a domain")
 
     async def wait_alive(self, timeout: float) -> str | None:

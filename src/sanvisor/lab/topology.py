@@ -202,12 +202,19 @@ def _start(state: LabState, array_netns: str | None, listens: list[str],
                 "--address", hba.address, "--host", h.name)
     _sv(array_netns, "array", "--array-home", str(ahome), "serve", *listens, *extra,
         log=ahome / "array.log", background=True)
+    write_pool(state)
     for h in state.hosts:
         Path(h.home).mkdir(parents=True, exist_ok=True, mode=0o700)
-        (Path(h.home) / "host.json").write_text(json.dumps(asdict(h), indent=1))
+        _host_conf(state, h)
         _sv(h.netns or None, "--home", h.home, "agent", "start")
-    write_pool(state)
     _wait_array(state)
+
+
+def _host_conf(state: LabState, h: HostSpec) -> None:
+    """host.json: what the host's agent knows of itself (its name, its driver, the pool
+    it belongs to: its home, where the pool's store is)."""
+    conf = {**asdict(h), "pool": str(state.root)}
+    (Path(h.home) / "host.json").write_text(json.dumps(conf, indent=1))
 
 
 def write_pool(state: LabState) -> None:
@@ -270,9 +277,9 @@ def _add_xen_host(state: LabState, i: int) -> None:
     state.hosts.append(h)
     state.save()
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
-    (home / "host.json").write_text(json.dumps(asdict(h), indent=1))
-    _sv(None, "--home", str(home), "agent", "start")
     write_pool(state)
+    _host_conf(state, h)
+    _sv(None, "--home", str(home), "agent", "start")
 
 
 def _wait_array(state: LabState, timeout: float = 20.0) -> None:
@@ -317,6 +324,12 @@ def _stop_host(h: HostSpec) -> None:
                 if row.get("domid"):
                     _sv(None, "--home", str(home), "destroy", row["name"])
         daemon.stop(layout)
+    # the data-path engine outlives its agent (storage/engine.py): stopped here, not
+    # left to its idle exit, so that nothing of the lab runs once `lab down` returns
+    with contextlib.suppress(ValueError, OSError):
+        pid = int((home / "engine" / "engine.pid").read_text())
+        if b"sanvisor-engine" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            _kill_pidfile(home / "engine" / "engine.pid")
     # QEMUs left by a crashed agent: their pid is in each domain record
     for rec in home.glob("dom/*/domain.json"):
         with contextlib.suppress(ValueError, KeyError, OSError):

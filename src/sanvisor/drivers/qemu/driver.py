@@ -140,7 +140,7 @@ class QemuDriver(Driver):
         """QEMU with the domain's devices, waiting for the stream on a unix socket."""
         from sanvisor.drivers.qemu.migrate import QemuIncoming
 
-        plan.incoming, plan.paused = True, False
+        plan.incoming, plan.paused = True, True  # -S: it runs only once switched over
         inst = await self.launch(plan, events)
         assert isinstance(inst, QemuInstance)
         try:

@@ -22,6 +22,7 @@ from sanvisor.drivers.base import (
     Progress,
     RunStatus,
     Stats,
+    Switchover,
 )
 from sanvisor.drivers.qemu import argv as qargv
 from sanvisor.drivers.qemu import procstat
@@ -223,11 +224,17 @@ class QemuInstance(Instance):
         return self._qmp.listen(listener)
 
     async def migrate_to(self, address: str, *, live: bool, policy: ConvergencePolicy,
-                         progress: Progress, timeout: float) -> MigrationReport:
+                         progress: Progress, timeout: float,
+                         switchover: Switchover | None = None) -> MigrationReport:
         from sanvisor.drivers.qemu import migrate
 
         return await migrate.send(self, address, live=live, policy=policy,
-                                  progress=progress, timeout=timeout)
+                                  progress=progress, timeout=timeout, switchover=switchover)
+
+    async def settle_outgoing(self, resume: bool) -> None:
+        from sanvisor.drivers.qemu import migrate
+
+        await migrate.settle(self, resume)
 
     async def _migration(self, cmd: str, args: dict[str, Any], timeout: float) -> str:
         """Run a migration command; wait for its end by MIGRATION events (and polls)."""

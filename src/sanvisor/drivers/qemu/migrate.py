@@ -1,10 +1,12 @@
 """Live migration between two QEMU processes (QMP `migrate` / `migrate-incoming`).
 
-Target: QEMU started with ``-incoming defer`` and the same devices, then
+Target: QEMU started with ``-incoming defer -S`` and the same devices, then
 `migrate-incoming` on a unix socket in its run directory (the lab's hosts share
-the machine; between machines this is where TCP with TLS goes). A live migration
-of a running guest starts it on the target by itself (QEMU's autostart): after
-pre-copy completes, or as soon as post-copy starts; a paused guest arrives paused.
+the machine; between machines this is where TCP with TLS goes). The target never
+runs the guest by itself: the agents first move its ownership in the pool's store
+(the switch-over, agent/migration.py), then the target `cont`s it: after pre-copy
+completed, or (post-copy) before the source starts post-copy, when `cont` means
+"run as soon as the stream switches over".
 
 Source: `migrate` with the convergence policy (model/migration.py) applied while
 it runs: the allowed downtime raised step by step, post-copy after a while, given
@@ -22,7 +24,7 @@ from typing import Any
 
 from qemu.qmp import EventListener
 
-from sanvisor.drivers.base import IncomingMigration, Instance, Progress
+from sanvisor.drivers.base import IncomingMigration, Instance, Progress, Switchover
 from sanvisor.errors import HypervisorError, TimeoutError_
 from sanvisor.model.migration import ConvergencePolicy, MigrationReport
 from sanvisor.waiting import wait_until_async
@@ -58,14 +60,14 @@ def _fill(report: MigrationReport, info: dict[str, Any]) -> None:
 
 
 async def send(inst: QemuInstance, address: str, *, live: bool, policy: ConvergencePolicy,
-               progress: Progress, timeout: float) -> MigrationReport:
+               progress: Progress, timeout: float,
+               switchover: Switchover | None = None) -> MigrationReport:
     report = MigrationReport(live=live, policy=policy.to_dict())
     postcopy = live and policy.postcopy_after_s is not None
     await _capabilities(inst, postcopy)
     bandwidth = policy.bandwidth_mib_s << 20 if policy.bandwidth_mib_s else 1 << 40
     await inst.qmp("migrate-set-parameters", {
-        "max-bandwidth": bandwidth, "downtime-limit": policy.downtime_at(0),
-        "announce-initial": 1, "announce-rounds": 3})
+        "max-bandwidth": bandwidth, "downtime-limit": policy.downtime_at(0)})
     if not live:
         await inst.qmp("stop")  # xm's migrate without -l: paused, moved, resumed
     t0 = time.monotonic()
@@ -96,6 +98,14 @@ async def send(inst: QemuInstance, address: str, *, live: bool, policy: Converge
                     await inst.qmp("migrate-set-parameters", {"downtime-limit": want})
                 if postcopy and not report.postcopy and elapsed >= (policy.postcopy_after_s
                                                                     or 0):
+                    # the point of no return: the target runs the guest from now on
+                    if switchover is not None:
+                        try:
+                            await switchover()
+                        except BaseException:
+                            with contextlib.suppress(HypervisorError):
+                                await inst.qmp("migrate_cancel")
+                            raise
                     await inst.qmp("migrate-start-postcopy")
                     report.postcopy = True
             with contextlib.suppress(TimeoutError):
@@ -112,6 +122,29 @@ async def send(inst: QemuInstance, address: str, *, live: bool, policy: Converge
     return report
 
 
+async def settle(inst: QemuInstance, resume: bool) -> None:
+    """An outgoing pre-copy left behind by a dead agent: cancelled if still streaming;
+    a source stopped at its end (`postmigrate`, never switched over: the target
+    never ran it) runs again (`cont` reactivates its disks first)."""
+    info = dict(await inst.qmp("query-migrate"))
+    if info.get("status") in ("setup", "active", "pre-switchover", "device",
+                              "wait-unplug"):
+        log.warning("%s: an outgoing migration was still running; cancelling it",
+                    inst.plan.spec.name)
+        await inst.qmp("migrate_cancel")
+
+        async def over() -> bool:
+            status = dict(await inst.qmp("query-migrate")).get("status")
+            return status in FINAL or status is None
+
+        await wait_until_async("the migration's cancel", over, 30)
+    state = dict(await inst.qmp("query-status")).get("status")
+    if state in ("postmigrate", "finish-migrate") and resume:
+        log.warning("%s: stopped at the end of a migration never switched over; it runs "
+                    "on here", inst.plan.spec.name)
+        await inst.qmp("cont")
+
+
 class QemuIncoming(IncomingMigration):
     def __init__(self, inst: QemuInstance, address: str) -> None:
         self.inst = inst
@@ -123,6 +156,11 @@ class QemuIncoming(IncomingMigration):
         sock = inst.plan.rundir / "migrate-in.sock"
         sock.unlink(missing_ok=True)
         await _capabilities(inst, postcopy)
+        # the announcements (RARPs, and the guest's own gratuitous ARPs) follow the
+        # *target's* parameters: QEMU waits 50 ms by default, and the LAN's switches
+        # keep sending the guest's traffic to the source's port until then
+        await inst.qmp("migrate-set-parameters", {
+            "announce-initial": 1, "announce-step": 50, "announce-rounds": 4})
         address = f"unix:{sock}"
         await inst.qmp("migrate-incoming", {"uri": address})
         return cls(inst, address)
@@ -139,6 +177,12 @@ class QemuIncoming(IncomingMigration):
 
         await wait_until_async("the incoming migration", arrived, timeout)
         return self.inst
+
+    async def switchover(self) -> None:
+        """QEMU's `cont`: during the incoming state it means "start once the stream is
+        in" (post-copy: as soon as it switches over); after it, start now. The target
+        QEMU is started with -S: it never runs the guest before the agents agree."""
+        await self.inst.qmp("cont")
 
     async def abort(self) -> None:
         log.warning("incoming migration of %s aborted; its QEMU said: %s",

@@ -28,6 +28,7 @@ from sanvisor.drivers.base import (
     Progress,
     RunStatus,
     Stats,
+    Switchover,
 )
 from sanvisor.drivers.xen import xlcfg
 from sanvisor.drivers.xen.console import ConsoleRelay, Spawn
@@ -188,7 +189,8 @@ class XenInstance(Instance):
             raise HypervisorError(f"dom0: {argv[0]} failed: {err.strip()}", argv=argv)
 
     async def migrate_to(self, address: str, *, live: bool, policy: ConvergencePolicy,
-                         progress: Progress, timeout: float) -> MigrationReport:
+                         progress: Progress, timeout: float,
+                         switchover: Switchover | None = None) -> MigrationReport:
         """`xl migrate` (live) or `xl save -p` (not live: this copy stays paused until
         the agent tears it down) into the target's socket."""
         from sanvisor.drivers.xen.migrate import send
