@@ -310,3 +310,33 @@ def test_target_agent_killed_mid_migration(pool: Pool) -> None:
     wait_until("host2's stale copy removed", lambda: qemu_pids(pool.root / "host2") == [], 30)
     assert _where(pool) == [("host1", True)]
     assert guest.run("cat /run/mark2") == "saved-on-host1"
+
+
+def test_guest_io_and_the_agent_go_on_during_a_save(pool: Pool, tmp_path: Path) -> None:
+    """A save streams (and hashes) a guest's whole memory: meanwhile another guest's
+    writes to its LUN go on (the engine carries them, not the agent's loop) and the
+    agent answers `list`."""
+    guest = pool.shell("host1")
+    guest.run("(i=1000; while :; do printf 'LIVE %08d\\n' $i | dd of=/dev/sda bs=512 "
+              "seek=$i conv=sync,fsync 2>/dev/null; i=$((i+1)); [ $i -ge 1400 ] && i=1000; "
+              "echo $i > /run/live.n; done) </dev/null >/dev/null 2>&1 & echo $! > "
+              "/run/live.pid")
+    try:
+        cfg = tmp_path / "big.cfg"
+        cfg.write_text('name = "big"\nmemory = 384\n')
+        pool.sv("-H", "host1", "create", str(cfg))
+        saver = subprocess.Popen(pool.argv("-H", "host1", "save", "big",
+                                           str(tmp_path / "big.save")),
+                                 env=pool.env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        seen: list[tuple[str, bool]] = []
+        while saver.poll() is None:
+            listed = pool.sv("-H", "host1", "list", check=False).returncode == 0
+            seen.append((guest.run("cat /run/live.n"), listed))
+        _, err = saver.communicate()
+        assert saver.returncode == 0, err
+        progress = {n for n, _ in seen}
+        assert len(seen) >= 2 and len(progress) >= 2, seen  # writes went on meanwhile
+        assert all(listed for _, listed in seen), seen  # and the agent answered
+    finally:
+        guest.run("kill $(cat /run/live.pid)")

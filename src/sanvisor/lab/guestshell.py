@@ -36,7 +36,11 @@ class GuestShell:
             while not end.search(buf):
                 if time.monotonic() > deadline:
                     raise GuestCommandError(f"guest did not finish {cmd!r}: {buf[-500:]!r}")
-                chunk = s.recv(65536)
+                try:
+                    chunk = s.recv(65536)
+                except TimeoutError:
+                    raise GuestCommandError(f"guest did not finish {cmd!r} within "
+                                            f"{timeout:g} s: {buf[-500:]!r}") from None
                 if not chunk:
                     raise GuestCommandError("console closed")
                 buf += chunk
