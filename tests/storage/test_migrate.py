@@ -203,20 +203,33 @@ def _start_agent(pool: Pool, host: str) -> None:
         capture_output=True, timeout=120)
 
 
-def _qmp_status(sock: Path) -> str:
+def _qmp(sock: Path, cmd: str, args: dict[str, Any] | None = None) -> Any:
     import asyncio
 
     from qemu.qmp import QMPClient
 
-    async def ask() -> str:
+    async def ask() -> Any:
         qmp = QMPClient("test")
         await qmp.connect(str(sock))
         try:
-            return str(dict(await qmp.execute("query-status"))["status"])  # type: ignore[arg-type]
+            return await qmp.execute(cmd, args)
         finally:
             await qmp.disconnect()
 
     return asyncio.run(ask())
+
+
+def _qmp_status(sock: Path) -> str:
+    return str(dict(_qmp(sock, "query-status"))["status"])
+
+
+def _ensure_agent(pool: Pool, host: str) -> None:
+    """Whatever a test did, the next one finds the host's agent running."""
+    from sanvisor.agent.daemon import agent_pid
+    from sanvisor.paths import Layout
+
+    if not agent_pid(Layout(pool.root / host)):
+        _start_agent(pool, host)
 
 
 def _where(pool: Pool) -> list[tuple[str, bool]]:
@@ -272,6 +285,10 @@ def test_source_agent_killed_mid_migration_rolls_back(pool: Pool) -> None:
     try:
         _kill_agent(pool, "host1")
         [sock] = list((pool.root / "host1" / "dom").glob("*/qmp.sock"))
+        # With its agent gone nobody raises the allowed downtime: lift the test's
+        # bandwidth cap so the stream ends whatever the guest dirties on a busy host.
+        _qmp(sock, "migrate-set-parameters", {"max-bandwidth": 1 << 30,
+                                              "downtime-limit": 2000})
         wait_until("the stream's end, with no agent", lambda: _qmp_status(sock)
                    == "postmigrate", 120, 0.5)
         _start_agent(pool, "host1")
@@ -280,6 +297,7 @@ def test_source_agent_killed_mid_migration_rolls_back(pool: Pool) -> None:
         if mig.poll() is None:
             mig.kill()
             mig.wait()
+        _ensure_agent(pool, "host1")
     assert mig.returncode != 0
     wait_until("one copy, on host1", lambda: _where(pool) == [("host1", True)], 60)
     wait_until("host2's incoming copy removed",
@@ -302,11 +320,13 @@ def test_target_agent_killed_mid_migration(pool: Pool) -> None:
         if mig.poll() is None:
             mig.kill()
             mig.wait()
-    assert mig.returncode == 1 and "sanvisor: error:" in err, err
-    wait_until("the counter going on", lambda: guest.counter() > c1, 30)
-    [sock] = list((pool.root / "host2" / "dom").glob("*/qmp.sock"))
-    assert _qmp_status(sock) != "running"  # the whole guest is there, never run
-    _start_agent(pool, "host2")
+    try:
+        assert mig.returncode == 1 and "sanvisor: error:" in err, err
+        wait_until("the counter going on", lambda: guest.counter() > c1, 30)
+        [sock] = list((pool.root / "host2" / "dom").glob("*/qmp.sock"))
+        assert _qmp_status(sock) != "running"  # the whole guest is there, never run
+    finally:
+        _ensure_agent(pool, "host2")
     wait_until("host2's stale copy removed", lambda: qemu_pids(pool.root / "host2") == [], 30)
     assert _where(pool) == [("host1", True)]
     assert guest.run("cat /run/mark2") == "saved-on-host1"
