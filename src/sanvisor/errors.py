@@ -209,6 +209,41 @@ class StoreCompactedError(StoreError):
     code = "store.compacted"
 
 
+class TlsError(SanvisorError):
+    """A TLS connection between hosts of the pool failed (the base of the tls.* codes;
+    docs/pool.md)."""
+
+    code = "tls"
+
+
+class TlsCredentialsError(TlsError):
+    """This host's own TLS credentials (the pool CA, its certificate or key) are missing,
+    unreadable or unusable."""
+
+    code = "tls.credentials"
+
+
+class TlsPeerError(TlsError):
+    """The other host's certificate is refused: expired, not yet valid, signed by another
+    CA, or naming another host."""
+
+    code = "tls.peer"
+
+
+class TlsRefusedError(TlsError):
+    """The other host refused this one in the handshake (no certificate, or one it does
+    not accept: expired, not yet valid, another CA)."""
+
+    code = "tls.refused"
+
+
+class TlsForbiddenError(TlsError):
+    """An authenticated peer asked for what it may not: it is no host of the pool, the
+    route is not one hosts call on each other, or it speaks for another host."""
+
+    code = "tls.forbidden"
+
+
 class InternalError(SanvisorError):
     """An exception the agent did not expect (a bug, or a case no check caught): its type
     and message, the traceback in the agent log."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from sanvisor.agent.views import nic_bridge
 from sanvisor.drivers.base import Instance
 from sanvisor.errors import HypervisorError
 from sanvisor.model.domain import DomainSpec, State
+
+log = logging.getLogger("sanvisor.agent")
 
 
 class CreateVerbs(VerbBase):
@@ -35,7 +38,12 @@ class CreateVerbs(VerbBase):
                             max_mib=spec.maxmem, vcpus=spec.vcpus,
                             state=State.PAUSED if paused else State.RUNNING)
 
-    async def create(self, spec: DomainSpec, *, paused: bool = False) -> dict[str, Any]:
+    async def create(self, spec: DomainSpec, *, paused: bool = False,
+                     managed: bool = False) -> dict[str, Any]:
+        """``managed``: started by `start` from its registered config (agent/managed.py);
+        otherwise a registered name is refused (create is the unmanaged path)."""
+        if not managed:
+            self.refuse_registered(spec.name)
         with self.table.registry.batch():  # one registry write for uuid, id and MACs
             rec = self.plan_create(spec, paused=paused, dry=False)
         return await self.start(rec, paused=paused)
@@ -43,6 +51,7 @@ class CreateVerbs(VerbBase):
     async def preview(self, spec: DomainSpec) -> dict[str, Any]:
         """create -n: run every check create runs; show the domain that would start (its
         kernel and initrd, each disk's backend, the MACs it would get); start nothing."""
+        self.refuse_registered(spec.name)
         rec = self.plan_create(spec, paused=False, dry=True)
         remote = self.host.remote
         out = rec.to_dict()
@@ -96,6 +105,8 @@ class CreateVerbs(VerbBase):
                 await self._check_alive(dom, inst)
                 plan.did("the guest showed a sign of life")
             plan.commit()
+        log.info("%s: started (id %d, %s %d)%s", rec.spec.name, rec.domid, self.driver.name,
+                 rec.pid, ", restored" if incoming_fd >= 0 else "")
         return self.info(dom)
 
     async def _check_alive(self, dom: Domain, inst: Instance) -> None:

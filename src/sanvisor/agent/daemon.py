@@ -129,9 +129,11 @@ async def serve(layout: Layout) -> None:
             kit_cache.append((k.kernel, k.initrd))
         return kit_cache[0]
 
+    from sanvisor.agent import eventlog
     from sanvisor.drivers.base import Driver
     from sanvisor.guestkit import default_cache_dir
 
+    events = eventlog.install(layout.home)  # what `dmesg` shows on a QEMU host
     host = _host_conf(layout)
     driver: Driver
     kit_args = None
@@ -187,7 +189,9 @@ async def serve(layout: Layout) -> None:
 
     storage = StorageService(layout.home, mpd)
     volumes = VolumeService.attach(storage, host.get("name"))
-    app = build_app(HostService(manager, host_name=host.get("name")), storage)
+    svc = HostService(manager, host_name=host.get("name"))
+    await svc.autostart()  # xendomains' job: registered domains marked autostart
+    app = build_app(svc, storage)
     config = uvicorn.Config(app, fd=sock.fileno(),
                             http=_peer_checked_protocol(), log_level="warning",
                             lifespan="off", timeout_graceful_shutdown=2)
@@ -204,6 +208,7 @@ async def serve(layout: Layout) -> None:
         with contextlib.suppress(FileNotFoundError):
             layout.socket.unlink()
         log.info("agent stopped; guests keep running")
+        eventlog.uninstall(events)
 
 
 def run_foreground(layout: Layout) -> int:

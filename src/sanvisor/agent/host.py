@@ -238,4 +238,6 @@ class HostResources:
             target_mib=rec.target_mib, vcpus_now=rec.vcpus_present or rec.vcpus,
             incoming=incoming, paused=paused, guest_channel=rec.spec.kernel is None,
             disk_sources={d.target: str(s) for d in rec.spec.disks
-                          if (s := self.mapped(d.path)) is not None})
+                          if (s := self.mapped(d.path)) is not None},
+            vcpu_pins={int(k): list(v) for k, v in rec.vcpu_pins.items()},
+            credit=dict(rec.credit))

@@ -35,6 +35,29 @@ def cpu_count() -> int:
     return os.cpu_count() or 1
 
 
+def cpu_topology() -> dict[str, object]:
+    """xm info's CPU lines: nr_nodes, cores_per_socket, threads_per_core, cpu_mhz
+    (from /proc/cpuinfo and /sys; what cannot be read is left out)."""
+    out: dict[str, object] = {}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return out
+    first = text.split("\n\n", 1)[0]
+    info = {k.strip(): v.strip() for k, _, v in
+            (ln.partition(":") for ln in first.splitlines())}
+    nodes = [p for p in Path("/sys/devices/system/node").glob("node[0-9]*")]
+    out["nr_nodes"] = max(1, len(nodes))
+    cores, siblings = info.get("cpu cores", ""), info.get("siblings", "")
+    if cores.isdigit():
+        out["cores_per_socket"] = int(cores)
+        if siblings.isdigit() and int(cores):
+            out["threads_per_core"] = max(1, int(siblings) // int(cores))
+    if info.get("cpu MHz"):
+        out["cpu_mhz"] = round(float(info["cpu MHz"]))
+    return out
+
+
 
 def uptime() -> float:
     """Seconds since this host booted."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+from collections.abc import Callable
 
 from sanvisor.agent.host import HostResources
 from sanvisor.agent.records import load_records
@@ -26,6 +27,9 @@ class Lifecycle:
         self.host = host
         self.driver = driver
         self._tasks: set[asyncio.Task[None]] = set()
+        #: called when a domain leaves the table, with what it was busy with (a domain
+        #: that left by migration: MIGRATING); agent/managed.py keeps its registration
+        self.gone_hooks: list[Callable[[Domain, Busy], None]] = []
 
     # ---- agent start / stop --------------------------------------------------------------
     async def start(self) -> None:
@@ -109,6 +113,7 @@ class Lifecycle:
             dom.reboot_pending = False
         if d.restarted and dom.inst is not None:
             dom.record.pid = dom.inst.pid  # xl restarted the domain under a new id
+            dom.record.domid = self.table.registry.next_domid()  # and so do we, as xm
         if d.unplumb:
             self.host.unplumb(dom.record.nics)
         if d.forget:
@@ -127,6 +132,8 @@ class Lifecycle:
         assert dom.inst is not None
         await dom.inst.reset()
         await dom.inst.unpause()
+        # a rebooted domain is a new domain to xm (a new id); its QEMU and taps stay
+        dom.record.domid = self.table.registry.next_domid()
         self.table.set_state(dom, State.RUNNING, why + ", restarted")
 
     def _spawn(self, coro: object) -> None:
@@ -142,7 +149,8 @@ class Lifecycle:
     async def teardown(self, dom: Domain) -> None:
         """Stop the domain's process and remove every trace of it (its taps, its run
         directory, its place in the table). Idempotent."""
-        dom.busy = Busy.STOPPING
+        was, dom.busy = dom.busy, Busy.STOPPING
+        log.info("%s: gone from this host (id %d)", dom.name, dom.record.domid)
         if dom.inst is not None:
             try:
                 await dom.inst.destroy()
@@ -153,5 +161,10 @@ class Lifecycle:
         self.table.remove(dom)
         shutil.rmtree(self.table.layout.domain_dir(dom.record.uuid), ignore_errors=True)
         self.table.set_state(dom, State.DYING, "destroyed")
+        for hook in self.gone_hooks:
+            try:
+                hook(dom, was)
+            except Exception:  # the domain is gone whatever a hook thinks of it
+                log.exception("%s: after its end", dom.name)
         if self.table.pool is not None:  # no longer runs here: the pool may start it
             await self.table.pool.release(dom.name, dom.record.uuid)

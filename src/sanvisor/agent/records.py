@@ -19,7 +19,9 @@ from typing import Any
 
 from sanvisor.drivers.base import NicPlan
 from sanvisor.errors import ConfigError, RecordError
+from sanvisor.model.cpulist import MAX_CPUS
 from sanvisor.model.domain import XEN_OUI, DomainSpec, State, VifSpec
+from sanvisor.model.sched import Credit
 
 _UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 
@@ -51,6 +53,8 @@ class DomainRecord:
     dimms_mib: list[int] = field(default_factory=list)
     vcpus: int = 0  # online in the guest
     vcpus_present: int = 0  # plugged into the hypervisor (>= vcpus)
+    vcpu_pins: dict[str, list[int]] = field(default_factory=dict)  # vcpu-pin: vCPU -> CPUs
+    credit: dict[str, int] = field(default_factory=dict)  # sched-credit: weight, cap
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -109,6 +113,16 @@ class DomainRecord:
         want(isinstance(self.dimms_mib, list) and all(
             isinstance(m, int) and 0 < m <= self.spec.maxmem for m in self.dimms_mib),
             "dimms_mib")
+        want(isinstance(self.vcpu_pins, dict) and all(
+            isinstance(k, str) and k.isascii() and k.isdigit() and int(k) < self.spec.maxvcpus
+            and isinstance(v, list) and v and all(
+                isinstance(c, int) and not isinstance(c, bool) and 0 <= c < MAX_CPUS
+                for c in v) for k, v in self.vcpu_pins.items()), "vcpu_pins")
+        try:
+            if self.credit:
+                Credit.from_dict(self.credit, maxvcpus=self.spec.maxvcpus)
+        except ValueError:
+            want(False, "credit")
         indexes: set[int] = set()
         for nic in self.nics:
             want(isinstance(nic.index, int) and 0 <= nic.index < 64
@@ -199,6 +213,14 @@ class Registry:
         if not dry:
             self.save()
         return str(e["uuid"])
+
+    def rename(self, old: str, new: str) -> None:
+        """A domain renamed: its uuid and MACs go with it to the new name (what the
+        registry held for a past domain of that name is forgotten)."""
+        names: dict[str, Any] = self.data["names"]
+        if old in names:
+            names[new] = names.pop(old)
+            self.save()
 
     def all_macs(self, except_name: str | None = None) -> dict[str, str]:
         out: dict[str, str] = {}

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from sanvisor.agent.configstore import ConfigStore
 from sanvisor.agent.host import HostResources
 from sanvisor.agent.life import Lifecycle
 from sanvisor.agent.records import DomainRecord
 from sanvisor.agent.table import Domain, DomainTable
 from sanvisor.drivers.base import Driver, Instance
-from sanvisor.errors import HypervisorError
+from sanvisor.errors import ConflictError, HypervisorError
 from sanvisor.model import lifecycle
+from sanvisor.model.domain import DomainSpec
 
 
 class VerbBase:
@@ -19,12 +21,15 @@ class VerbBase:
     host: HostResources
     life: Lifecycle
     driver: Driver
+    configs: ConfigStore  # managed domains' configs (agent/configstore.py)
 
     if TYPE_CHECKING:  # from the other parts of HostService (views, create)
         def info(self, dom: Domain) -> dict[str, Any]: ...
         def view(self, dom: Domain) -> dict[str, Any]: ...
         async def start(self, rec: DomainRecord, *, paused: bool = False,
                         incoming_fd: int = -1) -> dict[str, Any]: ...
+        async def create(self, spec: DomainSpec, *, paused: bool = False,
+                         managed: bool = False) -> dict[str, Any]: ...
 
     def find(self, ref: str) -> Domain:
         return self.table.find(ref)
@@ -38,6 +43,13 @@ class VerbBase:
                                   f"({dom.record.reason or dom.state.value}); destroy it "
                                   "to clear it", domain=dom.name)
         return dom.inst
+
+    def refuse_registered(self, name: str) -> None:
+        """`create` is the unmanaged path: a registered domain is started by `start`."""
+        if self.configs.get(name) is not None:
+            raise ConflictError(f"domain {name} is registered (managed): start it with "
+                                f"'sanvisor start {name}', or 'sanvisor delete {name}' "
+                                "first", domain=name)
 
     def remember(self, dom: Domain) -> None:
         """Write the domain's record (atomically)."""

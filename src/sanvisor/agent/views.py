@@ -10,13 +10,14 @@ import asyncio
 import contextlib
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sanvisor.agent import hostinfo
+from sanvisor.agent.configstore import ConfigStore, Registration
 from sanvisor.agent.network import DEFAULT_BRIDGE, NAT_BRIDGE
 from sanvisor.agent.table import Domain, DomainTable
 from sanvisor.drivers.base import Driver, NicPlan
-from sanvisor.errors import SanvisorError
+from sanvisor.errors import NotFoundError, SanvisorError
 from sanvisor.model.domain import State
 
 DOMAIN0 = ("Domain-0", "0")
@@ -37,6 +38,11 @@ class Views:
     table: DomainTable
     driver: Driver
     host_name: str
+    configs: ConfigStore
+
+    if TYPE_CHECKING:  # agent/managed.py
+        def stopped_rows(self, running: set[str]) -> list[dict[str, Any]]: ...
+        def registered_row(self, reg: Registration) -> dict[str, Any]: ...
 
     async def _listing(self) -> list[dict[str, Any]]:
         try:
@@ -65,7 +71,13 @@ class Views:
         """One domain's row by name, id or uuid; Domain-0 (the host) included."""
         if ref in DOMAIN0 or ref == DOMAIN0_UUID:
             return await self.domain0()
-        return self.info(self.table.find(ref))
+        try:
+            return self.info(self.table.find(ref))
+        except NotFoundError:  # a registered domain that does not run
+            reg = next((r for r in self.configs.all() if ref in (r.name, r.uuid)), None)
+            if reg is None:
+                raise
+            return self.registered_row(reg)
 
     async def facts(self) -> dict[str, Any]:
         """`sanvisor info`: this host as `xm info` showed it, and its accelerator."""
@@ -73,8 +85,9 @@ class Views:
         mi = hostinfo.meminfo()
         driver = self.driver
         facts: dict[str, Any] = {
-            "host": self.host_name, "release": u.release, "machine": u.machine,
-            "nr_cpus": hostinfo.cpu_count(), "total_memory": mi.get("MemTotal", 0) // 1024,
+            "host": self.host_name, "release": u.release, "version": u.version,
+            "machine": u.machine, "nr_cpus": hostinfo.cpu_count(),
+            **hostinfo.cpu_topology(), "total_memory": mi.get("MemTotal", 0) // 1024,
             "free_memory": mi.get("MemAvailable", 0) // 1024, "driver": driver.name}
         try:
             facts.update(await asyncio.to_thread(driver.host_facts))
@@ -105,6 +118,9 @@ class Views:
             "pid": rec.pid,
             "console_socket": str(self.table.layout.domain_dir(rec.uuid) / "console.sock"),
             "console_log": str(self.table.layout.domain_dir(rec.uuid) / "console.log"),
+            "kernel": rec.kernel, "initrd": rec.initrd, "cmdline": rec.cmdline,
+            "managed": self.configs.get(rec.spec.name) is not None,
+            "vcpu_pins": dict(rec.vcpu_pins), "credit": dict(rec.credit),
             "disks": [vars(d) for d in rec.spec.disks],
             "vifs": [{"index": n.index, "mac": n.mac, "tap": n.tap, "bridge": nic_bridge(n),
                       "type": n.vif.type, "ip": n.vif.ip} for n in rec.nics],
@@ -124,6 +140,7 @@ class Views:
         doms = sorted(self.table, key=lambda d: d.record.domid)
         rows = [self.host_row(listing)] + [self.info(d) for d in doms]
         ours = {d.name for d in doms}
+        rows += self.stopped_rows(ours)  # registered, not running: state ------
         for f in listing:  # xl's domains that sanvisor did not make: shown, untouched
             if f["domid"] != 0 and f["name"] not in ours:
                 rows.append({"name": f["name"], "domid": f["domid"], "uuid": "",
@@ -133,7 +150,8 @@ class Views:
         return rows
 
     async def stats(self) -> list[dict[str, Any]]:
-        out = []
+        """`top`'s frame: Domain-0 (the host) first, then each domain with its counters."""
+        out = [await self._host_stats()]
         for dom in sorted(self.table, key=lambda d: d.record.domid):
             row = self.info(dom)
             if dom.inst is not None and dom.record.state is not State.LOST:
@@ -145,3 +163,22 @@ class Views:
             out.append(row)
         return out
 
+
+    async def _host_stats(self) -> dict[str, Any]:
+        listing = await self._listing()
+        row = self.host_row(listing)
+        total = hostinfo.meminfo().get("MemTotal", 0)
+        if listing:  # Xen: xl's Domain-0, and the machine's memory from `xl info` (once)
+            if not getattr(self, "_xen_mem_kib", 0):
+                with contextlib.suppress(Exception):
+                    facts = await asyncio.to_thread(self.driver.host_facts)
+                    self._xen_mem_kib = int(str(facts.get("total_memory", 0))) << 10
+            total = getattr(self, "_xen_mem_kib", 0) or total
+            used = int(row["mem_mib"]) << 10
+        else:  # the host itself: the memory its processes (guests included) use
+            used = total - hostinfo.meminfo().get("MemAvailable", 0)
+        row["stats"] = {"cpu_seconds": row["cpu_seconds"], "mem_kib": used,
+                        "vcpus": row["vcpus"]}
+        row["host_mem_kib"] = total
+        row["letters"] = row.get("letters", "r-----")
+        return row

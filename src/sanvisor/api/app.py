@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from sanvisor import __version__
 from sanvisor.agent.service import HostService
 from sanvisor.agent.storage_service import StorageService
-from sanvisor.api import volume_routes
+from sanvisor.api import volume_routes, xm_routes
 from sanvisor.errors import (
     AgentProtocolError,
     AgentUnavailableError,
@@ -224,8 +224,8 @@ def build_app(svc: HostService, storage: StorageService | None = None) -> FastAP
         return await svc.shutdown(ref, wait=body.wait, timeout=body.timeout)
 
     @app.post("/v1/domains/{ref:path}/reboot")
-    async def reboot(ref: str) -> dict[str, Any]:
-        return await svc.reboot(ref)
+    async def reboot(ref: str, body: ShutdownBody) -> dict[str, Any]:
+        return await svc.reboot(ref, wait=body.wait, timeout=body.timeout)
 
     @app.post("/v1/domains/{ref:path}/save")
     async def save(ref: str, body: PathBody) -> dict[str, Any]:
@@ -302,6 +302,7 @@ def build_app(svc: HostService, storage: StorageService | None = None) -> FastAP
     if storage is not None:
         _storage_routes(app, storage)
     volume_routes.register(app, storage)
+    xm_routes.register(app, svc)
     return app
 
 

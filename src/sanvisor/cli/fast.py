@@ -70,11 +70,17 @@ def run(rest: list[str], *, as_json: bool, home: str) -> int:
     data: Any
     if verb == "list":
         data = select(client.domains(), params)
-        text = None if len(params) != len(rest) - 1 else render.list_table(data)
+        if len(params) != len(rest) - 1:  # -l: xm's SXP
+            from sanvisor.cli.sxp import list_long
+
+            text = list_long(data)
+        else:
+            text = render.list_table(data)
     elif verb in ("domid", "domname"):
         info = client.info(params[0])
         data = {"name": info["name"], "domid": info["domid"]}
-        text = str(info["domid"] if verb == "domid" else info["name"])
+        domid = "-" if info["domid"] is None else str(info["domid"])  # registered, stopped
+        text = domid if verb == "domid" else str(info["name"])
     elif verb == "uptime":
         rows = select(client.domains(), params)
         data = [{"name": r["name"], "domid": r["domid"], "uuid": r.get("uuid", ""),
@@ -82,9 +88,22 @@ def run(rest: list[str], *, as_json: bool, home: str) -> int:
         text = render.uptime_table(data)
     else:
         data = client.call("GET", "/v1/host/info")
-        text = "\n".join(f"{k:<20}: {v}" for k, v in data.items())
-    if as_json or text is None:
+        text = info_text(data)
+    if as_json:
         render.emit_json(data)
     else:
         sys.stdout.write(text + "\n")
     return 0
+
+
+#: xm info's fields, in its order; sanvisor's own follow
+INFO_ORDER = ("host", "release", "version", "machine", "nr_cpus", "nr_nodes",
+              "cores_per_socket", "threads_per_core", "cpu_mhz", "hw_caps", "virt_caps",
+              "total_memory", "free_memory", "xen_major", "xen_minor", "xen_extra",
+              "xen_version", "xen_caps", "xen_scheduler", "accelerator", "driver")
+
+
+def info_text(data: dict[str, Any]) -> str:
+    """`xm info`'s shape: ``key                    : value``, its fields first."""
+    keys = [k for k in INFO_ORDER if k in data] + [k for k in data if k not in INFO_ORDER]
+    return "\n".join(f"{k:<23}: {data[k]}" for k in keys)

@@ -49,7 +49,7 @@ VERBS = frozenset((
     "network-list", "shutdown", "save", "restore", "mem-set", "mem-max", "vcpu-set",
     "block-attach", "block-detach", "network-attach", "network-detach", "domid", "domname",
     "migrate", "uptime", "info", "top", "agent", "guest-kit", "array", "scsi", "multipath",
-    "lab", "demo",
+    "lab", "demo", "pool",
 )) | lvm_verbs.VERBS
 
 
@@ -202,6 +202,9 @@ def _host_verbs(verb: Any, sub: Any, only: str | None) -> None:
                     help="show (default), or push FILE: install FILE on every host of the "
                     "lab and compare names")
     mp.add_argument("file", nargs="?", type=Path, help="the multipath.conf to push")
+    from sanvisor.cli import pool_verbs
+
+    pool_verbs.add_parser(verb)
     lab = verb("lab", "the one-machine SAN lab: array, fabrics, hosts")
     lsub = lab.add_subparsers(dest="lab_cmd", metavar="ACTION", required=True)
     lu = lsub.add_parser("up", help="build the lab: an array and N hosts with two HBAs each")

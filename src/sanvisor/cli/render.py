@@ -21,7 +21,8 @@ def list_table(rows: list[dict[str, Any]], *, host: bool = False) -> str:
     lines = [f"{h}{'Name':<40} {'ID':>3} {'Mem':>5} {'VCPUs':>5} {'State':>10} {'Time(s)':>9}"]
     for r in rows:
         h = f"{r.get('host', '-'):<10} " if host else ""
-        lines.append(f"{h}{r['name']:<40} {r['domid']:>3} {r['mem_mib']:>5} {r['vcpus']:>5} "
+        domid = "-" if r["domid"] is None else r["domid"]  # registered, not running
+        lines.append(f"{h}{r['name']:<40} {domid:>3} {r['mem_mib']:>5} {r['vcpus']:>5} "
                      f"{r['letters']:>10} {r['cpu_seconds']:>9.1f}")
     return "\n".join(lines)
 
@@ -54,7 +55,7 @@ def sxp(node: SxpNode, indent: int = 0) -> str:
         inner = "\n".join(sxp(child, indent + 4) for child in value)
         return f"{pad}({key}\n{inner}\n{pad})"
     text = str(value)
-    if not text or any(c in text for c in " ()'\t\n"):
+    if not text or any(c.isspace() or c in "()'" for c in text):  # \r, \v too
         text = "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
     return f"{pad}({key} {text})"
 

@@ -327,6 +327,12 @@ def do_lab(args: argparse.Namespace, layout: Layout) -> int:
     return 0
 
 
+def do_pool(args: argparse.Namespace, layout: Layout) -> int:
+    from sanvisor.cli import pool_verbs
+
+    return pool_verbs.run(args)
+
+
 def do_demo(args: argparse.Namespace, layout: Layout) -> int:
     from sanvisor.lab import demo
 
@@ -335,7 +341,7 @@ def do_demo(args: argparse.Namespace, layout: Layout) -> int:
 
 HANDLERS: dict[str, Any] = {
     "demo": do_demo, "array": do_array, "lab": do_lab, "scsi": do_scsi,
-    "multipath": do_multipath,
+    "multipath": do_multipath, "pool": do_pool,
     "create": do_create, "list": _read_only(["list"]), "pause": _simple("pause"),
     "unpause": _simple("unpause"), "reboot": _simple("reboot"), "destroy": do_destroy,
     "shutdown": do_shutdown, "save": do_save, "restore": do_restore, "console": do_console,

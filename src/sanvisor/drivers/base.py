@@ -8,6 +8,7 @@ so a Xen driver (xl) and the QEMU driver (QMP) are interchangeable.
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,8 @@ class LaunchPlan:
     accel: str = ""  # filled in by the driver: "tcg" or "kvm"
     guest_channel: bool = False  # the guest answers on the control channel (guest kit)
     disk_sources: dict[str, str] = field(default_factory=dict)  # target -> NBD socket
+    vcpu_pins: dict[int, list[int]] = field(default_factory=dict)  # vCPU -> host CPUs
+    credit: dict[str, int] = field(default_factory=dict)  # sched-credit weight, cap
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,22 @@ class Stats:
     blk_wr_ops: int = 0
     net_rx_bytes: int = 0
     net_tx_bytes: int = 0
+
+
+@dataclass
+class VcpuInfo:
+    """One vCPU as `vcpu-list` shows it."""
+
+    vcpu: int
+    online: bool
+    cpu: int | None = None  # the host CPU it runs on now (None: offline or unknown)
+    running: bool = False
+    seconds: float = 0.0
+    affinity: list[int] = field(default_factory=list)  # the host CPUs it may run on
+
+
+def cannot(what: str) -> HypervisorError:
+    return HypervisorError(f"this hypervisor cannot {what}")
 
 
 class Instance(abc.ABC):
@@ -177,6 +196,41 @@ class Instance(abc.ABC):
         over); on failure before ``switchover`` was called, it runs on."""
         raise HypervisorError("this driver cannot migrate a domain")
 
+    # ---- xm's diagnostics and CPU controls (agent/cpus.py, agent/diag.py); a driver
+    # that cannot do one leaves the default: a one-line refusal -----------------------
+    async def vcpu_info(self) -> list[VcpuInfo]:
+        raise cannot("list vCPUs")
+
+    async def pin_vcpu(self, vcpu: int, cpus: list[int]) -> None:
+        raise cannot("pin vCPUs")
+
+    async def set_credit(self, weight: int, cap: int) -> None:
+        raise cannot("set scheduler weights")
+
+    async def credit(self) -> tuple[int, int] | None:
+        """(weight, cap) as the hypervisor's scheduler holds them; None: the agent's
+        record says (QEMU)."""
+        return None
+
+    async def dump_core(self, fd: int) -> None:
+        raise cannot("dump a domain's memory")
+
+    async def sysrq(self, key: str) -> None:
+        raise cannot("send a SysRq key")
+
+    async def trigger(self, what: str) -> None:
+        raise cannot(f"send a {what} trigger")
+
+    async def renamed(self, old: str) -> None:
+        """The domain's name changed (the spec holds the new one); the hypervisor's own
+        name follows it where it has one (xl rename). QEMU: nothing to do."""
+        return None
+
+    async def devices(self, kind: str) -> list[dict[str, Any]] | None:
+        """``block`` or ``network`` rows as the hypervisor sees them (xl block-list);
+        None: the agent builds them from its record (QEMU)."""
+        return None
+
     async def wait_alive(self, timeout: float) -> str | None:
         """Wait until the freshly started guest shows a sign of life (it printed on its
         console, or its kernel is running); None when it did, else where it is stuck.
@@ -210,6 +264,15 @@ class Driver(abc.ABC):
         """Facts the hypervisor knows better than the host's /proc (Xen: `xl info`);
         blocking. QEMU: none."""
         return {}
+
+    def host_cpus(self) -> int:
+        """How many CPUs domains can be pinned to here (Xen: dom0's `xl info`)."""
+        return os.cpu_count() or 1
+
+    def hypervisor_log(self, clear: bool = False) -> str | None:
+        """The hypervisor's own message buffer (`xl dmesg [-c]`); None: it has none
+        (QEMU: the agent's event log stands in). Blocking."""
+        return None
 
     def hypervisor_domains(self) -> list[dict[str, Any]]:
         """Every domain the hypervisor itself lists (Domain-0 and domains made outside

@@ -18,7 +18,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sanvisor.drivers.base import Driver, EventSink, Instance, LaunchPlan, NicPlan, RunStatus, Stats
+from sanvisor.drivers.base import (
+    Driver,
+    EventSink,
+    Instance,
+    LaunchPlan,
+    NicPlan,
+    RunStatus,
+    Stats,
+    VcpuInfo,
+)
 from sanvisor.errors import HypervisorError
 from sanvisor.model.domain import DiskSpec
 from sanvisor.model.lifecycle import DomainEvent, EventKind
@@ -155,6 +164,41 @@ class FakeInstance(Instance):
         self.st["nics"] = [m for m in self.st.get("nics", []) if m != nic.mac]
         self._save()
 
+    async def vcpu_info(self) -> list[VcpuInfo]:
+        self._verb("vcpu-list")
+        plugged = max(int(self.st.get("vcpus", 1)), int(self.st.get("plugged", 0)))
+        pins = self.st.get("pins", {})
+        return [VcpuInfo(vcpu=v, online=v < plugged, cpu=0 if v < plugged else None,
+                         running=self.st["status"] == "running" and v < plugged,
+                         seconds=float(self.st.get("cpu", 0.0)),
+                         affinity=pins.get(str(v), list(range(self.drv.ncpus))))
+                for v in range(self.plan.spec.maxvcpus)]
+
+    async def pin_vcpu(self, vcpu: int, cpus: list[int]) -> None:
+        self._verb("vcpu-pin")
+        self.st.setdefault("pins", {})[str(vcpu)] = list(cpus)
+        self.plan.vcpu_pins[vcpu] = list(cpus)
+        self._save()
+
+    async def set_credit(self, weight: int, cap: int) -> None:
+        self._verb("sched-credit")
+        self.st["credit"] = {"weight": weight, "cap": cap}
+        self._save()
+
+    async def dump_core(self, fd: int) -> None:
+        self._verb("dump-core")
+        os.write(fd, b"\x7fELF fake core of " + self.plan.spec.name.encode())
+
+    async def sysrq(self, key: str) -> None:
+        self._verb("sysrq")
+        self.st.setdefault("sysrq", []).append(key)
+        self._save()
+
+    async def trigger(self, what: str) -> None:
+        self._verb(f"trigger-{what}")
+        if what == "power":
+            await self.powerdown()
+
     async def stats(self) -> Stats:
         return Stats(cpu_seconds=float(self.st.get("cpu", 0.0)), vcpus_busy=0,
                      mem_kib=(await self.balloon_mib()) << 10,
@@ -172,6 +216,19 @@ class FakeDriver(Driver):
         self.calls: list[tuple[str, str]] = []  # (domain, verb), in order
         self.live: dict[int, FakeInstance] = {}
         self.obey_power_button = True
+        self.ncpus = 4  # host CPUs domains can be pinned to
+        self.dmesg: list[str] | None = None  # a hypervisor buffer (None: QEMU-like, none)
+
+    def host_cpus(self) -> int:
+        return self.ncpus
+
+    def hypervisor_log(self, clear: bool = False) -> str | None:
+        if self.dmesg is None:
+            return None
+        text = "".join(f"{line}\n" for line in self.dmesg)
+        if clear:
+            self.dmesg.clear()
+        return text
 
     def accelerator(self) -> dict[str, object]:
         return {"accel": "fake", "reason": "the fake driver: no hypervisor"}
@@ -183,7 +240,9 @@ class FakeDriver(Driver):
         plan.rundir.mkdir(parents=True, exist_ok=True, mode=0o700)
         status = "paused" if plan.paused or plan.incoming else "running"
         inst = FakeInstance(self, plan, next(_PIDS), events,
-                            {"status": status, "vcpus": plan.vcpus_now or plan.spec.vcpus})
+                            {"status": status, "vcpus": plan.vcpus_now or plan.spec.vcpus,
+                             "pins": {str(v): c for v, c in plan.vcpu_pins.items()},
+                             "credit": dict(plan.credit)})
         inst.st["pid"] = inst.pid
         inst._save()
         self.live[inst.pid] = inst

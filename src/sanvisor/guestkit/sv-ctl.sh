@@ -4,6 +4,8 @@
 #   vcpus N   put vCPUs 0..N-1 online and the others offline (as Xen's vcpu-set asks a
 #             PV guest); answers "ok <online cpus>"
 #   ping      answers "ok pong"
+#   sysrq K   the magic SysRq key K, as Xen's control/sysrq node asks a PV guest;
+#             answers "ok K" first (b reboots at once, c crashes)
 dev=
 for p in /sys/class/virtio-ports/*; do
     read -r name < "$p/name" 2>/dev/null || continue
@@ -28,6 +30,15 @@ while :; do
             echo "ok $online" >&3
             ;;
         ping) echo "ok pong" >&3 ;;
+        sysrq)
+            case $arg in
+                [0-9a-z])
+                    echo "ok $arg" >&3
+                    echo "$arg" > /proc/sysrq-trigger
+                    ;;
+                *) echo "error not a sysrq key: $arg" >&3 ;;
+            esac
+            ;;
         *) echo "error unknown request $cmd" >&3 ;;
     esac
 done

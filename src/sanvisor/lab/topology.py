@@ -38,7 +38,9 @@ from sanvisor.errors import (
     TimeoutError_,
     UsageError,
 )
+from sanvisor.lab import credentials
 from sanvisor.lab.lan import build_lan, lan_address
+from sanvisor.pool.tls import AGENT_PORT
 from sanvisor.waiting import wait_until
 
 ARRAY_PORT = 10809
@@ -73,6 +75,8 @@ class HostSpec:
     ctl: str = ""  # xen: dom0's command channel (unix socket)
     vm_pidfile: str = ""  # xen: the nested QEMU's pid
     lan: str = ""  # its address on the lab's LAN (xenbr0), "" without one
+    address: str = ""  # where its agent listens for the pool's hosts (mutual TLS)
+    port: int = 0
 
 
 @dataclass
@@ -181,7 +185,8 @@ def _build(state: LabState, hosts: int) -> None:
             _ip("-n", h.netns, "addr", "add", f"{hba.address}/24", "dev", hba.ifname)
             _ip("-n", h.netns, "link", "set", hba.ifname, "up")
             h.hbas.append(hba)
-        h.lan = lan_address(n)
+        h.lan = h.address = lan_address(n)
+        h.port = AGENT_PORT  # each host its own namespace: the same port everywhere
         state.hosts.append(h)
         state.save()
     state.lan_netns = f"{state.name}-lan"
@@ -203,6 +208,8 @@ def _start(state: LabState, array_netns: str | None, listens: list[str],
     _sv(array_netns, "array", "--array-home", str(ahome), "serve", *listens, *extra,
         log=ahome / "array.log", background=True)
     write_pool(state)
+    credentials.issue(Path(state.root), state.name,
+                      [(h.name, h.home, h.address) for h in state.hosts])
     for h in state.hosts:
         Path(h.home).mkdir(parents=True, exist_ok=True, mode=0o700)
         _host_conf(state, h)
@@ -222,7 +229,8 @@ def write_pool(state: LabState) -> None:
     lab's hosts. The lab's topology (namespaces, fabrics) stays in lab.json."""
     from sanvisor.pool.config import PoolConfig, PoolHost
 
-    PoolConfig(state.name, {h.name: PoolHost(h.name, h.home, h.driver, h.lan)
+    PoolConfig(state.name, {h.name: PoolHost(h.name, h.home, h.driver, h.lan, h.address,
+                                             h.port)
                             for h in state.hosts}).save(Path(state.root) / "pool.json")
 
 
@@ -249,7 +257,9 @@ def _build_loopback(state: LabState, hosts: int) -> None:
     faults.mkdir(parents=True, exist_ok=True)
     port = _free_port([f"127.250.{k + 1}.1" for k in range(len(FABRICS))])
     for n in range(1, hosts + 1):
-        h = HostSpec(name=f"host{n}", netns="", home=str(Path(state.root) / f"host{n}"))
+        h = HostSpec(name=f"host{n}", netns="", home=str(Path(state.root) / f"host{n}"),
+                     address="127.0.0.1")
+        h.port = credentials.free_port(h.address, {x.port for x in state.hosts})
         for k in range(len(FABRICS)):
             addr = f"127.250.{k + 1}.{10 + n}"
             h.hbas.append(Hba(index=k, wwpn=wwpn(n, k), address=addr, ifname="",
@@ -273,11 +283,14 @@ def _add_xen_host(state: LabState, i: int) -> None:
     vm.start(timeout=240, attempts=4)
     vm.detach()
     h = HostSpec(name=f"xen{i}", netns="", home=str(home), driver="xen",
-                 ctl=str(home / "vm" / "ctl.sock"), vm_pidfile=str(home / "vm" / "qemu.pid"))
+                 ctl=str(home / "vm" / "ctl.sock"), vm_pidfile=str(home / "vm" / "qemu.pid"),
+                 address="127.0.0.1")  # its agent runs in this namespace: no LAN address
+    h.port = credentials.free_port(h.address, {x.port for x in state.hosts})
     state.hosts.append(h)
     state.save()
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     write_pool(state)
+    credentials.issue(Path(state.root), state.name, [(h.name, h.home, h.address)])
     _host_conf(state, h)
     _sv(None, "--home", str(home), "agent", "start")
 

@@ -132,6 +132,14 @@ ADMITS: dict[str, frozenset[State]] = {
     "block-detach": RUNNING,
     "network-detach": RUNNING,
     "console": _ALL_BUT_DYING - {State.LOST},
+    # xm's other verbs (agent/cpus.py, agent/diag.py)
+    "vcpu-list": LIVE,
+    "vcpu-pin": LIVE,
+    "sched-credit": LIVE,
+    "dump-core": LIVE | frozenset(_PRESERVED),  # a crashed domain kept by on_crash=preserve, too
+    "sysrq": RUNNING,  # the guest itself reads it
+    "trigger": LIVE,
+    "rename": _ALL_BUT_DYING,
 }
 
 _WORDS = {State.RUNNING: "running", State.BLOCKED: "running", State.PAUSED: "paused",
@@ -146,6 +154,9 @@ def _needs(states: frozenset[State]) -> str:
         return "a running or paused domain"
     if states == frozenset((State.PAUSED,)):
         return "a paused domain"
+    if states == LIVE | frozenset(_PRESERVED):
+        return "a domain whose hypervisor process is there (running, paused, shut down " \
+            "or crashed)"
     return "another state"
 
 

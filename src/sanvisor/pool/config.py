@@ -6,7 +6,8 @@ administrator for real hosts), read by the CLI (`-H HOST`, `list --pool`,
 `migrate DOM HOST`) and by the agents. Nothing else knows how the pool was built.
 
     {"name": "sv", "hosts": {"host1": {"home": "/var/lib/sanvisor/lab/host1",
-                                        "driver": "qemu", "lan": "10.213.100.11"}},
+                                        "driver": "qemu", "lan": "10.213.100.11",
+                                        "address": "10.213.100.11", "port": 8141}},
      "store": "etcd://10.0.0.1:2379,10.0.0.2:2379"}
 
 ``store`` (optional) is the pool's state store URL (docs/store.md); without it, the
@@ -32,6 +33,10 @@ class PoolHost:
     home: str  # the host agent's home: its unix socket is home/agent.sock
     driver: str = "qemu"  # qemu | xen
     lan: str = ""  # the host's address on the pool's LAN ("" if it has none)
+    # where its agent listens for the other hosts (TCP, mutual TLS; docs/pool.md) and
+    # its QEMU for a migration stream; port 0: none (reached by its unix socket only)
+    address: str = ""
+    port: int = 0
 
     @property
     def socket(self) -> Path:

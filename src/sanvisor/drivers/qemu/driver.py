@@ -123,10 +123,18 @@ class QemuDriver(Driver):
             except HypervisorError:
                 return None  # the socket is there but not listening yet
 
+        inst: QemuInstance | None = None
         try:
-            return await wait_until_async(f"QEMU's monitor for {plan.spec.name}", monitor,
-                                          START_TIMEOUT, 0.01)
+            got = await wait_until_async(f"QEMU's monitor for {plan.spec.name}", monitor,
+                                         START_TIMEOUT, 0.01)
+            assert isinstance(got, QemuInstance)
+            inst = got
+            await inst.apply_pins()  # vcpu-pin and sched-credit outlive a save or a move
+            inst.apply_credit()
+            return inst
         except BaseException:
+            if inst is not None:
+                await inst.close()
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             proc.wait()

@@ -26,6 +26,7 @@ from sanvisor.drivers.base import (
 )
 from sanvisor.drivers.qemu import argv as qargv
 from sanvisor.drivers.qemu import procstat
+from sanvisor.drivers.qemu.extras import QemuExtras
 from sanvisor.errors import DeviceError, HypervisorError, TimeoutError_
 from sanvisor.model.domain import DiskSpec
 from sanvisor.model.lifecycle import DomainEvent, EventKind
@@ -78,7 +79,7 @@ def _data(ev: Any) -> dict[str, Any]:
     return dict(raw) if isinstance(raw, dict) else {}
 
 
-class QemuInstance(Instance):
+class QemuInstance(QemuExtras, Instance):
     def __init__(self, plan: LaunchPlan, pid: int, qmp: QMPClient, events: EventSink) -> None:
         self.plan = plan
         self.pid = pid
@@ -210,14 +211,14 @@ class QemuInstance(Instance):
         await self.qmp("system_reset")
 
     async def destroy(self) -> None:
-        if self.exited:
-            return
-        with contextlib.suppress(HypervisorError, TimeoutError_):
-            await self.qmp("quit", timeout=5)
-        if not await self.wait_exit(5):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, 9)
-            await self.wait_exit(5)
+        if not self.exited:
+            with contextlib.suppress(HypervisorError, TimeoutError_):
+                await self.qmp("quit", timeout=5)
+            if not await self.wait_exit(5):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, 9)
+                await self.wait_exit(5)
+        self.drop_credit()  # its cgroup (sched-credit), once its process is gone
 
     def qmp_events(self, listener: EventListener) -> Any:
         """A context in which ``listener`` receives QMP's events."""
@@ -381,6 +382,7 @@ class QemuInstance(Instance):
                     await wait_until_async(f"vCPU slot {path} to free",
                                            functools.partial(self._slot_free, path), 5.0)
                 present.remove(i)
+        await self.apply_pins()  # vcpu-pin also holds for vCPUs plugged later
         if cooperative:
             answer = await self.guest_request(f"vcpus {count}")
             if not answer.startswith("ok"):

@@ -32,6 +32,7 @@ from sanvisor.drivers.base import (
 )
 from sanvisor.drivers.xen import xlcfg
 from sanvisor.drivers.xen.console import ConsoleRelay, Spawn
+from sanvisor.drivers.xen.extras import XenExtras, XenHostExtras, policy_lines
 from sanvisor.drivers.xen.xl import DomInfo, Runner, Xl
 from sanvisor.errors import HypervisorError, SanvisorError
 from sanvisor.model.domain import DiskSpec
@@ -52,7 +53,7 @@ STATES = {"r": "running", "b": "running", "p": "paused", "s": "shutdown", "c": "
           "d": "dying"}
 
 
-class XenInstance(Instance):
+class XenInstance(XenExtras, Instance):
     def __init__(self, drv: XenDriver, plan: LaunchPlan, domid: int, events: EventSink
                  ) -> None:
         self.drv = drv
@@ -252,7 +253,7 @@ class XenInstance(Instance):
             await self.console.close()
 
 
-class XenDriver(Driver):
+class XenDriver(XenHostExtras, Driver):
     name = "xen"
     memory_block_mib = 1  # PV guests balloon to any size up to maxmem
     console_device = "hvc0"  # a PV guest's console
@@ -327,10 +328,13 @@ class XenDriver(Driver):
                     self._watched.pop(key, None)
 
     def config_text(self, plan: LaunchPlan) -> str:
-        return xlcfg.render(plan.spec, kernel=str(plan.kernel),
+        text = xlcfg.render(plan.spec, kernel=str(plan.kernel),
                             ramdisk=str(plan.initrd) if plan.initrd else None,
                             cmdline=plan.cmdline, nics=plan.nics,
                             memory=plan.target_mib if plan.incoming else 0)
+        extra = (policy_lines(plan, self.host_cpus())
+                 if plan.vcpu_pins or plan.credit else [])
+        return text + "".join(f"{line}\n" for line in extra)
 
     def write_config(self, plan: LaunchPlan) -> str:
         """The domain's xl.cfg into dom0 (restore and migrate-in read it there)."""
