@@ -1,6 +1,6 @@
 /* The control protocol's commands (docs/dataplane.md): maps, paths, link states,
- * devices and their segment tables, a sync that removes what was not named,
- * statistics. Everything the agent sends is checked here: a bad line gets an
+ * devices and their segment tables, snapshot stores, a sync that removes what was
+ * not named, statistics. Everything the agent sends is checked here: a bad line gets an
  * error reply and changes nothing. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -269,6 +269,55 @@ static const char *cmd_link(const struct args *a) {
 	return NULL;
 }
 
+/* The segments named by every ``key=START:LENGTH:MAP_OFFSET:MAP_ID`` of a line. */
+static const char *parse_segs(const struct args *a, const char *key, struct seg *segs, int *n) {
+	*n = 0;
+	for (int i = 0; i < a->n; i++) {
+		if (strcmp(a->k[i], key))
+			continue;
+		char buf[200], *save, *f[4];
+		snprintf(buf, sizeof buf, "%s", a->v[i]);
+		f[0] = strtok_r(buf, ":", &save);
+		f[1] = f[0] ? strtok_r(NULL, ":", &save) : NULL;
+		f[2] = f[1] ? strtok_r(NULL, ":", &save) : NULL;
+		f[3] = f[2] ? strtok_r(NULL, "", &save) : NULL;
+		if (*n >= MAX_SEGS || !f[3] || !num_u64(f[0], &segs[*n].start) ||
+		    !num_u64(f[1], &segs[*n].len) || !num_u64(f[2], &segs[*n].moff) ||
+		    strlen(f[3]) >= sizeof segs[*n].map_id)
+			return "segments must be START:LENGTH:MAP_OFFSET:MAP_ID";
+		snprintf(segs[*n].map_id, sizeof segs[*n].map_id, "%s", f[3]);
+		segs[*n].map = NULL;
+		(*n)++;
+	}
+	return NULL;
+}
+
+static bool segs_equal(const struct seg *a, int na, const struct seg *b, int nb) {
+	if (na != nb)
+		return false;
+	for (int i = 0; i < na; i++)
+		if (a[i].start != b[i].start || a[i].len != b[i].len || a[i].moff != b[i].moff ||
+		    strcmp(a[i].map_id, b[i].map_id))
+			return false;
+	return true;
+}
+
+/* store id=ID size=BYTES chunk=BYTES cow=SEG... org=SEG...: a snapshot's exception
+ * store on its COW LV, and its origin's segments (copies are read there). */
+static const char *cmd_store(const struct args *a) {
+	static struct seg cow[MAX_SEGS], org[MAX_SEGS];
+	const char *id = arg(a, "id");
+	uint64_t size, chunk;
+	int nc, no;
+	if (!id || !*id || strlen(id) >= sizeof ((struct store *)0)->id)
+		return "store: id= is required (at most 127 bytes)";
+	if (!num_u64(arg(a, "size"), &size) || !num_u64(arg(a, "chunk"), &chunk) || chunk > UINT32_MAX)
+		return "store: size= and chunk= must be numbers of bytes";
+	if (parse_segs(a, "cow", cow, &nc) || parse_segs(a, "org", org, &no))
+		return "store: cow= and org= must be START:LENGTH:MAP_OFFSET:MAP_ID";
+	return store_set(id, size, (uint32_t)chunk, cow, nc, org, no);
+}
+
 static const char *cmd_device(struct ctl *c, const struct args *a) {
 	const char *name = arg(a, "name"), *v;
 	uint64_t size;
@@ -282,29 +331,34 @@ static const char *cmd_device(struct ctl *c, const struct args *a) {
 		err = "device: size= must be a number of bytes";
 	else if (v && !strcmp(v, "1") && fd < 0)
 		err = "device: fd=1 but no file descriptor came with the line";
+	if (!err && parse_segs(a, "seg", segs, &n))
+		err = "device: seg= must be START:LENGTH:MAP_OFFSET:MAP_ID";
+	struct store *cows[MAX_COWS], *snap = NULL;
+	int ncows = 0;
 	for (int i = 0; !err && i < a->n; i++) {
-		if (strcmp(a->k[i], "seg"))
-			continue;
-		char buf[200], *save, *f[4];
-		snprintf(buf, sizeof buf, "%s", a->v[i]);
-		f[0] = strtok_r(buf, ":", &save);
-		f[1] = f[0] ? strtok_r(NULL, ":", &save) : NULL;
-		f[2] = f[1] ? strtok_r(NULL, ":", &save) : NULL;
-		f[3] = f[2] ? strtok_r(NULL, "", &save) : NULL;
-		if (n >= MAX_SEGS || !f[3] || !num_u64(f[0], &segs[n].start) ||
-		    !num_u64(f[1], &segs[n].len) || !num_u64(f[2], &segs[n].moff) ||
-		    strlen(f[3]) >= sizeof segs[n].map_id) {
-			err = "device: seg= must be START:LENGTH:MAP_OFFSET:MAP_ID";
-			break;
+		struct store *st = NULL;
+		if (!strcmp(a->k[i], "cow") || !strcmp(a->k[i], "snap")) {
+			st = store_find(a->v[i]);
+			if (!st)
+				err = "device: cow= and snap= must name a store";
+			else if (!segs_equal(st->org, st->norg, segs, n))
+				err = "device: its segments are not its store's origin";
 		}
-		snprintf(segs[n].map_id, sizeof segs[n].map_id, "%s", f[3]);
-		segs[n].map = NULL;
-		n++;
+		if (err || !st)
+			continue;
+		if (!strcmp(a->k[i], "snap"))
+			snap = st;
+		else if (ncows < MAX_COWS)
+			cows[ncows++] = st;
+		else
+			err = "device: too many snapshots (at most 16)";
 	}
+	if (!err && snap && ncows)
+		err = "device: an origin (cow=) or a snapshot (snap=), not both";
 	if (!err)
 		err = seg_check(segs, n, size);
 	struct dev *d = err ? NULL : dev_find(name);
-	if (d && !dev_same_mapping(d, segs, n)) {
+	if (d && (!dev_same_mapping(d, segs, n) || d->snap != snap || d->snap_gone)) {
 		dev_retire(d);
 		d = NULL;
 	}
@@ -315,6 +369,9 @@ static const char *cmd_device(struct ctl *c, const struct args *a) {
 		} else {
 			snprintf(d->name, sizeof d->name, "%s", name);
 			list_init(&d->fronts);
+			list_init(&d->parked);
+			list_init(&d->busy);
+			list_init(&d->suspw);
 			d->lev.fd = -1;
 			list_add_tail(&all_devs, &d->link);
 		}
@@ -333,6 +390,19 @@ static const char *cmd_device(struct ctl *c, const struct args *a) {
 	d->nsegs = n;
 	d->size = size;
 	d->seen = true;
+	d->snap = snap;
+	bool added = false;
+	for (int i = 0; i < ncows; i++) {
+		int j = 0;
+		while (j < d->ncows && d->cows[j] != cows[i])
+			j++;
+		added |= j == d->ncows;
+	}
+	for (int i = 0; i < ncows; i++)
+		d->cows[i] = cows[i];
+	d->ncows = ncows;
+	if (added)
+		cow_attach(d);
 	dev_relink();
 	if (fd >= 0)
 		dev_listen(d, fd);
@@ -353,8 +423,24 @@ static void stats(struct sb *o) {
 		struct dev *d = container_of(pos, struct dev, link);
 		sb_printf(o, "%s{\"name\":", first ? "" : ",");
 		sb_str(o, d->name);
-		sb_printf(o, ",\"size\":%llu,\"clients\":%d,\"segments\":%d}",
-			  (unsigned long long)d->size, d->nfronts, d->nsegs);
+		sb_printf(o, ",\"size\":%llu,\"clients\":%d,\"segments\":%d,\"kind\":\"%s\","
+			  "\"parked\":%s,\"stores\":[", (unsigned long long)d->size, d->nfronts,
+			  d->nsegs, d->snap || d->snap_gone ? "snapshot" : d->ncows ? "origin" : "linear",
+			  list_empty(&d->parked) ? "false" : "true");
+		for (int i = 0; i < d->ncows; i++) {
+			sb_printf(o, "%s", i ? "," : "");
+			sb_str(o, d->cows[i]->id);
+		}
+		if (d->snap)
+			sb_str(o, d->snap->id);
+		sb_printf(o, "]}");
+		first = false;
+	}
+	sb_printf(o, "],\"stores\":[");
+	first = true;
+	list_for(pos, &all_stores) {
+		sb_printf(o, "%s", first ? "" : ",");
+		store_stats(container_of(pos, struct store, link), o);
 		first = false;
 	}
 	sb_printf(o, "]}");
@@ -365,6 +451,11 @@ static void sync_end(void) {
 		struct dev *d = container_of(pos, struct dev, link);
 		if (!d->seen)
 			dev_free(d);
+	}
+	list_for(pos, &all_stores) {
+		struct store *st = container_of(pos, struct store, link);
+		if (!st->seen)
+			store_del(st);
 	}
 	list_for(pos, &all_maps) {
 		struct map *m = container_of(pos, struct map, link);
@@ -381,6 +472,7 @@ static void sync_end(void) {
 
 static void sync_begin(void) {
 	list_for(pos, &all_devs) container_of(pos, struct dev, link)->seen = false;
+	list_for(pos, &all_stores) container_of(pos, struct store, link)->seen = false;
 	list_for(pos, &all_maps) {
 		struct map *m = container_of(pos, struct map, link);
 		m->seen = false;
@@ -425,6 +517,18 @@ void ctl_command(struct ctl *c, char *line) {
 		struct dev *d = dev_find(arg(&a, "name") ? arg(&a, "name") : "");
 		if (d)
 			dev_free(d);
+	} else if (!strcmp(verb, "store")) {
+		err = cmd_store(&a);
+	} else if (!strcmp(verb, "del-store")) {
+		struct store *st = store_find(arg(&a, "id") ? arg(&a, "id") : "");
+		if (st)
+			store_del(st);
+	} else if (!strcmp(verb, "reopen")) {
+		struct dev *d = dev_find(arg(&a, "name") ? arg(&a, "name") : "");
+		if (!d)
+			err = "reopen: name= must name a device";
+		else
+			front_drain_dev(d);
 	} else if (!strcmp(verb, "del-path")) {
 		struct path *p = path_find(arg(&a, "id") ? arg(&a, "id") : "", NULL);
 		if (p)

@@ -1,7 +1,8 @@
 /* Devices: what a client opens. A device has a listening socket (given by the
  * agent, kept by it across engine restarts so a client's reconnect waits in its
  * backlog) and a segment table; a request becomes one part per segment it
- * touches (seg.c), a FLUSH one part per map of the device. */
+ * touches (seg.c), a FLUSH one part per map of the device. An origin with
+ * snapshots and a snapshot go through cow.c first. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -51,6 +52,7 @@ static void free_dev(void *p) {
 }
 
 void dev_free(struct dev *d) {
+	cow_dev_gone(d);
 	ev_close(&d->lev, false);
 	front_close_dev(d);
 	list_del(&d->link);
@@ -83,6 +85,7 @@ bool dev_same_mapping(const struct dev *d, const struct seg *segs, int n) {
 void dev_retire(struct dev *d) {
 	logmsg("warning", "device %s now maps other data: its %d open client(s) get EIO",
 	       d->name, d->nfronts);
+	cow_dev_gone(d);
 	ev_close(&d->lev, false);
 	list_del(&d->link);
 	d->retired = true;
@@ -99,6 +102,7 @@ void dev_relink(void) {
 		for (int i = 0; i < d->nsegs; i++)
 			d->segs[i].map = map_find(d->segs[i].map_id);
 	}
+	store_relink();
 }
 
 static void init_part(struct part *p, struct req *r, struct map *m, uint64_t off,
@@ -114,35 +118,63 @@ static void init_part(struct part *p, struct req *r, struct map *m, uint64_t off
 	p->flags = r->flags;
 }
 
-void dev_submit(struct dev *d, struct req *r) {
-	int n = 0;
-	if (r->cmd == NBD_CMD_FLUSH) {
-		struct map *maps[MAX_SPANS];
-		for (int i = 0; i < d->nsegs && n < MAX_SPANS; i++) {
-			int j = 0;
-			while (j < n && maps[j] != d->segs[i].map)
-				j++;
-			if (j == n)
-				maps[n++] = d->segs[i].map;
+/* A request over one or more segment tables (a snapshot's reads go to its store and
+ * to its origin): its parts, one per segment touched (a FLUSH: one per map), sent
+ * to their maps. 0, or -1 when it cannot be split (it is then ended with EIO). */
+int spans_submit(struct req *r, const struct xspan *xs, int nxs) {
+	int n = 0, cap = 0;
+	struct part *parts = NULL;
+	struct span sp[MAX_SPANS];
+	for (int x = 0; x < nxs; x++) {
+		const struct xspan *s = &xs[x];
+		if (r->cmd == NBD_CMD_FLUSH) {
+			for (int i = 0; i < s->nsegs; i++) {
+				struct map *m = s->segs[i].map;
+				int j = 0;
+				while (j < n && parts[j].map != m)
+					j++;
+				if (j < n)
+					continue;
+				if (n == cap) {
+					cap = cap ? cap * 2 : 4;
+					struct part *np = realloc(parts, (size_t)cap * sizeof *np);
+					if (!np)
+						goto fail;
+					parts = np;
+				}
+				init_part(&parts[n++], r, m, 0, 0, 0);
+			}
+			continue;
 		}
-		r->parts = n == 1 ? &r->one : calloc((size_t)n, sizeof *r->parts);
-		if (!r->parts || !n)
+		int k = seg_split(s->segs, s->nsegs, s->off, s->len, sp, MAX_SPANS);
+		if (k <= 0)
 			goto fail;
-		for (int i = 0; i < n; i++)
-			init_part(&r->parts[i], r, maps[i], 0, 0, 0);
-	} else {
-		struct span sp[MAX_SPANS];
-		n = seg_split(d->segs, d->nsegs, r->off, r->len, sp, MAX_SPANS);
-		if (n <= 0)
-			goto fail;
-		r->parts = n == 1 ? &r->one : calloc((size_t)n, sizeof *r->parts);
-		if (!r->parts)
-			goto fail;
-		for (int i = 0; i < n; i++)
-			init_part(&r->parts[i], r, d->segs[sp[i].seg].map, sp[i].moff, sp[i].len,
-				  sp[i].boff);
+		if (n + k > cap) {
+			cap = (n + k) * 2;
+			struct part *np = realloc(parts, (size_t)cap * sizeof *np);
+			if (!np)
+				goto fail;
+			parts = np;
+		}
+		for (int i = 0; i < k; i++)
+			init_part(&parts[n++], r, s->segs[sp[i].seg].map, sp[i].moff, sp[i].len,
+				  s->boff + sp[i].boff);
 	}
+	if (!n)
+		goto fail;
+	if (r->parts != &r->one)
+		free(r->parts);
+	if (n == 1) {
+		r->one = parts[0];
+		free(parts);
+		parts = &r->one;
+	}
+	r->parts = parts;
 	r->nparts = r->pending = n;
+	for (int i = 0; i < n; i++) { /* the list links point into the final array */
+		list_init(&parts[i].link);
+		parts[i].req = r;
+	}
 	for (int i = 0; i < n; i++) {
 		struct part *p = &r->parts[i];
 		if (p->map)
@@ -150,11 +182,24 @@ void dev_submit(struct dev *d, struct req *r) {
 		else
 			part_done(p, NBD_EIO); /* its map is gone */
 	}
-	return;
+	return 0;
 fail:
-	if (r->parts != &r->one)
-		free(r->parts);
-	r->parts = NULL;
+	free(parts);
 	r->err = NBD_EIO;
-	front_reply(r);
+	r->pending = 0;
+	req_finish(r);
+	return -1;
+}
+
+int segs_submit(const struct seg *segs, int nsegs, struct req *r) {
+	struct xspan x = { segs, nsegs, r->off, r->len, 0 };
+	return spans_submit(r, &x, 1);
+}
+
+void dev_submit(struct dev *d, struct req *r) {
+	if (d->ncows || d->snap) {
+		cow_submit(d, r);
+		return;
+	}
+	segs_submit(d->segs, d->nsegs, r);
 }

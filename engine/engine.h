@@ -70,10 +70,22 @@ struct part {
 	uint8_t wire[28];
 };
 
+struct dev;
 struct req {
 	list_t flink; /* the front's outstanding requests */
 	list_t olink; /* the front's reply queue */
 	struct front *fr; /* NULL once the client is gone */
+	/* copy-on-write devices (cow.c): the device a parked request waits on (NULL once
+	 * the device went), how many waits it has, and a hook run when its parts end
+	 * (instead of the reply: internal I/O, a snapshot's tracked reads) */
+	struct dev *dev;
+	list_t plink; /* the device's parked requests, or the retry queue */
+	int parked;
+	void (*done)(struct req *r);
+	void (*iocb)(void *ctx, struct req *r, uint32_t err); /* the engine's own I/O */
+	void *ctx;
+	uint64_t *track; int ntrack; /* origin chunks a snapshot read holds */
+	struct store *tstore;
 	uint64_t cookie, off;
 	uint32_t len;
 	uint16_t cmd, flags;
@@ -87,6 +99,7 @@ struct req {
 struct req *req_new(struct front *fr, uint64_t cookie, uint16_t cmd, uint16_t flags,
 		    uint64_t off, uint32_t len);
 void req_free(struct req *r);
+void req_finish(struct req *r); /* its hook, else its reply (or freed: no client) */
 void part_done(struct part *p, uint32_t err);
 
 /* ---- maps and paths (map.c, path.c, fence.c) ------------------------------------- */
@@ -196,6 +209,8 @@ int seg_split(const struct seg *segs, int nsegs, uint64_t off, uint32_t len,
 	      struct span *out, int max);
 const char *seg_check(const struct seg *segs, int nsegs, uint64_t size);
 
+struct store;
+#define MAX_COWS 16 /* snapshots of one origin */
 struct dev {
 	list_t link;
 	char name[128];
@@ -204,6 +219,15 @@ struct dev {
 	struct ev lev; /* the listening socket */
 	list_t fronts; int nfronts;
 	bool seen, retired;
+	/* copy-on-write (cow.c): an origin's snapshot stores, or a snapshot's own store */
+	struct store *cows[MAX_COWS]; int ncows;
+	struct store *snap;
+	list_t parked; /* requests waiting (for a copy, a load, a drain) */
+	list_t busy; /* its origin writes in flight (their hook counts them) */
+	bool snap_gone; /* its store was deleted: every request fails */
+	list_t suspw; /* writes waiting for the writes in flight before a new snapshot */
+	int wr_inflight;
+	bool suspended;
 };
 struct dev *dev_find(const char *name);
 void dev_free(struct dev *d);
@@ -213,11 +237,77 @@ void dev_client_gone(struct dev *d);
 void dev_listen(struct dev *d, int fd);
 void dev_submit(struct dev *d, struct req *r);
 void dev_relink(void); /* segments find their maps again */
+struct xspan { const struct seg *segs; int nsegs; uint64_t off; uint32_t len, boff; };
+int spans_submit(struct req *r, const struct xspan *xs, int n); /* 0, or -1: r ended (EIO) */
+int segs_submit(const struct seg *segs, int nsegs, struct req *r);
+
+/* ---- snapshots: exception stores (store.c) and copy-on-write devices (cow.c) ------ */
+struct hmap { uint64_t *k, *v; uint32_t cap, n; }; /* u64 -> u64, open addressing */
+bool hmap_get(const struct hmap *h, uint64_t key, uint64_t *val);
+int hmap_put(struct hmap *h, uint64_t key, uint64_t val);
+void hmap_del(struct hmap *h, uint64_t key);
+void hmap_free(struct hmap *h);
+
+enum sstate { S_LOADING, S_READY, S_INVALID };
+struct pend { /* an origin chunk being copied into a store */
+	list_t link; /* the store's ready list, or its commit batch */
+	struct store *st;
+	uint64_t chunk, new_chunk;
+	list_t waiters;
+	bool dead;
+};
+struct store {
+	list_t link;
+	char id[128];
+	uint64_t size; /* bytes of the COW LV */
+	uint32_t chunk; /* bytes */
+	struct seg *cow; int ncow; /* the COW LV */
+	struct seg *org; int norg; /* its origin */
+	uint64_t osize;
+	enum sstate state;
+	bool seen, gone, meta_busy, zeroed_next;
+	uint64_t next_free, area, load_area;
+	uint32_t used; /* entries in the current area */
+	uint8_t *abuf; /* the current area, as on disk once committed */
+	struct hmap exc; /* origin chunk -> COW chunk, committed */
+	struct hmap pend; /* origin chunk -> struct pend * */
+	struct hmap track; /* origin chunk -> snapshot reads in flight on the origin */
+	list_t ready, batch, loadw, trackw;
+	int inflight, npend;
+	uint64_t copies, merged_waits;
+	char why[160];
+};
+extern list_t all_stores;
+struct store *store_find(const char *id);
+const char *store_set(const char *id, uint64_t size, uint32_t chunk, struct seg *cow, int ncow,
+		      struct seg *org, int norg);
+void store_del(struct store *st);
+void store_relink(void);
+struct pend *store_need(struct store *st, uint64_t chunk); /* existing or a new copy; NULL: invalid */
+void store_invalidate(struct store *st, const char *why);
+void store_untrack(struct store *st, uint64_t chunk);
+void store_put(struct store *st); /* frees a deleted store once its I/O ended */
+void store_stats(struct store *st, struct sb *out);
+uint64_t store_cow_offset(const struct store *st, uint64_t cow_chunk);
+
+/* waiting: a request parks on a list; wake_all() releases a list's waits */
+void park(list_t *on, struct req *r); /* a wait; aborts when out of memory */
+void wake_all(list_t *on);
+void cow_submit(struct dev *d, struct req *r);
+void cow_attach(struct dev *d);
+void cow_dev_gone(struct dev *d);
+void cow_flush(void); /* deferred work: completions and retries, until none is left */
+bool cow_busy(void);
+/* internal I/O: a request of the engine's own (a copy, an area write) */
+typedef void io_cb(void *ctx, struct req *r, uint32_t err);
+struct req *io_new(uint16_t cmd, uint16_t flags, uint64_t off, uint32_t len);
+void io_submit(const struct seg *segs, int nsegs, struct req *r, io_cb *cb, void *ctx);
 
 /* ---- the client side of QEMU (front.c) --------------------------------------------- */
 void front_accept(struct dev *d, int fd);
 void front_reply(struct req *r);
 void front_close_dev(struct dev *d);
+void front_drain_dev(struct dev *d); /* answer what was asked, then close: clients reconnect */
 void front_tick_all(void);
 void front_flush_all(void);
 extern list_t all_fronts;

@@ -161,6 +161,29 @@ void front_close_dev(struct dev *d) {
 	}
 }
 
+/* Every client of the device answered and disconnected, as a restarting engine
+ * would (QEMU reconnects, and then learns the device's new size: an LV extended
+ * under a running guest). What a client had sent in full is answered first; a
+ * write still arriving is dropped unanswered (the client sends it again). */
+void front_drain_dev(struct dev *d) {
+	list_for(pos, &d->fronts) {
+		struct front *fr = container_of(pos, struct front, link);
+		if (fr->closed || fr->st == F_CLOSING)
+			continue;
+		if (fr->rxr) {
+			struct req *r = fr->rxr;
+			fr->rxr = NULL;
+			fr->nreqs--;
+			fr->bytes -= r->len;
+			req_free(r);
+		}
+		fr->st = F_CLOSING;
+		fr->paused = false;
+		ev_mod(&fr->ev, fr->ev.mask & ~(uint32_t)EPOLLIN);
+		mark_dirty(fr);
+	}
+}
+
 static void front_tick(struct front *fr) {
 	if (fr->st < F_TRANS && now() > fr->deadline)
 		front_close(fr, "handshake not finished in time");

@@ -44,9 +44,12 @@ void engine_tick(void) {
 }
 
 void engine_flush(void) {
-	while (!list_empty(&dirty_paths))
-		path_flush(list_first(&dirty_paths, struct path, dlink));
-	front_flush_all();
+	do {
+		cow_flush();
+		while (!list_empty(&dirty_paths))
+			path_flush(list_first(&dirty_paths, struct path, dlink));
+		front_flush_all();
+	} while (cow_busy());
 }
 
 int main(int argc, char **argv) {

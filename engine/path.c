@@ -211,11 +211,13 @@ static bool reply_header(struct path *p, const uint8_t *h) {
 	return p->state == P_READY;
 }
 
-/* Replies: headers through the staging buffer, a read's data straight into its
- * request's buffer (once: no other copy in the engine). */
-static void path_read(struct path *p) {
-	bool drained = false; /* a short read: the socket had no more (epoll says when it has) */
-	for (int round = 0; round < READ_ROUNDS && p->state == P_READY; round++) {
+/* What is already received: a read's data staged with its header copied into its
+ * request, parts whose reply is complete ended, the headers staged parsed. false
+ * when the path failed. Run before every receive, and once more when the receive
+ * rounds run out (what was received must not wait for another event: there may
+ * be none). */
+static bool path_staged(struct path *p) {
+	while (p->state == P_READY) {
 		if (p->rxp && p->rx_pos < p->rx_len) { /* data already staged */
 			struct part *pt = p->rxp;
 			uint32_t take = p->rx_len - p->rx_pos;
@@ -229,27 +231,34 @@ static void path_read(struct path *p) {
 			struct part *pt = p->rxp;
 			p->rxp = NULL;
 			complete(p, pt, 0);
-			round--;
 			continue;
 		}
-		if (!p->rxp) {
-			while (p->rx_len - p->rx_pos >= NBD_REPLY_SIZE) {
-				const uint8_t *h = p->rx + p->rx_pos;
-				p->rx_pos += NBD_REPLY_SIZE;
-				if (!reply_header(p, h))
-					return;
-				if (p->rxp)
-					break;
-			}
-			if (p->rxp) {
-				round--;
-				continue;
-			}
-			memmove(p->rx, p->rx + p->rx_pos, p->rx_len - p->rx_pos);
-			p->rx_len -= p->rx_pos;
-			p->rx_pos = 0;
+		if (p->rxp)
+			return true; /* its data is still to come */
+		while (p->rx_len - p->rx_pos >= NBD_REPLY_SIZE) {
+			const uint8_t *h = p->rx + p->rx_pos;
+			p->rx_pos += NBD_REPLY_SIZE;
+			if (!reply_header(p, h))
+				return false;
+			if (p->rxp)
+				break;
 		}
-		if (drained)
+		if (p->rxp)
+			continue;
+		memmove(p->rx, p->rx + p->rx_pos, p->rx_len - p->rx_pos);
+		p->rx_len -= p->rx_pos;
+		p->rx_pos = 0;
+		return true;
+	}
+	return false;
+}
+
+/* Replies: headers through the staging buffer, a read's data straight into its
+ * request's buffer (once: no other copy in the engine). */
+static void path_read(struct path *p) {
+	bool drained = false; /* a short read: the socket had no more (epoll says when it has) */
+	for (int round = 0; round < READ_ROUNDS; round++) {
+		if (!path_staged(p) || drained)
 			return;
 		ssize_t n;
 		size_t want;
@@ -279,6 +288,7 @@ static void path_read(struct path *p) {
 			return;
 		}
 	}
+	path_staged(p);
 }
 
 static void path_cb(struct ev *ev, uint32_t events) {

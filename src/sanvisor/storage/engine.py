@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -176,6 +177,7 @@ class Engine:
         self.restarts = 0
         self._stopping = False
         self._sync: socket.socket | None = None
+        self._query_lock = threading.Lock()
         self._restarter: asyncio.Task[None] | None = None
 
     # ---- life -----------------------------------------------------------------------
@@ -304,8 +306,13 @@ class Engine:
         return await self.link.request(raw, fds)
 
     def query(self, raw: bytes) -> E.Reply | None:
-        """A request answered at once, from synchronous code (views); None if the engine
-        does not answer (it is being restarted)."""
+        """A request answered at once, from synchronous code (views, and the volumes'
+        worker thread: one at a time); None if the engine does not answer (it is being
+        restarted)."""
+        with self._query_lock:
+            return self._query(raw)
+
+    def _query(self, raw: bytes) -> E.Reply | None:
         sock = self._sync
         if sock is None:
             return None

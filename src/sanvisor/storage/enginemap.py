@@ -12,13 +12,16 @@ Views read the engine's counters (a synchronous ``stats`` request): what
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path as FsPath
 from typing import Any
 
+from sanvisor.errors import DeviceError
 from sanvisor.storage import engineproto as E
 from sanvisor.storage import mpmap
 from sanvisor.storage.engine import Engine
@@ -136,8 +139,12 @@ class EngineBackend:
         self.maps: dict[str, EngineMap] = {}  # by WWID (the daemon's own dict)
         self.io_timeout = mpmap.IO_TIMEOUT
         self.fence_timeout = mpmap.FENCE_TIMEOUT
-        self.listeners: dict[str, socket.socket] = {}  # map name -> its listening socket
+        self.listeners: dict[str, socket.socket] = {}  # device name -> its listening socket
         self.engine = Engine(home, self._event, self.sync)
+        # the volumes' devices (storage/lvserve.py): named in every sync, or it removes them
+        self.volume_specs: Callable[[], tuple[list[E.StoreSpec], list[E.DeviceSpec]]] | None \
+            = None
+        self._sync_lock = asyncio.Lock()
 
     async def start(self, maps: dict[str, EngineMap]) -> None:
         self.maps = maps
@@ -191,8 +198,13 @@ class EngineBackend:
 
     async def sync(self) -> None:
         """Give the engine the whole configuration; what it has but is not named here
-        (maps, paths, devices) goes."""
+        (maps, paths, devices, stores) goes. One at a time."""
+        async with self._sync_lock:
+            await self._sync()
+
+    async def _sync(self) -> None:
         eng = self.engine
+        stores, devices = self.volume_specs() if self.volume_specs is not None else ([], [])
         await eng.request(E.line("sync-begin"))
         for mp in self.maps.values():
             await eng.request(mp.command(self.io_timeout, self.fence_timeout))
@@ -206,9 +218,20 @@ class EngineBackend:
             seg = [E.Segment(0, mp.size, mp.wwid, 0)]
             sock = self.listener(mp.name)
             await eng.request(E.device_line(mp.name, mp.size, seg, True), [sock.fileno()])
+        keep = {mp.name for mp in self.maps.values()}
+        for st in stores:
+            await eng.request(st.line())
+        for dev in devices:
+            if dev.name in keep:
+                log.warning("LV device %s: a multipath map has that name: not served", dev.name)
+                continue
+            keep.add(dev.name)
+            try:
+                await eng.request(dev.line(), [self.listener(dev.name).fileno()])
+            except DeviceError as exc:  # one LV refused stops no other device
+                log.warning("LV device %s: %s", dev.name, exc)
         await eng.request(E.line("sync-end"))
-        for name in [n for n in self.listeners if n not in
-                     {mp.name for mp in self.maps.values()}]:
+        for name in [n for n in self.listeners if n not in keep]:
             self.drop(name)
         self.refresh()
 

@@ -35,12 +35,29 @@ def seg_lines(segs: list[Segment]) -> list[str]:
     return [f"{s.start}:{s.length}:{s.map_offset}:{s.map_id}" for s in segs]
 
 
-def device_line(name: str, size: int, segs: list[Segment], with_fd: bool) -> bytes:
-    """A device (its segment table); with_fd: its listening socket comes with the line."""
-    body = line("device", name=name, size=size, fd=1 if with_fd else None).rstrip(b"\n")
-    for s in seg_lines(segs):
-        body += b" seg=" + quote(s, safe=":,/.@-_").encode()
+def _segs(key: str, segs: list[Segment]) -> bytes:
+    return b"".join(f" {key}=".encode() + quote(s, safe=":,/.@-_").encode()
+                    for s in seg_lines(segs))
+
+
+def device_line(name: str, size: int, segs: list[Segment], with_fd: bool,
+                cows: tuple[str, ...] = (), snap: str | None = None) -> bytes:
+    """A device (its segment table); with_fd: its listening socket comes with the line.
+    ``cows``: the stores of an origin's snapshots; ``snap``: a snapshot's own store
+    (its segments are then its origin's)."""
+    body = line("device", name=name, size=size, fd=1 if with_fd else None,
+                snap=snap).rstrip(b"\n")
+    body += _segs("seg", segs)
+    for c in cows:
+        body += b" cow=" + quote(c, safe=":,/.@-_").encode()
     return body + b"\n"
+
+
+def store_line(ident: str, size: int, chunk: int, cow: list[Segment],
+               origin: list[Segment]) -> bytes:
+    """A snapshot's exception store: its COW LV's segments and its origin's."""
+    body = line("store", id=ident, size=size, chunk=chunk).rstrip(b"\n")
+    return body + _segs("cow", cow) + _segs("org", origin) + b"\n"
 
 
 @dataclass(frozen=True)
@@ -51,6 +68,35 @@ class Segment:
     length: int
     map_id: str
     map_offset: int = 0
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """A snapshot's exception store: its COW LV and its origin (docs/dataplane.md)."""
+
+    ident: str
+    size: int
+    chunk: int
+    cow: tuple[Segment, ...]
+    origin: tuple[Segment, ...]
+
+    def line(self) -> bytes:
+        return store_line(self.ident, self.size, self.chunk, list(self.cow), list(self.origin))
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """A device other than a map's own: an LV (linear, an origin with ``cows``, or a
+    snapshot with ``snap``), served on HOME/mapper/NAME.sock."""
+
+    name: str
+    size: int
+    segs: tuple[Segment, ...]
+    cows: tuple[str, ...] = ()
+    snap: str | None = None
+
+    def line(self) -> bytes:
+        return device_line(self.name, self.size, list(self.segs), True, self.cows, self.snap)
 
 
 @dataclass(frozen=True)

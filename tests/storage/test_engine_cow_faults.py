@@ -1,0 +1,143 @@
+"""Faults under copy-on-write: the engine killed (kill -9) while an origin with a
+snapshot is written, and an HBA cut under an LV that spans two LUNs.
+
+- Killed three times under a client that writes sequence-numbered blocks and
+  resends what was not answered (as QEMU does): every acknowledged block is on the
+  origin; the snapshot still reads as the image of its instant; the store, read by
+  the Python reference of dm-snapshot's format, is valid, each exception holding the
+  old data of its chunk (a copy whose area write was lost is simply not there: its
+  write was not acknowledged, so it was resent and copied again).
+- HBA 0 cut while the origin and the snapshot are written: both LUNs lose a path;
+  nothing fails, the snapshot is intact.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+
+import pytest
+
+from sanvisor.storage import nbdproto as P
+from tests.storage.enginekit import engine_bench
+from tests.storage.harness import DEADLINE, Host
+from tests.storage.test_engine_cow import CHUNK, MIB, Vol, _pattern
+from tests.storage.test_engine_restart import BS, Resender, _block
+
+assert BS == CHUNK
+
+
+class DevResender(Resender):
+    """The resending client of test_engine_restart, on an LV's device."""
+
+    def __init__(self, host: Host, name: str) -> None:
+        super().__init__(host)
+        self.path = str(host.home / "mapper" / f"{name}.sock")
+        self.name = name
+
+
+def test_engine_killed_under_copy_on_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    with engine_bench(monkeypatch, sanitized=False, restarts=True,
+                      luns=(("a", "16M"), ("b", "16M"))) as (_arr, host):
+        vol = Vol(host)
+        try:
+            vol.serve({})
+            first = vol.client("vg-lv")
+            frozen = _pattern(21, 8 * MIB)
+            first.pwrite(frozen, 0)
+            vol.serve({"snap": 4 * MIB})
+            c = DevResender(host, "vg-lv")
+            c.connect()
+            acked: dict[int, bytes] = {}
+            busy: dict[int, tuple[int, bytes]] = {}
+            kills, version = 0, 0
+            stop = threading.Event()
+            rng = random.Random(5)
+
+            def killer() -> None:
+                nonlocal kills
+                for _ in range(3):
+                    time.sleep(0.4)
+                    pid = host.engine.pid
+                    os.kill(pid, signal.SIGKILL)
+                    kills += 1
+                    deadline = time.monotonic() + DEADLINE
+                    while host.engine.pid == pid and time.monotonic() < deadline:
+                        time.sleep(0.01)
+                stop.set()
+
+            t = threading.Thread(target=killer)
+            t.start()
+            try:
+                while not stop.is_set() or busy:
+                    while len(busy) < 8 and not stop.is_set():
+                        version += 1
+                        block = rng.randrange(0, 768)  # 3 MiB: the store holds them all
+                        data = _block(block, version)
+                        busy[c.send(P.CMD_WRITE, block * BS, data)] = (block, data)
+                    cookie, err, _ = c.receive()
+                    assert err == 0, f"a write failed: {err}"
+                    block, data = busy.pop(cookie)
+                    acked[block] = data
+            finally:
+                t.join(DEADLINE)
+            assert kills == 3 and c.reconnects >= 1
+            host.until("the store loaded again", lambda: all(
+                s["state"] == "ready" for s in vol.stats()["stores"]))
+            origin, snap = vol.client("vg-lv"), vol.client("vg-snap")
+            now = origin.pread(8 * MIB, 0)
+            for block, data in acked.items():
+                assert now[block * BS:(block + 1) * BS] == data, f"block {block} lost"
+            assert snap.pread(8 * MIB, 0) == frozen
+            vol.reopen()
+            st = vol.on_disk(0, 4 * MIB)
+            assert st is not None and st.valid
+            cow = vol.io(vol.cow(0, 4 * MIB))
+            assert set(st.exceptions) <= set(acked)
+            for old, new in st.exceptions.items():
+                assert cow.read(new * BS, BS) == frozen[old * BS:(old + 1) * BS]
+            assert len(set(st.exceptions.values())) == len(st.exceptions)
+        finally:
+            for d in vol.devs.values():
+                d.close()
+
+
+def test_an_hba_cut_under_a_snapshotted_lv_on_two_luns(monkeypatch: pytest.MonkeyPatch
+                                                       ) -> None:
+    with engine_bench(monkeypatch, luns=(("a", "16M"), ("b", "16M"))) as (_arr, host):
+        vol = Vol(host)
+        try:
+            vol.serve({})
+            origin = vol.client("vg-lv")
+            frozen = _pattern(31, 8 * MIB)
+            origin.pwrite(frozen, 0)
+            vol.serve({"snap": 4 * MIB})
+            origin, snap = vol.client("vg-lv"), vol.client("vg-snap")
+            now = bytearray(frozen)
+            rng = random.Random(3)
+            for i in range(120):
+                if i == 40:
+                    host.hba_down(0)
+                    host.until("HBA 0's paths faulty", lambda: not any(
+                        p.ready for m in host.mpd.maps.values() for p in m.paths
+                        if p.hba.index == 0))
+                if i == 90:
+                    host.hba_up(0)
+                off = rng.randrange(0, 8 * MIB - 20000)
+                data = rng.randbytes(rng.randrange(1, 20000))
+                origin.pwrite(data, off)
+                now[off:off + len(data)] = data
+                snap.pwrite(b"s" * 512, 6 * MIB + i * 512)  # snapshot writes too
+            assert origin.pread(8 * MIB, 0) == bytes(now)
+            got = snap.pread(8 * MIB, 0)
+            assert got[6 * MIB:6 * MIB + 120 * 512] == b"s" * (120 * 512)
+            assert got[:6 * MIB] == frozen[:6 * MIB]
+            assert got[6 * MIB + 120 * 512:] == frozen[6 * MIB + 120 * 512:]
+            view = host.call(host.mpd.view)
+            assert all(m["io_errors"] == 0 for m in view["maps"])
+        finally:
+            for d in vol.devs.values():
+                d.close()
