@@ -26,6 +26,9 @@ from sanvisor.errors import (
     SanvisorError,
     SaveFileError,
     TimeoutError_,
+    TlsForbiddenError,
+    TlsPeerError,
+    TlsRefusedError,
     UsageError,
 )
 from sanvisor.model.config import parse_config_file
@@ -40,6 +43,7 @@ _STATUS: dict[type[SanvisorError], int] = {
     UsageError: 400, ConfigError: 400, SaveFileError: 400, NotFoundError: 404,
     ConflictError: 409, DeviceError: 409, ResourceError: 507, TimeoutError_: 504,
     AgentUnavailableError: 502, AgentProtocolError: 502,
+    TlsPeerError: 502, TlsRefusedError: 502, TlsForbiddenError: 403,
 }
 
 

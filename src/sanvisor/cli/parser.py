@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from sanvisor.cli import lvm_verbs
+from sanvisor.cli import lvm_verbs, xm_verbs
 
 DOM = "domain name, id or uuid"
 GLOBALS_EPILOG = ("global options, anywhere on the line: --json (machine-readable "
@@ -21,16 +21,18 @@ DOMAIN_VERBS_HELP = """\
 domain verbs (xm-compatible):
   create [-c] [-p] [-n] FILE [KEY=VALUE ...]  start a domain from an xm/xl config file
                                           (-n: check everything, print what would run)
-  list [-l] [DOM ...]                     list domains (Name ID Mem VCPUs State Time(s))
+  list [-l] [DOM ...]                     list domains (Name ID Mem VCPUs State Time(s));
+                                          -l: xm's SXP
   pause DOM / unpause DOM                 freeze / thaw a domain
   save DOM FILE / restore [-p] FILE       save a domain's state to a file and stop it;
                                           bring it back where it was
-  console DOM                             attach to the serial console (Ctrl-] detaches)
-  top [-b] [-n N] [-d SEC]                live CPU/memory/vCPU/block/network per domain
-  shutdown [-w] [-t SEC] DOM              clean poweroff (the ACPI power button)
-  reboot DOM                              clean reboot (the power button, then powered
-                                          on again by the agent)
-  destroy DOM                             stop at once (pull the plug)
+  console [--history [-n N]] DOM          attach to the serial console (Ctrl-] detaches);
+                                          --history: what it printed so far
+  top [-b] [-i N] [-d SEC] [-f] [-x]      xentop: CPU/memory/vCPUs/network per domain
+  shutdown [-a] [-w] [-t SEC] [DOM]       clean poweroff (the ACPI power button); -a all
+  reboot [-a] [-w] [-t SEC] [DOM]         clean reboot (the power button, then powered
+                                          on again by the agent, under a new id)
+  destroy [-f] DOM                        stop at once (pull the plug)
   mem-set DOM MEM / mem-max DOM MEM       balloon target / ceiling (256, 256m, 1g)
   vcpu-set DOM N                          vCPUs online in the guest, up to maxvcpus
   block-attach DOM BACKEND TARGET [MODE]  hot-add a disk (e.g. phy:/dev/sdb sdc w)
@@ -50,7 +52,7 @@ VERBS = frozenset((
     "block-attach", "block-detach", "network-attach", "network-detach", "domid", "domname",
     "migrate", "uptime", "info", "top", "agent", "guest-kit", "array", "scsi", "multipath",
     "lab", "demo", "pool",
-)) | lvm_verbs.VERBS
+)) | lvm_verbs.VERBS | xm_verbs.VERBS
 
 
 class _Skip:
@@ -80,8 +82,8 @@ def build_parser(only: str | None = None
     cls = _parser_class(innermost)
     p = cls(prog="sanvisor", formatter_class=argparse.RawDescriptionHelpFormatter,
             description="The xm experience over QEMU/Xen hosts on shared SAN storage.",
-            epilog=DOMAIN_VERBS_HELP + "\n" + lvm_verbs.VOLUME_VERBS_HELP + "\n"
-            + GLOBALS_EPILOG)
+            epilog=DOMAIN_VERBS_HELP + "\n" + xm_verbs.XM_VERBS_HELP + "\n"
+            + lvm_verbs.VOLUME_VERBS_HELP + "\n" + GLOBALS_EPILOG)
     p.add_argument("--home", type=Path, help="agent state directory "
                    "(default $SANVISOR_HOME, /var/lib/sanvisor as root)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -101,6 +103,7 @@ def build_parser(only: str | None = None
         return sp
 
     _domain_verbs(verb)
+    xm_verbs.add_parsers(verb)
     _host_verbs(verb, sub, only)
     return p, innermost
 
@@ -115,23 +118,38 @@ def _domain_verbs(verb: Any) -> None:
     c.add_argument("config", help="config file (xl.cfg(5) syntax)")
     c.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys")
     ls = verb("list", "list domains")
-    ls.add_argument("-l", "--long", action="store_true", help="full details (JSON)")
+    ls.add_argument("-l", "--long", action="store_true",
+                    help="full details, in xm's SXP (--json: the records)")
     ls.add_argument("--pool", action="store_true",
                     help="every host of the pool, with a Host column")
     ls.add_argument("doms", nargs="*", metavar="DOM", help=DOM)
     for name, text in [("pause", "freeze a domain's vCPUs"),
                        ("unpause", "thaw a paused domain"),
-                       ("reboot", "clean reboot: the ACPI power button, then the agent "
-                        "powers the guest on again"),
-                       ("destroy", "stop a domain at once (pull the plug)"),
-                       ("console", "attach to the serial console (Ctrl-] detaches)"),
-                       ("block-list", "list a domain's disks"),
-                       ("network-list", "list a domain's NICs")]:
+                       ("block-list", "a domain's disks, in xm's columns (--json: all)"),
+                       ("network-list", "a domain's NICs, in xm's columns (--json: all, "
+                        "bridges included)")]:
         verb(name, text, "dom")
-    sd = verb("shutdown", "clean poweroff of the guest (the ACPI power button)", "dom")
-    sd.add_argument("-w", "--wait", action="store_true", help="wait until it is down")
-    sd.add_argument("-t", "--timeout", type=float, default=60.0,
-                    help="seconds to wait with -w (default 60)")
+    ds = verb("destroy", "stop a domain at once (pull the plug)", "dom")
+    ds.add_argument("-f", "--force", action="store_true",
+                    help="accepted as xl's; destroy is always immediate, and Domain-0 "
+                    "(the host) is never destroyed")
+    co = verb("console", "attach to the serial console (Ctrl-] detaches)", "dom")
+    co.add_argument("--history", action="store_true",
+                    help="print what the console showed so far (its log) and exit")
+    co.add_argument("-n", "--lines", type=int, default=0,
+                    help="with --history: only the last N lines")
+    for name, text, wait in (
+            ("shutdown", "clean poweroff of the guest (the ACPI power button)",
+             "until it is down"),
+            ("reboot", "clean reboot: the ACPI power button, then the agent powers the "
+             "guest on again (a new domain id)", "until it is back")):
+        sd = verb(name, text)
+        sd.add_argument("-a", "--all", action="store_true",
+                        help=f"every domain of this host ({name} them all at once)")
+        sd.add_argument("-w", "--wait", action="store_true", help=f"wait {wait}")
+        sd.add_argument("-t", "--timeout", type=float, default=60.0,
+                        help="seconds to wait with -w (default 60)")
+        sd.add_argument("dom", nargs="?", help=DOM + " (or -a)")
     sv = verb("save", "save a domain's state to FILE and stop it", "dom")
     sv.add_argument("file", help="the save file to write (must not be a directory)")
     mg = verb("migrate", "move a domain to another host of the pool", "dom")
@@ -172,10 +190,20 @@ def _domain_verbs(verb: Any) -> None:
     verb("uptime", "how long domains have run").add_argument(
         "doms", nargs="*", metavar="DOM", help=DOM + " (default: all)")
     verb("info", "facts about this host: memory, CPUs, driver, accelerator")
-    tp = verb("top", "live per-domain resource use")
+    tp = verb("top", "live per-domain resource use, as xentop (keys: q quit, D delay, "
+              "S sort column, N C M T V sort by name, CPU%%, memory, CPU time, vCPUs)")
     tp.add_argument("-b", "--batch", action="store_true", help="plain text, for scripts")
-    tp.add_argument("-n", "--iterations", type=int, default=0, help="frames (0 = forever)")
+    tp.add_argument("-i", "--iterations", "-n", type=int, default=0,
+                    help="frames, then exit (0 = forever; -n N is the same)")
     tp.add_argument("-d", "--delay", type=float, default=1.0, help="seconds between frames")
+    tp.add_argument("-f", "--full-name", dest="full_names", action="store_true",
+                    help="whole domain names (default: cut at 10 characters)")
+    tp.add_argument("-x", "--vbds", action="store_true",
+                    help="a line of disk counters under each domain")
+    tp.add_argument("--networks", action="store_true",
+                    help="a line of network counters under each domain (xentop's -n)")
+    tp.add_argument("-r", "--repeat-header", action="store_true",
+                    help="repeat the column header every 10 domains")
 
 
 def _host_verbs(verb: Any, sub: Any, only: str | None) -> None:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from sanvisor.api.client import AgentClient
-from sanvisor.cli import lvm_verbs, render
+from sanvisor.cli import lvm_verbs, render, xm_verbs
 from sanvisor.errors import ConfigError, UsageError
 from sanvisor.paths import Layout
 
@@ -37,15 +36,7 @@ def _mib(text: str) -> int:
 def do_create(args: argparse.Namespace, layout: Layout) -> int:
     """The config is parsed by the agent (the CLI stays light: ~15 ms of imports saved
     on every create); its errors and warnings name this file and line."""
-    path = Path(args.config)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError("no such file", file=args.config) from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"not a text file ({exc.reason})", file=args.config) from None
-    except OSError as exc:
-        raise ConfigError(exc.strerror or "cannot read", file=args.config) from None
+    text, path = xm_verbs.read_config(args.config)
     body = {"config": text, "config_file": str(path.absolute()), "overrides": args.overrides,
             "paused": args.paused, "dry_run": args.dry_run}
     info = _client(layout).call("POST", "/v1/domains", body)
@@ -90,9 +81,12 @@ def _list_pool(args: argparse.Namespace) -> int:
     rows = pool_domains(PoolConfig.load())
     if args.doms:
         rows = select(rows, args.doms)
-    _out(args, rows, None if args.long else render.list_table(rows, host=True))
-    if args.long and not args.json:
-        render.emit_json(rows)
+    if args.long:
+        from sanvisor.cli.sxp import list_long
+
+        _out(args, rows, list_long(rows))
+    else:
+        _out(args, rows, render.list_table(rows, host=True))
     return 0
 
 
@@ -104,21 +98,8 @@ def _simple(verb: str) -> Any:
     return run
 
 
-def do_destroy(args: argparse.Namespace, layout: Layout) -> int:
-    from sanvisor.api.client import _ref
-
-    _out(args, _client(layout).call("DELETE", f"/v1/domains/{_ref(args.dom)}"))
-    return 0
-
-
-def do_shutdown(args: argparse.Namespace, layout: Layout) -> int:
-    _out(args, _client(layout).verb(args.dom, "shutdown",
-                                    {"wait": args.wait, "timeout": args.timeout}))
-    return 0
-
-
 def do_save(args: argparse.Namespace, layout: Layout) -> int:
-    path = str(Path(args.file).resolve())
+    path = str(xm_verbs.local_path(args.file, "save").resolve())
     _out(args, _client(layout).verb(args.dom, "save", {"path": path}))
     return 0
 
@@ -130,17 +111,11 @@ def do_migrate(args: argparse.Namespace, layout: Layout) -> int:
 
 
 def do_restore(args: argparse.Namespace, layout: Layout) -> int:
-    info = _client(layout).restore(str(Path(args.file).resolve()), paused=args.paused)
+    info = _client(layout).restore(
+        str(xm_verbs.local_path(args.file, "restore").resolve()), paused=args.paused)
     _out(args, info, f"Restored domain {info['name']} (id={info['domid']})"
          + (", paused" if args.paused else ""))
     return 0
-
-
-def do_console(args: argparse.Namespace, layout: Layout) -> int:
-    from sanvisor.cli.console import attach
-
-    info = _client(layout).info(args.dom)
-    return attach(info["console_socket"], info["name"])
 
 
 def _amount(verb: str) -> Any:
@@ -162,15 +137,6 @@ def do_block_detach(args: argparse.Namespace, layout: Layout) -> int:
     return 0
 
 
-def do_block_list(args: argparse.Namespace, layout: Layout) -> int:
-    disks = _client(layout).info(args.dom)["disks"]
-    lines = [f"{'Vdev':<8} {'Mode':<5} {'Type':<6} Backend"]
-    lines += [f"{d['target']:<8} {d['mode']:<5} {d['devtype']:<6} {d['backend']}:{d['path']}"
-              for d in disks]
-    _out(args, disks, "\n".join(lines))
-    return 0
-
-
 def do_network_attach(args: argparse.Namespace, layout: Layout) -> int:
     spec = ",".join(args.items)
     nic = _client(layout).verb(args.dom, "network-attach", {"spec": spec})
@@ -183,23 +149,6 @@ def do_network_attach(args: argparse.Namespace, layout: Layout) -> int:
 def do_network_detach(args: argparse.Namespace, layout: Layout) -> int:
     _out(args, _client(layout).verb(args.dom, "network-detach", {"spec": args.devid}))
     return 0
-
-
-def do_network_list(args: argparse.Namespace, layout: Layout) -> int:
-    vifs = _client(layout).info(args.dom)["vifs"]
-    lines = [f"{'Idx':<4} {'MAC':<18} {'Type':<7} {'Tap':<12} {'Bridge':<10} IP"]
-    lines += [f"{v['index']:<4} {v['mac']:<18} {v['type']:<7} {v['tap'] or '-':<12} "
-              f"{v['bridge'] or '-':<10} {v['ip'] or '-'}" for v in vifs]
-    _out(args, vifs, "\n".join(lines))
-    return 0
-
-
-def do_top(args: argparse.Namespace, layout: Layout) -> int:
-    from sanvisor.cli import top
-
-    client = _client(layout)
-    return top.run(client.stats, batch=args.batch, iterations=args.iterations,
-                   delay=args.delay, as_json=args.json)
 
 
 def do_agent(args: argparse.Namespace, layout: Layout) -> int:
@@ -343,19 +292,19 @@ HANDLERS: dict[str, Any] = {
     "demo": do_demo, "array": do_array, "lab": do_lab, "scsi": do_scsi,
     "multipath": do_multipath, "pool": do_pool,
     "create": do_create, "list": _read_only(["list"]), "pause": _simple("pause"),
-    "unpause": _simple("unpause"), "reboot": _simple("reboot"), "destroy": do_destroy,
-    "shutdown": do_shutdown, "save": do_save, "restore": do_restore, "console": do_console,
+    "unpause": _simple("unpause"), "save": do_save, "restore": do_restore,
     "migrate": do_migrate,
     "mem-set": _amount("mem-set"), "mem-max": _amount("mem-max"),
     "vcpu-set": _amount("vcpu-set"), "block-attach": do_block_attach,
-    "block-detach": do_block_detach, "block-list": do_block_list,
+    "block-detach": do_block_detach,
     "network-attach": do_network_attach, "network-detach": do_network_detach,
-    "network-list": do_network_list, "domid": _read_only(["domid", "name"]),
+    "domid": _read_only(["domid", "name"]),
     "domname": _read_only(["domname", "domid"]), "uptime": _read_only(["uptime"]),
-    "info": _read_only(["info"]), "top": do_top, "agent": do_agent,
+    "info": _read_only(["info"]), "agent": do_agent,
     "guest-kit": do_guest_kit,
 }
 HANDLERS.update(lvm_verbs.handlers())
+HANDLERS.update(xm_verbs.handlers())  # new, start, vcpu-pin...; xm's shutdown -a, top
 
 
 def dispatch(args: argparse.Namespace, layout: Layout) -> int:
