@@ -189,6 +189,7 @@ async def serve(layout: Layout) -> None:
 
     storage = StorageService(layout.home, mpd)
     volumes = VolumeService.attach(storage, host.get("name"))
+    volumes.start(manager.table)  # the LVs active here served; their guests known
     svc = HostService(manager, host_name=host.get("name"))
     await svc.autostart()  # xendomains' job: registered domains marked autostart
     app = build_app(svc, storage)

@@ -77,8 +77,9 @@ class HostResources:
         return kernel_cmdline(spec, nics, self.kit_args, self.driver.console_device)
 
     def mapped(self, path: str) -> Path | None:
-        """The NBD socket of a multipath device path, or None for a plain path."""
-        if self.mapper is None or not path.startswith("/dev/mapper/"):
+        """The NBD socket of a multipath device or an active LV's path (/dev/VG/LV), or
+        None for a plain path."""
+        if self.mapper is None or not path.startswith("/dev/"):
             return None
         return self.mapper.device(path)
 
@@ -91,13 +92,16 @@ class HostResources:
             if not disk.path or disk.backend == "nbd":
                 continue  # an empty CD-ROM; a network disk QEMU connects to at start
             p = Path(disk.path)
-            if disk.path.startswith("/dev/mapper/") and self.mapper is not None:
-                if self.mapped(disk.path) is None:
+            if self.mapper is not None:
+                if self.mapped(disk.path) is not None:
+                    continue  # a map or an LV: served here
+                if hint := self.mapper.hint(disk.path):
+                    raise ConfigError(f"disk {disk.target}: {hint}", file=spec.source)
+                if disk.path.startswith("/dev/mapper/"):
                     raise ConfigError(
                         f"disk {disk.target}: no multipath device {disk.path} on this host "
                         f"(maps: {', '.join(self.mapper.names()) or 'none; scsi rescan?'})",
                         file=spec.source)
-                continue
             if not p.exists():
                 raise ConfigError(f"disk {disk.target}: {disk.path}: no such file or device",
                                   file=spec.source)
@@ -177,6 +181,8 @@ class HostResources:
                 wwid = next((w for w, mp in self.mapper.maps.items() if mp.name == name),
                             None)
                 out[path] = f"wwid:{wwid}" if wwid else None
+            elif self.mapper is not None and (lv := self.mapper.volumes.identity(path)):
+                out[path] = lv  # an LV: its dm uuid, the same on every host of the pool
             elif path.startswith("nbd://"):
                 out[path] = f"nbd:{path}"  # a network export: the same server and name
             else:

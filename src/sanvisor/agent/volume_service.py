@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from sanvisor.agent.storage_service import StorageService
+from sanvisor.agent.volume_serving import Serving
 from sanvisor.errors import LeaseError, UsageError, VolumeError
+from sanvisor.storage import hostdevs
 from sanvisor.storage.lvm import check, lvops, pvops, report, rows, snapops, vgops
 from sanvisor.storage.lvm.blockdev import BlockDevice, FileDevice, NbdDevice
 from sanvisor.storage.lvm.lease import LeaseKeeper, Timing
@@ -43,6 +45,16 @@ class VolumeService:
         self.manager = VolumeManager(self.host, self._devices,
                                      LeaseKeeper(self.host, Timing.from_env()))
         self.lock = asyncio.Lock()
+        # the LVs active here, served by the engine (agent/volume_serving.py)
+        self.serving = Serving(self.manager, mpd, self.host)
+        self._refresher: asyncio.Future[None] | None = None
+        from sanvisor.agent.backup import Backups
+
+        self.backups = Backups(self)
+        if self.serving.backend is not None and hostdevs.enabled():
+            self.serving.hostdevs = hostdevs.HostDevices(home)
+        if mpd is not None and hasattr(mpd, "after_reload"):
+            mpd.after_reload = self.refresh
 
     @staticmethod
     def attach(storage: StorageService, host_name: str | None = None) -> VolumeService:
@@ -99,7 +111,27 @@ class VolumeService:
             raise UsageError(f"unknown volume command {command!r}")
         self._snapshot_maps()
         async with self.lock:
-            return await asyncio.to_thread(self._run, command, args)
+            out = await asyncio.to_thread(self._run, command, args)
+            if command not in READ_ONLY:  # what is active here may have changed
+                out["warnings"] += await self._refresh()
+            return out
+
+    async def refresh(self) -> None:
+        """Serve the LVs active here as the VGs say now (at start, after a rescan)."""
+        self._snapshot_maps()
+        async with self.lock:
+            for w in await self._refresh():
+                log.warning("%s", w)
+
+    async def _refresh(self) -> list[str]:
+        try:
+            return await self.serving.refresh(await asyncio.to_thread(self._plan))
+        except VolumeError as exc:  # the VGs cannot be read now: served as they were
+            return [f"the LVs served here were not updated: {exc}"]
+
+    def _plan(self) -> Any:
+        self.manager.begin()
+        return self.serving.plan()
 
     def _run(self, command: str, args: dict[str, Any]) -> dict[str, Any]:
         self.extra = [str(d) for d in args.pop("devices", None) or []]
@@ -128,7 +160,31 @@ class VolumeService:
         ident = {u: self.manager.ident(d.dev) for u, d in st.disks.items()}
         return describe(st.vg, lv, ident)
 
+    async def devices(self) -> dict[str, Any]:
+        """The LVs served here, as the engine sees them (dmsetup ls/info's view)."""
+        server, stats = self.serving.server, self.serving.device_stats()
+        hd = self.serving.hostdevs
+        rows = []
+        for name, s in (server.current.served.items() if server is not None else []):
+            st = stats.get(name, {})
+            rows.append({"name": name, "vg": s.vg, "lv": s.lv, "uuid": s.uuid, "kind": s.kind,
+                         "size": s.size, "socket": str(self.home / "mapper" / f"{name}.sock"),
+                         "block_device": hd.device(name) if hd is not None else None,
+                         "links": [str(hd.root / "mapper" / name), str(hd.root / s.vg / s.lv)]
+                         if hd is not None else [], "clients": st.get("clients", 0),
+                         "holders": await asyncio.to_thread(self.serving.holders, s.vg, s.lv),
+                         "stores": [stats.get(f"store:{x}", {"id": x})
+                                    for x in st.get("stores", [])]})
+        return {"devices": rows, "devdir": str(hd.root) if hd is not None else None}
+
+    def start(self, table: Any) -> None:
+        """The agent is up: its domains (who holds an LV), the VGs read again."""
+        self.serving.table = table
+        self._refresher = asyncio.ensure_future(self.refresh())
+
     async def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
         await asyncio.to_thread(self._close)
 
     def _close(self) -> None:
@@ -345,6 +401,7 @@ def _lvmap(s: VolumeService, a: dict[str, Any]) -> dict[str, Any]:
     return {"messages": [], "data": asdict(s.mapping(vg, lv))}
 
 
+READ_ONLY = ("pvs", "vgs", "lvs", "lvmap", "vgck")
 COMMANDS: dict[str, Any] = {
     "pvcreate": _pvcreate, "pvremove": _pvremove, "vgcreate": _vgcreate,
     "vgextend": _vgextend, "vgreduce": _vgreduce, "vgremove": _vgremove,

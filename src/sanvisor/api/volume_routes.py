@@ -4,6 +4,8 @@
 lvcreate, lvs... on this host (the arguments are the command line's, by name: see
 agent/volume_service.py); the answer is ``{"messages": [...], "warnings": [...],
 "data": {...}}`` (pvs, vgs, lvs: ``{"kind", "fields", "rows"}`` with sizes in bytes).
+``POST /v1/backup`` backs up a domain's LV from a snapshot (agent/backup.py);
+``GET /v1/lvm-devices`` lists the LVs served here.
 """
 
 from __future__ import annotations
@@ -21,6 +23,15 @@ class LvmBody(BaseModel):
                                  description="the command's arguments, by name")
 
 
+class BackupBody(BaseModel):
+    domain: str = Field(description="the domain: name, id or uuid")
+    target: str = Field(description="its disk, by target (sda): an LV served here")
+    file: str = Field(description="the copy: an absolute path on this host")
+    size: str | None = Field(None, description="the snapshot's size (default: a fifth "
+                             "of the LV)")
+    force: bool = Field(False, description="replace the file if it exists")
+
+
 def register(app: FastAPI, storage: StorageService | None) -> None:
     if storage is None:
         return
@@ -36,3 +47,20 @@ def register(app: FastAPI, storage: StorageService | None) -> None:
     @app.get("/v1/lvm")
     async def lvm_commands() -> dict[str, Any]:
         return {"commands": sorted(COMMANDS), "host": volumes.host}
+
+    @app.post("/v1/backup")
+    async def backup(body: BackupBody) -> dict[str, Any]:
+        """Back up a domain's LV from a snapshot (docs/verbs.md, backup): the snapshot is
+        made, the copy starts; poll ``GET /v1/backup/{job}`` for its progress."""
+        return await volumes.backups.start(body.domain, body.target, body.file, body.size,
+                                           body.force)
+
+    @app.get("/v1/backup/{job}")
+    async def backup_job(job: str) -> dict[str, Any]:
+        """A backup's state: copying, done (its sha256), or failed (its error)."""
+        return volumes.backups.job(job).view()
+
+    @app.get("/v1/lvm-devices")
+    async def lvm_devices() -> dict[str, Any]:
+        """The LVs served here: their names, kind, size, socket, block device, clients."""
+        return await volumes.devices()

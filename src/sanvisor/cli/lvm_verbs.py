@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
 VERBS = frozenset(("pvcreate", "pvremove", "vgcreate", "vgextend", "vgreduce", "vgremove",
                    "vgrename", "vgck", "lvcreate", "lvextend", "lvreduce", "lvresize",
-                   "lvrename", "lvremove", "lvconvert", "lvchange", "pvs", "vgs", "lvs"))
+                   "lvrename", "lvremove", "lvconvert", "lvchange", "pvs", "vgs", "lvs",
+                   "backup"))
 VOLUME_VERBS_HELP = """\
 volume verbs (LVM2's commands, on LUNs shared by the pool; run as any host with -H):
   pvcreate DEV... / pvremove DEV...       make (unmake) a PV: a multipath map or a device
@@ -26,6 +27,7 @@ volume verbs (LVM2's commands, on LUNs shared by the pool; run as any host with 
   lvextend|lvreduce|lvresize -L [+|-]SIZE VG/LV, lvrename, lvremove, lvconvert --merge
   lvchange -ay|-an [--handover HOST] VG/LV  open for writing on this host (one at a time)
   pvs / vgs / lvs [-o FIELDS] [--reportformat json] [--units U]
+  backup DOM TARGET --to FILE             copy a running guest's LV from a snapshot
 """
 _DEV = "a device: a multipath map (/dev/mapper/NAME or NAME) or a block device/file path"
 _LV = "a logical volume: VG/LV, /dev/VG/LV or /dev/mapper/VG-LV"
@@ -78,6 +80,9 @@ def add_parsers(verb: Any) -> None:
                    help="rewrite the metadata where a copy is old or damaged")
     p.add_argument("vgs", nargs="*", metavar="VG", help="a volume group (default: all)")
     _lv_verbs(lvm)
+    from sanvisor.cli import backup_verb
+
+    backup_verb.add_parser(verb)
     for name, kind in (("pvs", "PV"), ("vgs", "VG"), ("lvs", "LV")):
         p = lvm(name, f"report {kind}s as lvm2 does")
         p.add_argument("-o", "--options", action="append", default=[],
@@ -206,4 +211,6 @@ def run(ns: argparse.Namespace, layout: Layout) -> int:
 
 
 def handlers() -> dict[str, Any]:
-    return dict.fromkeys(VERBS, run)
+    from sanvisor.cli import backup_verb
+
+    return dict.fromkeys(VERBS, run) | {"backup": backup_verb.run}

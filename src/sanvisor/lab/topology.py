@@ -337,6 +337,12 @@ def _stop_host(h: HostSpec) -> None:
                 if row.get("domid"):
                     _sv(None, "--home", str(home), "destroy", row["name"])
         daemon.stop(layout)
+    # so do the block devices of its maps and LVs (storage/hostdevs.py): removed first
+    # (each is a client of the engine)
+    with contextlib.suppress(SanvisorError, OSError):
+        from sanvisor.storage.hostdevs import HostDevices
+
+        HostDevices(home).close_all()
     # the data-path engine outlives its agent (storage/engine.py): stopped here, not
     # left to its idle exit, so that nothing of the lab runs once `lab down` returns
     with contextlib.suppress(ValueError, OSError):

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path as FsPath
 from typing import Any
 
@@ -28,6 +29,7 @@ from sanvisor.errors import ConfigError, SanvisorError
 from sanvisor.storage.engine import engine_binary
 from sanvisor.storage.enginemap import EngineBackend, EngineMap, EnginePath
 from sanvisor.storage.fence import FENCE_TIMEOUT
+from sanvisor.storage.lvserve import LvServer
 from sanvisor.storage.mpconf import MultipathConf, parse_mpconf
 from sanvisor.storage.mpfront import Front
 from sanvisor.storage.mpmap import IO_TIMEOUT, Map
@@ -61,6 +63,12 @@ class Multipathd:
         self.conf = MultipathConf()
         self.datapath = datapath or datapath_setting()
         self.backend = EngineBackend(home, self.mapper) if self.datapath == "engine" else None
+        # the LVs this host serves (storage/lvserve.py): named in every sync of the engine
+        # from the first one on (an adopted engine keeps serving the guests' LVs)
+        self.volumes = LvServer(home)
+        if self.backend is not None:
+            self.backend.volume_specs = self.volumes.specs
+        self.after_reload: Callable[[], Awaitable[None]] | None = None  # the volumes' refresh
         self.maps: dict[str, Map | EngineMap] = {}  # by WWID
         self.paths: dict[str, Path | EnginePath] = {}  # by H:C:T:L
         self.servers: dict[str, asyncio.AbstractServer] = {}  # by map name
@@ -191,9 +199,11 @@ class Multipathd:
                 self.backend.io_timeout = self.io_timeout
                 self.backend.fence_timeout = self.fence_timeout
                 await self.backend.sync()
-                return
-            await asyncio.gather(*(p.connect() for p in self.paths.values()
-                                   if isinstance(p, Path) and not p.ready and p.link_up()))
+            else:
+                await asyncio.gather(*(p.connect() for p in self.paths.values()
+                                       if isinstance(p, Path) and not p.ready and p.link_up()))
+        if self.after_reload is not None:  # maps came or went: so may the LVs on them
+            await self.after_reload()
 
     def _path(self, sp: Any, hba: HbaConf, mp: Map) -> Path:
         p = self.paths.get(sp.hctl)
@@ -257,13 +267,22 @@ class Multipathd:
 
     # ---- views ----------------------------------------------------------------------
     def device(self, path: str) -> FsPath | None:
-        """The NBD socket serving /dev/mapper/NAME, if NAME is a map here."""
-        if not path.startswith("/dev/mapper/"):
-            return None
-        name = path.removeprefix("/dev/mapper/")
-        if any(mp.name == name for mp in self.maps.values()):
-            return self.mapper / f"{name}.sock"
+        """The NBD socket serving /dev/mapper/NAME (a map here), or an LV active here
+        (/dev/VG/LV, /dev/mapper/VG-LV: served by the engine only)."""
+        if path.startswith("/dev/mapper/"):
+            name = path.removeprefix("/dev/mapper/")
+            if any(mp.name == name for mp in self.maps.values()):
+                return self.mapper / f"{name}.sock"
+        if self.backend is not None and path.startswith("/dev/"):
+            return self.volumes.socket(path)
         return None
+
+    def hint(self, path: str) -> str | None:
+        """Why ``path`` is not a device here, when it names a map or an LV we know."""
+        if self.backend is None and self.volumes.current.known.get(path):
+            return (f"{path} is an LV: LVs are served by the data-path engine "
+                    "(SANVISOR_DATAPATH=python serves none)")
+        return self.volumes.hint(path)
 
     def names(self) -> list[str]:
         return sorted(mp.name for mp in self.maps.values())

@@ -127,6 +127,7 @@ def lvresize(mgr: VolumeManager, vg_name: str, name: str, amount: Amount, *, ver
             raise VolumeError(f"New size given ({new} extents) not less than existing size "
                               f"({old} extents)")
         if new < old:
+            mgr.check_unused(vg_name, name, "reduce")
             if cow is not None:
                 raise VolumeError(f"{vg_name}/{name} is a snapshot: its store can grow, "
                                   "not shrink")
@@ -150,6 +151,8 @@ def lvrename(mgr: VolumeManager, vg_name: str, old: str, new: str) -> Result:
     with mgr.change(vg_name) as ch:
         vg = ch.vg
         lv = find_lv(vg, old)
+        for x in _activation_group(vg, lv):  # its device's name goes with the old one
+            mgr.check_unused(vg_name, x.name, "rename")
         if vg.lv(new) is not None:
             raise VolumeExistsError(f'Logical Volume "{new}" already exists in volume group '
                                     f'"{vg_name}"', vg=vg_name, lv=new)
@@ -180,6 +183,8 @@ def remove_lvs(ch: Change, lvs: list[str], *, force: bool, quiet: bool = False) 
         if lv.active_hosts() and not force and not quiet:
             raise VolumeInUseError(f"Logical volume {vg.name}/{name} is active on this host: "
                                    "lvchange -an it, or lvremove -f", lv=name)
+        if not quiet:
+            ch.mgr.check_unused(vg.name, name, "remove")
         snaps = vg.snapshots_of(name)
         if snaps and not force:
             raise VolumeInUseError(f"Removing origin {name} would also remove {len(snaps)} "
@@ -244,6 +249,8 @@ def lvchange(mgr: VolumeManager, vg_name: str, lvs: list[str], *, activate: str 
                     if ACTIVE_TAG + me not in x.tags:
                         x.tags.append(ACTIVE_TAG + me)
             elif activate == "n":
+                for x in group:
+                    mgr.check_unused(vg_name, x.name, "deactivate")
                 for x in group:  # the source deactivating ends a handover; the target
                     target = me in x.handover_hosts()  # (a migration undone) does not
                     x.tags = [t for t in x.tags if t != ACTIVE_TAG + me]

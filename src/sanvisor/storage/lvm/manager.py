@@ -17,7 +17,13 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from sanvisor.errors import LeaseError, MetadataError, MissingPvError, VolumeError
+from sanvisor.errors import (
+    LeaseError,
+    MetadataError,
+    MissingPvError,
+    VolumeError,
+    VolumeInUseError,
+)
 from sanvisor.storage.lvm.blockdev import BlockDevice
 from sanvisor.storage.lvm.lease import LeaseKeeper, lease_area_free
 from sanvisor.storage.lvm.model import Vg, vg_to_text
@@ -87,6 +93,9 @@ class VolumeManager:
         self.lock = threading.RLock()
         self.opened: dict[str, tuple[DeviceRef, BlockDevice]] = {}  # by name
         self.warnings: list[str] = []  # of the current command
+        #: who holds an LV open on this host (its guests, mounts, other clients): set by
+        #: the agent; an LV in use is not removed, reduced, renamed or deactivated
+        self.in_use: Callable[[str, str], list[str]] | None = None
 
     # ---- devices --------------------------------------------------------------------
     def devices(self) -> list[BlockDevice]:
@@ -180,6 +189,14 @@ class VolumeManager:
 
     def begin(self) -> None:
         self.warnings = []
+
+    def check_unused(self, vg: str, lv: str, doing: str) -> None:
+        """VolumeInUseError naming who holds ``vg/lv`` open here, if anyone does."""
+        holders = self.in_use(vg, lv) if self.in_use is not None else []
+        if holders:
+            raise VolumeInUseError(f"Logical volume {vg}/{lv} is in use by "
+                                   f"{', '.join(holders)}: cannot {doing} it", vg=vg, lv=lv,
+                                   holders=holders)
 
 
 def check_writable(state: VgState, allow_missing: bool = False) -> None:

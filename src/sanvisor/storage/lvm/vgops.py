@@ -189,6 +189,8 @@ def vgrename(mgr: VolumeManager, old: str, new: str) -> Result:
         if state is None:
             found.vg(old)  # raises: not found
             raise AssertionError
+        for lv in state.vg.lvs:  # every LV's device name goes with the VG's
+            mgr.check_unused(state.vg.name, lv.name, "rename the VG of")
         ch = Change(mgr, found, state, guard)
         from sanvisor.storage.lvm.manager import check_writable
 
