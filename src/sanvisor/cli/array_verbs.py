@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 from pathlib import Path
 from typing import Any
 
 from sanvisor.cli import render
-from sanvisor.errors import ConfigError, ConflictError, UsageError
+from sanvisor.errors import UsageError
 
 _LUN = "a LUN: its name, id or WWID"
 
@@ -94,138 +93,54 @@ def parse_size(text: str) -> int:
 
 
 def run(args: argparse.Namespace, home: Path) -> int:
-    from sanvisor.storage.array import ArrayStore
-
     ahome = args.array_home or _default_home(home)
-    store = ArrayStore(ahome)
-    js = getattr(args, "json", False)
     if args.array_cmd == "serve":
         return _serve(ahome, args.listen or ["127.0.0.1:10809"], args.fault_dir,
                       args.control, _limits(args))
+    op, opargs = _operation(args)
+    result = _call(ahome, op, opargs)
+    if getattr(args, "json", False):
+        render.emit_json(result.data)
+    else:
+        print(result.text)
+    return 0
+
+
+def _operation(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """The management operation (storage/arrayadmin.py) a command line asks for."""
     if args.array_cmd == "lun":
-        return _lun(args, store, js)
+        if args.lun_cmd == "create":
+            if args.thick and args.backing is not None:
+                raise UsageError("--thick allocates a new LUN file; not with --backing")
+            backing = str(args.backing.absolute()) if args.backing else None
+            return "lun-create", {"name": args.name, "size": parse_size(args.size),
+                                  "id": args.id, "backing": backing, "thick": args.thick,
+                                  "vendor": args.vendor, "model": args.model}
+        if args.lun_cmd == "delete":
+            return "lun-delete", {"lun": args.lun, "force": args.force}
+        if args.lun_cmd == "resize":
+            return "lun-resize", {"lun": args.lun, "size": parse_size(args.size)}
+        return "lun-list", {}
     if args.array_cmd == "zone":
-        with store.edit() as cfg:
-            (cfg.zone_add if args.zone_cmd == "add" else cfg.zone_remove)(args.lun, args.wwpn)
-            lun = cfg.lun(args.lun)
-        verb = "added" if args.zone_cmd == "add" else "removed"
-        _say(js, {"lun": lun.name, "wwpn": args.wwpn, "zone": verb, "zones": lun.zones},
-             f"zone {verb}: LUN {lun.name} {'visible to' if verb == 'added' else 'hidden from'}"
-             f" {args.wwpn} (seen after its host's next rescan)")
-        return 0
+        return f"zone-{args.zone_cmd}", {"lun": args.lun, "wwpn": args.wwpn}
     if args.ini_cmd == "add":
-        with store.edit() as cfg:
-            cfg.add_initiator(args.wwpn, args.host, args.address)
-        _say(js, {"wwpn": args.wwpn, "host": args.host, "address": args.address},
-             f"initiator {args.wwpn} registered (host {args.host or '-'}, address "
-             f"{args.address})")
-        return 0
-    inis = store.load().initiators
-    if js:
-        render.emit_json([vars(i) for i in inis])
-    else:
-        print(f"{'WWPN':<24} {'Host':<10} Address")
-        for i in inis:
-            print(f"{i.wwpn:<24} {i.host:<10} {i.address}")
-    return 0
+        return "initiator-add", {"wwpn": args.wwpn, "address": args.address,
+                                 "host": args.host}
+    return "initiator-list", {}
 
 
-def _lun(args: argparse.Namespace, store: Any, js: bool) -> int:
-    from sanvisor.storage.arraypool import human, preallocate
+def _call(ahome: Path, op: str, opargs: dict[str, Any]) -> Any:
+    """The running array daemon's management API, or (no daemon) the same operation
+    applied to its home here."""
+    from sanvisor.storage.arrayapi import call
 
-    if args.lun_cmd == "create":
-        size = parse_size(args.size)
-        if args.thick and args.backing is not None:
-            raise UsageError("--thick allocates a new LUN file; not with --backing")
-        with store.edit() as cfg:
-            backing = args.backing
-            lun = cfg.add_lun(args.name, size, backing or Path("/pending"), args.id,
-                              vendor=args.vendor, model=args.model)
-            if backing is None:
-                path = store.backing_path(lun.wwid)
-                try:
-                    if args.thick:
-                        preallocate(path, size)
-                    with open(path, "r+b" if args.thick else "wb") as fh:
-                        fh.truncate(size)
-                except BaseException:
-                    path.unlink(missing_ok=True)
-                    raise
-                lun.backing, lun.thick = str(path), args.thick
-            elif not backing.exists():
-                raise ConfigError(f"--backing {backing}: no such file or device")
-        _say(js, vars(lun), f"LUN {lun.id} {lun.name} created: {human(lun.size)}, "
-             f"{'thick' if lun.thick else 'thin'}, WWID {lun.wwid}")
-        return 0
-    if args.lun_cmd == "delete":
-        with store.edit() as cfg:
-            lun = cfg.lun(args.lun)
-            if lun.zones and not args.force:
-                raise ConflictError(f"LUN {lun.name} is zoned to {', '.join(lun.zones)}; "
-                                    "remove the zones first (or --force)")
-            cfg.luns.remove(lun)
-            if Path(lun.backing).parent == store.home / "luns":
-                Path(lun.backing).unlink(missing_ok=True)
-        _say(js, {"lun": lun.name, "deleted": True}, f"LUN {lun.id} {lun.name} deleted")
-        return 0
-    if args.lun_cmd == "resize":
-        size = parse_size(args.size)
-        with store.edit() as cfg:
-            lun = cfg.lun(args.lun)
-            if size < lun.size:
-                raise ConflictError(f"LUN {lun.name}: shrinking ({lun.size} -> {size} "
-                                    "bytes) would destroy data; only growing is supported")
-            if lun.thick:
-                preallocate(Path(lun.backing), size)
-            if Path(lun.backing).is_file():
-                os.truncate(lun.backing, size)
-            lun.size = size
-        _say(js, vars(lun), f"LUN {lun.id} {lun.name} is now {human(size)} (hosts see it "
-             "after a rescan)")
-        return 0
-    return _list(store, js)
+    result = call(ahome, op, opargs)
+    if result is None:
+        from sanvisor.storage.array import ArrayStore
+        from sanvisor.storage.arrayadmin import ArrayAdmin
 
-
-def _say(js: bool, data: object, text: str) -> None:
-    if js:
-        render.emit_json(data)
-    else:
-        print(text)
-
-
-def _list(store: Any, js: bool) -> int:
-    from sanvisor.storage.arraypool import allocated, human, pool_space
-
-    luns = sorted(store.load().luns, key=lambda x: x.id)
-    pools: dict[str, Any] = {}
-    rows = []
-    for x in luns:
-        try:
-            pool = pool_space(Path(x.backing))
-            pools[pool.path] = pool
-            pinfo: dict[str, object] | None = pool.to_dict()
-        except OSError:
-            pinfo = None
-        rows.append(vars(x) | {"allocated": allocated(Path(x.backing)), "pool": pinfo})
-    if not pools:
-        with contextlib.suppress(OSError):
-            pool = pool_space(store.home)
-            pools[pool.path] = pool
-    if js:
-        render.emit_json(rows)
-        return 0
-    print(f"{'LUN':>4} {'Name':<16} {'Size':>10} {'Allocated':>10} {'':5} {'WWID':<34} "
-          "Zoned to")
-    for x, row in zip(luns, rows, strict=True):
-        alloc = int(row["allocated"])
-        print(f"{x.id:>4} {x.name:<16} {human(x.size):>10} {human(alloc):>10} "
-              f"{'thick' if x.thick else 'thin':5} {x.wwid:<34} {', '.join(x.zones) or '-'}")
-    for p in pools.values():
-        print(f"pool {p.path}: {human(p.free)} free of {human(p.size)} "
-              f"({100 * p.free / max(p.size, 1):.0f} %)")
-        if p.low:
-            print(p.warning())
-    return 0
+        result = ArrayAdmin(ArrayStore(ahome)).run(op, opargs)
+    return result
 
 
 def _limits(args: argparse.Namespace) -> Any:

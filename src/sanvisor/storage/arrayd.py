@@ -36,6 +36,7 @@ from typing import Any
 
 from sanvisor.storage import nbdproto as P
 from sanvisor.storage.array import ArrayConfig, ArrayStore, Initiator, Lun
+from sanvisor.storage.arrayapi import serve_admin, socket_path
 from sanvisor.storage.arraypool import PoolWatch
 from sanvisor.storage.arraytx import LunSession, ProtocolViolation
 
@@ -388,8 +389,10 @@ async def serve(home: Path, listens: list[tuple[str, int]],
         finally:
             array.leave(peer)
 
-    servers = [await asyncio.start_server(on_conn, host, port, reuse_address=True)
-               for host, port in listens]
+    servers: list[asyncio.AbstractServer] = [
+        await asyncio.start_server(on_conn, host, port, reuse_address=True)
+        for host, port in listens]
+    servers.append(await serve_admin(array, home))  # the management API (arrayapi.py)
     (home / "array.pid").write_text(f"{os.getpid()}\n")
     log.info("array serving on %s", ", ".join(f"{h}:{p}" for h, p in listens))
     stop = asyncio.Event()
@@ -405,3 +408,5 @@ async def serve(home: Path, listens: list[tuple[str, int]],
         ctl.close()
     with contextlib.suppress(FileNotFoundError):
         (home / "array.pid").unlink()
+    with contextlib.suppress(FileNotFoundError):
+        socket_path(home).unlink()
