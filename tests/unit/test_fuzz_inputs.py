@@ -77,6 +77,9 @@ def fake_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @example("restore", ["\x00"])
 @example("new", ["\x00"])
 @example("dump-core", ["web1", "\x00"])
+@example("list", ["--home", "\x00"])
+@example("save", ["--", "-l", "--"])  # argparse: a positional given [] by a second --
+@example("mem-set", ["--", "-l", "--"])
 @SETTINGS
 def test_the_command_line_never_raises(fake_agent: Path, verb: str,
                                        words: list[str]) -> None:

@@ -46,6 +46,9 @@ def split_globals(argv: list[str]) -> tuple[Globals, list[str]]:
                 i += 1
             else:
                 value = a.split("=", 1)[1] if a.startswith("--home=") else a[2:]
+            if "\0" in value:  # no path or host name holds one (Python: ValueError)
+                opt = "--home" if a.startswith("--home") else "-H"
+                _usage_error(f"{opt}: {value!r} has a NUL byte")
             if a.startswith("--home"):
                 g.home = value
             else:

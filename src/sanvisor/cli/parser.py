@@ -69,6 +69,11 @@ def _parser_class(innermost: list[argparse.ArgumentParser]) -> type[argparse.Arg
 
         def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
             ns, extras = super().parse_known_args(args, namespace)
+            for action in self._actions:  # Python 3.11: `VERB -- --` gives a value []
+                if (not action.option_strings and action.nargs in (None, "?")
+                        and isinstance(getattr(ns, action.dest, None), list)):
+                    self.error(f"{action.metavar or action.dest}: missing ('--' is not "
+                               "a value)")
             if extras and not innermost:
                 innermost.append(self)
             return ns, extras
