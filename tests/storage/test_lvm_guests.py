@@ -223,3 +223,38 @@ def test_host_tools_get_block_devices_and_a_mounted_lv_is_kept(lab: LabCli, gues
     lab.sv("-H", "host1", "lvchange", "-an", f"{VG}/lvdata")
     assert not data.exists() and not data.is_symlink()
     lab.sv("-H", "host1", "lvremove", f"{VG}/lvdata")
+
+
+def test_a_second_domain_boots_from_a_snapshot_of_the_running_one(lab: LabCli,
+                                                                  guest: Guest) -> None:
+    """The seed's "on démarre une nouvelle instance à partir de lvsnap": a snapshot of
+    the running guest's LV is the disk of a second domain; each sees the snapshot's
+    instant plus its own writes only."""
+    from sanvisor.lab.guestshell import GuestShell
+
+    guest.run("echo BEFORE-SNAP | dd of=/dev/sda bs=512 seek=40 conv=sync,fsync 2>/dev/null")
+    lab.sv("-H", "host1", "lvcreate", "-s", "-L", "8M", "-n", "lvsnap", f"{VG}/{LV}")
+    guest.run("echo AFTER-SNAP1 | dd of=/dev/sda bs=512 seek=40 conv=sync,fsync 2>/dev/null")
+    cfg = lab.root / "lvg2.cfg"
+    cfg.write_text(f'name = "lvg2"\nmemory = 128\ndisk = [ "phy:/dev/{VG}/lvsnap,sda,w" ]\n')
+    lab.sv("-H", "host1", "create", str(cfg))
+    try:
+        info = lab.js("-H", "host1", "list", "lvg2")[-1]
+        log = Path(info["console_log"])
+        wait_until("the second guest's marker", lambda: b"SANVISOR-READY" in log.read_bytes(),
+                   90)
+        second = Guest(lab, "lvg2", GuestShell(info["console_socket"]))
+        read40 = "dd if=/dev/sda bs=512 skip=40 count=1 2>/dev/null | head -c 11"
+        assert second.run(read40) == "BEFORE-SNAP"
+        second.run("echo SECOND-ONLY | dd of=/dev/sda bs=512 seek=41 conv=sync,fsync "
+                   "2>/dev/null")
+        assert guest.run(read40) == "AFTER-SNAP1"
+        assert guest.run("dd if=/dev/sda bs=512 skip=41 count=1 2>/dev/null | head -c 11"
+                         ) != "SECOND-ONLY"
+        assert second.run("cat /sys/block/sda/size") == guest.run("cat /sys/block/sda/size")
+        refused = lab.sv("-H", "host1", "lvremove", "-f", f"{VG}/lvsnap", check=False)
+        assert "in use by domain lvg2 (sda)" in refused.stderr, refused.stderr
+    finally:
+        lab.sv("-H", "host1", "destroy", "lvg2", check=False)
+    lab.sv("-H", "host1", "lvremove", "-f", f"{VG}/lvsnap")
+    assert guest.run("echo ok") == "ok"
