@@ -38,15 +38,18 @@ def _allowed_uids() -> set[int]:
     return {0, os.geteuid()}
 
 
-def _peer_checked_protocol() -> type:
+def _peer_checked_protocol(net: Any = None) -> type:
+    """Unix-socket connections: root and the agent's user only. TCP connections (the
+    pool's other hosts, when ``net``, agent/peers.py): mutual TLS first."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     allowed = _allowed_uids()
+    base: type = H11Protocol if net is None else net.protocol(H11Protocol)
 
-    class PeerChecked(H11Protocol):
+    class PeerChecked(base):  # type: ignore[misc]
         def connection_made(self, transport: Any) -> None:
             sock = transport.get_extra_info("socket")
-            if sock is not None:
+            if sock is not None and sock.family == socket.AF_UNIX:
                 raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                       struct.calcsize("3i"))
                 _pid, uid, _gid = struct.unpack("3i", raw)
@@ -135,6 +138,10 @@ async def serve(layout: Layout) -> None:
 
     events = eventlog.install(layout.home)  # what `dmesg` shows on a QEMU host
     host = _host_conf(layout)
+    from sanvisor.agent.peers import PeerGuard, PoolNetwork
+
+    net = PoolNetwork.of_home(layout.home)  # None outside a pool; refuses bad credentials
+    listeners = [net.bind()] if net is not None else []  # the pool's hosts call it here
     driver: Driver
     kit_args = None
     if host.get("driver") == "fake":  # no hypervisor: simulations and benchmarks
@@ -193,12 +200,15 @@ async def serve(layout: Layout) -> None:
     svc = HostService(manager, host_name=host.get("name"))
     await svc.autostart()  # xendomains' job: registered domains marked autostart
     app = build_app(svc, storage)
-    config = uvicorn.Config(app, fd=sock.fileno(),
-                            http=_peer_checked_protocol(), log_level="warning",
+    served: Any = app if net is None else PeerGuard(app, net.config().name)
+    if net is not None:
+        log.info("pool: %s listens for its peers on %s:%d (mutual TLS)", net.host,
+                 net.address, net.port)
+    config = uvicorn.Config(served, http=_peer_checked_protocol(net), log_level="warning",
                             lifespan="off", timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     try:
-        await server.serve()
+        await server.serve(sockets=[sock, *listeners])
     finally:
         await manager.stop()
         if manager.table.pool is not None:
@@ -206,6 +216,8 @@ async def serve(layout: Layout) -> None:
         await volumes.close()
         await mpd.stop()
         sock.close()
+        for tcp in listeners:
+            tcp.close()
         with contextlib.suppress(FileNotFoundError):
             layout.socket.unlink()
         log.info("agent stopped; guests keep running")

@@ -21,12 +21,20 @@ Phases, each with a defined outcome on failure:
    tears its own stopped copy down. A finish that fails: the target is cleaned
    and the source's copy resumed. An incoming migration neither finished nor
    aborted expires, and is cleaned.
+
+Transport (docs/pool.md): between hosts of a pool, the source's agent calls the
+target's over TCP with mutual TLS (agent/peers.py), and the hypervisor's stream is
+encrypted and authenticated too (QEMU: tls-creds-x509); the target checks that the
+host its certificate proves is the ``source`` the request names, and answers the rest
+of that migration to that host alone. A target given as an agent's unix socket (a
+standalone agent on this machine) is called, and streamed to, over unix sockets.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -35,13 +43,21 @@ from typing import Any
 
 from sanvisor.agent.host import HostResources
 from sanvisor.agent.life import Lifecycle
+from sanvisor.agent.peers import Peer, PoolNetwork
 from sanvisor.agent.records import DomainRecord
 from sanvisor.agent.service import HostService
 from sanvisor.agent.table import Domain, DomainTable
 from sanvisor.api.client import AgentClient
-from sanvisor.drivers.base import IncomingMigration
+from sanvisor.drivers.base import IncomingMigration, StreamTls
 from sanvisor.drivers.xen.diskid import check_movable, check_same
-from sanvisor.errors import ConflictError, HypervisorError, RecordError, StoreError
+from sanvisor.errors import (
+    ConflictError,
+    HypervisorError,
+    NotFoundError,
+    RecordError,
+    StoreError,
+    TlsForbiddenError,
+)
 from sanvisor.model.domain import State
 from sanvisor.model.lifecycle import Busy
 from sanvisor.model.migration import ConvergencePolicy
@@ -63,6 +79,7 @@ class Incoming:
     expiry: asyncio.TimerHandle | None = None
     done: asyncio.Task[dict[str, Any]] | None = None  # switched over: its arrival
     watch: asyncio.Task[None] | None = None  # the source's hold on it, until then
+    peer: str | None = None  # the authenticated source host (None: a local caller)
 
 
 class Migrations:
@@ -70,6 +87,11 @@ class Migrations:
         self.svc = svc
         self.pending: dict[str, Incoming] = {}
         self.progress: dict[str, dict[str, Any]] = {}  # uuid -> the source's progress
+
+    @functools.cached_property
+    def net(self) -> PoolNetwork | None:
+        """This host on the pool's network (None outside a pool): read once."""
+        return PoolNetwork.of_home(self.svc.m.layout.home)
 
     @property
     def table(self) -> DomainTable:
@@ -84,6 +106,17 @@ class Migrations:
         return self.svc.life
 
     # ---- source ----------------------------------------------------------------------
+    def _dial(self, target: str) -> tuple[AgentClient, StreamTls | None]:
+        """``target``: a host of the pool (its agent over TCP with mutual TLS, the
+        stream encrypted) or an agent's unix socket (an absolute path: on this
+        machine, and so is the stream)."""
+        if target.startswith("/"):
+            return AgentClient(Path(target)), None
+        if self.net is None:
+            raise NotFoundError(f"migrate: this host is in no pool with a network: give "
+                                f"the target agent's home, not {target!r}", host=target)
+        return self.net.dial(target)
+
     async def migrate(self, ref: str, target_socket: str, live: bool,
                       policy: ConvergencePolicy | None = None) -> dict[str, Any]:
         policy = policy or ConvergencePolicy()
@@ -99,7 +132,7 @@ class Migrations:
             rec = dom.record
             ids = await asyncio.to_thread(self.host.identities, _modes(rec))
             check_movable(ids)
-            target = AgentClient(Path(target_socket))
+            target, stream = self._dial(target_socket)
             source = pool.host if pool is not None else ""
             token = pool.token(rec.uuid) if pool is not None else None
             prep = await asyncio.to_thread(
@@ -124,7 +157,7 @@ class Migrations:
                 report = await inst.migrate_to(str(prep["address"]), live=live,
                                                policy=policy, progress=progress.update,
                                                timeout=MIGRATE_TIMEOUT,
-                                               switchover=switchover)
+                                               switchover=switchover, tls=stream)
                 info: dict[str, Any] = await asyncio.to_thread(
                     target.call, "POST", f"/v1/migrate/{rec.uuid}/finish", hand)
             except BaseException as exc:
@@ -175,8 +208,15 @@ class Migrations:
                 **self.progress.get(dom.record.uuid, {})}
 
     # ---- target ----------------------------------------------------------------------
-    async def incoming(self, body: dict[str, Any]) -> dict[str, str]:
+    async def incoming(self, body: dict[str, Any], peer: Peer | None = None
+                       ) -> dict[str, str]:
+        """``peer``: the host the pool's network authenticated (None: the local unix
+        socket); it must be the ``source`` the body names."""
         drv = self.svc.driver
+        if peer is not None and str(body.get("source") or "") != peer.name:
+            raise TlsForbiddenError(f"migrate: {peer.name} may not send a domain on behalf "
+                                    f"of {body.get('source') or 'no host'!r}",
+                                    peer=peer.name)
         try:
             rec = DomainRecord.from_untrusted(body.get("record"))
         except RecordError as exc:
@@ -200,12 +240,12 @@ class Migrations:
         self.table.reserve(rec.uuid, rec.spec.name, [n.mac for n in rec.nics],
                            "arriving by migration")
         try:
-            return await self._prepare(rec, body, live, policy)
+            return await self._prepare(rec, body, live, policy, peer)
         finally:
             self.table.release(rec.uuid)  # in the table by now, or refused
 
     async def _prepare(self, rec: DomainRecord, body: dict[str, Any], live: bool,
-                       policy: ConvergencePolicy) -> dict[str, str]:
+                       policy: ConvergencePolicy, peer: Peer | None) -> dict[str, str]:
         drv = self.svc.driver
         if self.table.pool is not None:
             await self.table.pool.expect(rec.spec.name, rec.uuid, str(body.get("source")))
@@ -227,14 +267,16 @@ class Migrations:
         self.table.add(dom)  # its name, uuid and MACs are taken from now on
         try:
             self.host.plumb(rec.domid, rec.nics)
+            tls = self.net.stream(peer) if self.net and peer else None
             mig = await drv.incoming(self.host.launch_plan(rec, incoming=True),
-                                     self.life.sink(dom), live=live, policy=policy)
+                                     self.life.sink(dom), live=live, policy=policy,
+                                     tls=tls)
         except BaseException:
             await self.life.teardown(dom)
             raise
         rec.pid = mig.pid
         self.table.save(dom)
-        pending = Incoming(dom, mig)
+        pending = Incoming(dom, mig, peer=peer.name if peer else None)
         pending.expiry = asyncio.get_running_loop().call_later(
             MIGRATE_TIMEOUT + 60, lambda: asyncio.ensure_future(self._expire(rec.uuid)))
         self.pending[rec.uuid] = pending
@@ -265,11 +307,21 @@ class Migrations:
                     await self.abort(uuid)
                 return
 
-    async def switchover(self, uuid: str, body: dict[str, Any]) -> None:
+    def _check_peer(self, uuid: str, peer: Peer | None) -> None:
+        """The rest of a migration is its source's (the host that prepared it)."""
+        pending = self.pending.get(uuid)
+        if peer is not None and pending is not None and pending.peer != peer.name:
+            raise TlsForbiddenError(f"migrate: {pending.dom.name} comes from "
+                                    f"{pending.peer or 'this host'}, not {peer.name}",
+                                    peer=peer.name)
+
+    async def switchover(self, uuid: str, body: dict[str, Any],
+                         peer: Peer | None = None) -> None:
         """The source's point of no return: the domain becomes this host's (its
         ownership moves in the pool's store, only if the source still holds it with
         the token it sends), then the hypervisor may run it once it has arrived.
         Idempotent; refused (and nothing changes) if the hand-over is refused."""
+        self._check_peer(uuid, peer)
         pending = self.pending.get(uuid)
         if pending is None:
             raise ConflictError(f"migrate: no incoming migration {uuid}")
@@ -291,10 +343,11 @@ class Migrations:
             raise
         pending.done = asyncio.get_running_loop().create_task(self._arrive(pending, resume))
 
-    async def finish(self, uuid: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def finish(self, uuid: str, body: dict[str, Any],
+                     peer: Peer | None = None) -> dict[str, Any]:
         """The stream is in (the source says so): switch over if not yet, and answer
         once the domain runs here."""
-        await self.switchover(uuid, body)
+        await self.switchover(uuid, body, peer)
         pending = self.pending.get(uuid)
         if pending is None or pending.done is None:
             raise ConflictError(f"migrate: no incoming migration {uuid}")
@@ -318,9 +371,10 @@ class Migrations:
         self.table.set_state(dom, State.RUNNING if resume else State.PAUSED, "migrated in")
         return self.svc.info(dom)
 
-    async def abort(self, uuid: str) -> None:
+    async def abort(self, uuid: str, peer: Peer | None = None) -> None:
         """The source gave up: nothing of the incoming domain is left here. Refused once
         switched over (the domain is this host's then)."""
+        self._check_peer(uuid, peer)
         pending = self.pending.get(uuid)
         if pending is not None and pending.done is not None:
             raise ConflictError(f"migrate: {pending.dom.name} was switched over to this "

@@ -133,7 +133,9 @@ class ConfBody(BaseModel):
 
 
 class MigrateBody(BaseModel):
-    target: str = Field(description="the target host agent's unix socket")
+    target: str = Field(description="the target: a host of the pool (its name; reached "
+                        "over TCP with mutual TLS), or an agent's unix socket (an "
+                        "absolute path, on this machine)")
     live: bool = False
     policy: dict[str, Any] | None = Field(None, description="convergence policy "
                                           "(model/migration.py); default when absent")
@@ -253,23 +255,28 @@ def build_app(svc: HostService, storage: StorageService | None = None) -> FastAP
     async def migration_status(ref: str) -> dict[str, Any]:
         return migrations.status(ref)
 
+    # the calls a migration's source makes on its target; over the pool's network the
+    # caller is an authenticated host (agent/peers.py), which must be the source
+    from sanvisor.agent.peers import peer_of
+
     @app.post("/v1/migrate/incoming")
-    async def migrate_incoming(body: IncomingBody) -> dict[str, str]:
-        return await migrations.incoming(body.model_dump())
+    async def migrate_incoming(body: IncomingBody, request: Request) -> dict[str, str]:
+        return await migrations.incoming(body.model_dump(), peer_of(request.scope))
 
     @app.post("/v1/migrate/{uuid}/abort")
-    async def migrate_abort(uuid: str) -> dict[str, str]:
-        await migrations.abort(uuid)
+    async def migrate_abort(uuid: str, request: Request) -> dict[str, str]:
+        await migrations.abort(uuid, peer_of(request.scope))
         return {"ok": uuid}
 
     @app.post("/v1/migrate/{uuid}/switchover")
-    async def migrate_switchover(uuid: str, body: FinishBody) -> dict[str, str]:
-        await migrations.switchover(uuid, body.model_dump())
+    async def migrate_switchover(uuid: str, body: FinishBody,
+                                 request: Request) -> dict[str, str]:
+        await migrations.switchover(uuid, body.model_dump(), peer_of(request.scope))
         return {"result": "switched over"}
 
     @app.post("/v1/migrate/{uuid}/finish")
-    async def migrate_finish(uuid: str, body: FinishBody) -> dict[str, Any]:
-        return await migrations.finish(uuid, body.model_dump())
+    async def migrate_finish(uuid: str, body: FinishBody, request: Request) -> dict[str, Any]:
+        return await migrations.finish(uuid, body.model_dump(), peer_of(request.scope))
 
     @app.post("/v1/restore")
     async def restore(body: PathBody) -> dict[str, Any]:

@@ -58,7 +58,11 @@ def _exchange(path: str, request: bytes, timeout: float) -> tuple[int, bytes]:
             chunks.append(chunk)
     finally:
         sock.close()
-    raw = b"".join(chunks)
+    return parse_reply(b"".join(chunks))
+
+
+def parse_reply(raw: bytes) -> tuple[int, bytes]:
+    """(status, body) of a whole HTTP/1.1 reply; OSError if it is none."""
     head, sep, body = raw.partition(b"\r\n\r\n")
     if not sep:
         raise OSError("truncated reply")
@@ -97,7 +101,7 @@ class AgentClient:
                    "Content-Type: application/json\r\nConnection: close\r\n"
                    f"Content-Length: {len(payload)}\r\n\r\n").encode() + payload
         try:
-            status, raw = _exchange(str(self.socket_path), request, self.timeout)
+            status, raw = self._exchange(request)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise AgentUnavailableError(
                 f"no sanvisor agent at {self.socket_path} (start it with "
@@ -121,6 +125,21 @@ class AgentClient:
                 f"agent refused {method} {path} ({status}): {_detail(data)}",
                 status=status, method=method, path=path)
         return data
+
+    def _exchange(self, request: bytes) -> tuple[int, bytes]:
+        """One request, its whole reply (the transport: the unix socket; a host of the
+        pool whose home is not on this machine is reached over TCP with mutual TLS, with
+        the pool's administrator certificate: api/peer_client.py)."""
+        try:
+            return _exchange(str(self.socket_path), request, self.timeout)
+        except FileNotFoundError:
+            # a pool host's agent on another machine: over TCP with mutual TLS
+            from sanvisor.api.peer_client import remote_for
+
+            remote = remote_for(self.socket_path, self.timeout)
+            if remote is None:
+                raise
+            return remote._exchange(request)
 
     # typed helpers ------------------------------------------------------------------
     def domains(self) -> list[dict[str, Any]]:

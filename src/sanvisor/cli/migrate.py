@@ -14,17 +14,20 @@ from sanvisor.errors import NotFoundError, SanvisorError
 from sanvisor.paths import Layout
 
 
-def target_socket(host: str) -> Path:
-    """HOST: a host of the pool (pool.json), or an agent's home directory."""
+def target_ref(host: str) -> str:
+    """HOST: a host of the pool (pool.json; the source's agent reaches the target's
+    over the pool's network, mutual TLS: its name is sent), or an agent's home directory
+    on this machine (its unix socket is sent)."""
     target = Path(host)
     if not target.is_absolute():
         from sanvisor.pool.config import PoolConfig
 
-        target = Path(PoolConfig.load().host(host).home)
+        PoolConfig.load().host(host)  # an unknown host is refused here, in one line
+        return host
     sock = Layout(target).socket
     if not sock.exists():
         raise NotFoundError(f"migrate: no agent for host {host!r} (no {sock})", host=host)
-    return sock
+    return str(sock)
 
 
 def report_line(dom: str, host: str, info: dict[str, Any]) -> str:
@@ -44,7 +47,7 @@ def report_line(dom: str, host: str, info: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace, layout: Layout) -> int:
-    sock = target_socket(args.host)
+    target = target_ref(args.host)
     client = AgentClient(layout.socket)
     policy: dict[str, Any] = {}
     if args.bandwidth is not None:
@@ -55,7 +58,7 @@ def run(args: argparse.Namespace, layout: Layout) -> int:
         policy["postcopy_after_s"] = None
     if args.timeout is not None:
         policy["abort_after_s"] = args.timeout
-    body = {"target": str(sock), "live": args.live, "policy": policy or None}
+    body = {"target": target, "live": args.live, "policy": policy or None}
     result: dict[str, Any] = {}
 
     def call() -> None:

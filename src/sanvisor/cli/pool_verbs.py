@@ -16,6 +16,9 @@ CERT_HELP = ("issue HOST's certificate, signed by the pool's CA: common name and
              "HOST, its addresses as IP names; written (keys 0600) as QEMU's "
              "tls-creds-x509 reads it: ca-cert.pem, server-cert.pem, server-key.pem, "
              "client-cert.pem, client-key.pem")
+ADMIN_HELP = ("issue an administrator's client certificate (the CLI's, for -H HOST when "
+              "HOST's agent is on another machine: TCP with mutual TLS, the whole API), "
+              "signed by the pool's CA: written to <pool home>/admin/tls")
 EPILOG = """\
 The pool home is $SANVISOR_POOL_HOME (else $SANVISOR_LAB_HOME, else /var/lib/sanvisor/lab);
 its pool.json lists the hosts, each with the address and port (8141) its agent listens on
@@ -23,6 +26,7 @@ for the others. For a real host:
   sanvisor pool ca --name prod
   sanvisor pool cert hv1 --address 10.0.0.1 --out /tmp/hv1-tls
   scp -rp /tmp/hv1-tls root@hv1:/var/lib/sanvisor/tls    # then restart hv1's agent
+  sanvisor pool admin alice      # the CLI here reaches every host over TLS (-H HOST)
 """
 
 
@@ -48,6 +52,14 @@ def add_parser(verb: Any) -> None:
     cert.add_argument("--out", type=Path, metavar="DIR",
                       help="where to write (default: the host's home in pool.json, /tls)")
     cert.add_argument("--days", type=int, default=825, help="validity (default 825)")
+    adm = sub.add_parser("admin", help=ADMIN_HELP, description=ADMIN_HELP, epilog=EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    adm.add_argument("admin_name", metavar="NAME", help="the administrator's name (the "
+                     "certificate's common name, in the agents' logs)")
+    adm.add_argument("--out", type=Path, metavar="DIR",
+                     help="where to write (default: <pool home>/admin/tls, where the CLI "
+                     "looks)")
+    adm.add_argument("--days", type=int, default=825, help="validity (default 825)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from sanvisor.errors import NotFoundError, UsageError
     from sanvisor.pool import pki
     from sanvisor.pool.config import PoolConfig
-    from sanvisor.pool.tls import CREDS_DIR
+    from sanvisor.pool.tls import ADMIN_DIR, CREDS_DIR
 
     home = Path(where.pool_home())
     try:
@@ -69,6 +81,12 @@ def run(args: argparse.Namespace) -> int:
         made = pki.create_ca(home, name, days=args.days, force=args.force)
         _out(args, made.to_dict(), f"CA of pool {name}: {made.path} (valid until "
              f"{made.not_after:%Y-%m-%d})")
+        return 0
+    if args.pool_cmd == "admin":
+        made = pki.issue_admin(pki.ca_dir(home), args.admin_name, args.out or home / ADMIN_DIR,
+                               days=args.days)
+        _out(args, made.to_dict(), f"administrator {args.admin_name}: {made.path} (valid "
+             f"until {made.not_after:%Y-%m-%d})")
         return 0
     host = pool.hosts.get(args.pool_host) if pool else None
     addresses = args.address or ([a for a in {host.address or host.lan} if a] if host else [])

@@ -65,6 +65,18 @@ class MigrationCaps:
     postcopy: bool = False
 
 
+@dataclass(frozen=True)
+class StreamTls:
+    """A migration stream between two hosts of a pool, encrypted and mutually
+    authenticated (docs/pool.md): the host's credentials, a directory laid out as QEMU's
+    tls-creds-x509 object reads it (ca-cert.pem, server-*.pem, client-*.pem)."""
+
+    creds: Path
+    address: str = ""  # target: this host's pool address, where the stream is accepted
+    peer: str = ""  # source: the target host's name, which its certificate must bear
+    peer_dn: str = ""  # target: the source's certificate subject (the only one let in)
+
+
 class IncomingMigration(abc.ABC):
     """The target side of a migration, prepared and listening at ``address``."""
 
@@ -190,10 +202,12 @@ class Instance(abc.ABC):
 
     async def migrate_to(self, address: str, *, live: bool, policy: ConvergencePolicy,
                          progress: Progress, timeout: float,
-                         switchover: Switchover | None = None) -> MigrationReport:
-        """Source side: send the domain to an IncomingMigration's ``address``. On success
-        this copy is stopped for good (the target runs it once the agents switched it
-        over); on failure before ``switchover`` was called, it runs on."""
+                         switchover: Switchover | None = None,
+                         tls: StreamTls | None = None) -> MigrationReport:
+        """Source side: send the domain to an IncomingMigration's ``address`` (over TLS
+        when ``tls`` is given). On success this copy is stopped for good (the target runs
+        it once the agents switched it over); on failure before ``switchover`` was
+        called, it runs on."""
         raise HypervisorError("this driver cannot migrate a domain")
 
     # ---- xm's diagnostics and CPU controls (agent/cpus.py, agent/diag.py); a driver
@@ -247,8 +261,10 @@ class Driver(abc.ABC):
     migration: MigrationCaps = MigrationCaps()
 
     async def incoming(self, plan: LaunchPlan, events: EventSink, *, live: bool,
-                       policy: ConvergencePolicy) -> IncomingMigration:
-        """Target side: get ready to receive the domain ``plan`` describes."""
+                       policy: ConvergencePolicy,
+                       tls: StreamTls | None = None) -> IncomingMigration:
+        """Target side: get ready to receive the domain ``plan`` describes (a stream over
+        TLS on ``tls.address`` when given; else one from this machine)."""
         raise HypervisorError(f"the {self.name} driver cannot receive a migration")
 
     def disk_identities(self, disks: dict[str, str]) -> dict[str, str | None] | None:

@@ -1,6 +1,9 @@
 """The pool's certificates: one CA per pool, one certificate per host (docs/pool.md).
 
     <pool home>/ca/ca-cert.pem, ca-key.pem      the pool's CA (`sanvisor pool ca`)
+    <pool home>/admin/tls/                      the administrators' client certificate
+                                                (`pool admin NAME`): the CLI's, for -H HOST
+                                                when HOST's agent is on another machine
     <host home>/tls/                            a host's credentials (`pool cert HOST`),
         ca-cert.pem                             laid out as QEMU's tls-creds-x509 object
         server-cert.pem, server-key.pem         reads them; the agent uses the same
@@ -32,6 +35,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from sanvisor.errors import ConflictError, TlsCredentialsError, UsageError
 from sanvisor.pool.tls import (
+    ADMIN_OU,
     CA_CERT,
     CA_KEY,
     CLIENT_CERT,
@@ -192,3 +196,43 @@ def issue_host(ca: Path, host: str, addresses: list[str], out: Path, *,
     _write(out / CA_CERT, (ca / CA_CERT).read_bytes(), 0o644)
     return Issued(out, cert.subject.rfc4514_string(), [host, *map(str, ips)],
                   cert.not_valid_before_utc, cert.not_valid_after_utc)
+
+
+def issue_admin(ca: Path, name: str, out: Path, *, days: int = HOST_DAYS) -> Issued:
+    """An administrator's client certificate in ``out`` (ca-cert.pem, client-cert.pem,
+    client-key.pem), signed by the CA in ``ca``: organizational unit ``admin``, common
+    name ``name``, client use only. An agent gives its holder the whole API over TCP
+    (as root has it on the unix socket)."""
+    if not name or not all(c.isalnum() or c in "-._@" for c in name):
+        raise UsageError(f"pool admin: {name!r} is not a name (letters, digits, '-', '.', "
+                         "'_' and '@')")
+    if days < 1:
+        raise UsageError(f"pool admin: --days must be at least 1 (got {days})")
+    ca_cert, ca_key = _load_ca(ca)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "sanvisor"),
+                         x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ADMIN_OU),
+                         x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (x509.CertificateBuilder()
+            .subject_name(subject).issuer_name(ca_cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - SKEW).not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                crl_sign=False, encipher_only=False, decipher_only=False), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    _private_dir(out)
+    _write(out / CLIENT_KEY, _key_pem(key), 0o600)
+    _write(out / CLIENT_CERT, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    _write(out / CA_CERT, (ca / CA_CERT).read_bytes(), 0o644)
+    return Issued(out, cert.subject.rfc4514_string(), [name], cert.not_valid_before_utc,
+                  cert.not_valid_after_utc)

@@ -24,7 +24,10 @@ CA_CERT, CA_KEY = "ca-cert.pem", "ca-key.pem"  # QEMU's names (tls-creds-x509's 
 SERVER_CERT, SERVER_KEY = "server-cert.pem", "server-key.pem"
 CLIENT_CERT, CLIENT_KEY = "client-cert.pem", "client-key.pem"
 AGENT_PORT = 8141  # an agent's port for the other hosts of its pool
-HANDSHAKE_TIMEOUT = 10.0
+ADMIN_DIR = "admin/tls"  # under the pool home: the CLI's certificate (`pool admin`)
+ADMIN_OU = "admin"  # an administrator's certificate: this organizational unit
+CONNECT_TIMEOUT = 10.0  # a client's TCP connect; the handshake has the call's time
+HANDSHAKE_TIMEOUT = 60.0  # a server's, from when its loop starts it
 
 
 @dataclass(frozen=True)
@@ -88,12 +91,25 @@ def _context(creds: Credentials, purpose: int) -> ssl.SSLContext:
 
 
 def server_context(creds: Credentials) -> ssl.SSLContext:
-    return _context(creds, ssl.PROTOCOL_TLS_SERVER)
+    ctx = _context(creds, ssl.PROTOCOL_TLS_SERVER)
+    ctx.num_tickets = 0  # no session resumption: each connection proves its certificate
+    return ctx
 
 
 def client_context(creds: Credentials) -> ssl.SSLContext:
     """check_hostname is on: the server's certificate must name the host dialled."""
     return _context(creds, ssl.PROTOCOL_TLS_CLIENT)
+
+
+def admin_name(cert: dict[str, Any] | None) -> str | None:
+    """The administrator a verified peer certificate names (``pool admin``): its common
+    name, when its organizational unit is ``admin`` and it names no host."""
+    if not cert or cert.get("subjectAltName"):
+        return None
+    attrs = [(k, v) for rdn in cert.get("subject", ()) for k, v in rdn]
+    cns = [v for k, v in attrs if k == "commonName"]
+    ous = [v for k, v in attrs if k == "organizationalUnitName"]
+    return cns[0] if len(cns) == 1 and ous == [ADMIN_OU] else None
 
 
 def peer_name(cert: dict[str, Any] | None) -> str | None:

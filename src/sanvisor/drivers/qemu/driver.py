@@ -16,6 +16,7 @@ from sanvisor.drivers.base import (
     Instance,
     LaunchPlan,
     MigrationCaps,
+    StreamTls,
 )
 from sanvisor.drivers.qemu.argv import build_argv
 from sanvisor.drivers.qemu.instance import QemuInstance
@@ -144,8 +145,10 @@ class QemuDriver(Driver):
     migration = MigrationCaps(live=True, offline=True, postcopy=True)
 
     async def incoming(self, plan: LaunchPlan, events: EventSink, *, live: bool,
-                       policy: ConvergencePolicy) -> IncomingMigration:
-        """QEMU with the domain's devices, waiting for the stream on a unix socket."""
+                       policy: ConvergencePolicy,
+                       tls: StreamTls | None = None) -> IncomingMigration:
+        """QEMU with the domain's devices, waiting for the stream: over TLS on the host's
+        pool address when ``tls`` is given, else on a unix socket in its run directory."""
         from sanvisor.drivers.qemu.migrate import QemuIncoming
 
         plan.incoming, plan.paused = True, True  # -S: it runs only once switched over
@@ -153,7 +156,7 @@ class QemuDriver(Driver):
         assert isinstance(inst, QemuInstance)
         try:
             return await QemuIncoming.listen(inst, live and policy.postcopy_after_s
-                                             is not None)
+                                             is not None, tls)
         except BaseException:
             await inst.destroy()
             await inst.close()

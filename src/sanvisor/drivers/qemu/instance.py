@@ -22,6 +22,7 @@ from sanvisor.drivers.base import (
     Progress,
     RunStatus,
     Stats,
+    StreamTls,
     Switchover,
 )
 from sanvisor.drivers.qemu import argv as qargv
@@ -226,11 +227,13 @@ class QemuInstance(QemuExtras, Instance):
 
     async def migrate_to(self, address: str, *, live: bool, policy: ConvergencePolicy,
                          progress: Progress, timeout: float,
-                         switchover: Switchover | None = None) -> MigrationReport:
+                         switchover: Switchover | None = None,
+                         tls: StreamTls | None = None) -> MigrationReport:
         from sanvisor.drivers.qemu import migrate
 
         return await migrate.send(self, address, live=live, policy=policy,
-                                  progress=progress, timeout=timeout, switchover=switchover)
+                                  progress=progress, timeout=timeout, switchover=switchover,
+                                  tls=tls)
 
     async def settle_outgoing(self, resume: bool) -> None:
         from sanvisor.drivers.qemu import migrate
@@ -263,7 +266,9 @@ class QemuInstance(QemuExtras, Instance):
     async def save_to(self, fd: int) -> None:
         self._qmp.send_fd_scm(fd)
         await self.qmp("getfd", {"fdname": "svsave"})
-        await self.qmp("migrate-set-parameters", {"max-bandwidth": 8 << 30})
+        # never TLS into a file (a migration over TLS may have left its creds set)
+        await self.qmp("migrate-set-parameters", {"max-bandwidth": 8 << 30,
+                                                  "tls-creds": ""})
         status = await self._migration("migrate", {"uri": "fd:svsave"}, timeout=600)
         if status != "completed":
             info = await self.qmp("query-migrate")

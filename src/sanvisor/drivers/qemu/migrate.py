@@ -1,8 +1,13 @@
 """Live migration between two QEMU processes (QMP `migrate` / `migrate-incoming`).
 
 Target: QEMU started with ``-incoming defer -S`` and the same devices, then
-`migrate-incoming` on a unix socket in its run directory (the lab's hosts share
-the machine; between machines this is where TCP with TLS goes). The target never
+`migrate-incoming`: between hosts of a pool on TCP on the host's pool address (a port
+QEMU picks), with TLS (a ``tls-creds-x509`` object made from the host's credentials,
+``verify-peer=on``, and a ``tls-authz`` that lets in the source host's certificate
+alone); for a target outside a pool (an agent home on this machine), on a unix socket
+in its run directory. The source gets its own ``tls-creds-x509`` (client) and
+``tls-hostname``: the target's certificate must name the host its agent authenticated.
+The credentials are set for one migration and cleared after it. The target never
 runs the guest by itself: the agents first move its ownership in the pool's store
 (the switch-over, agent/migration.py), then the target `cont`s it: after pre-copy
 completed, or (post-copy) before the source starts post-copy, when `cont` means
@@ -24,7 +29,7 @@ from typing import Any
 
 from qemu.qmp import EventListener
 
-from sanvisor.drivers.base import IncomingMigration, Instance, Progress, Switchover
+from sanvisor.drivers.base import IncomingMigration, Instance, Progress, StreamTls, Switchover
 from sanvisor.errors import HypervisorError, TimeoutError_
 from sanvisor.model.migration import ConvergencePolicy, MigrationReport
 from sanvisor.waiting import wait_until_async
@@ -35,6 +40,33 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 FINAL = ("completed", "failed", "cancelled")
+TLS_ID, AUTHZ_ID = "sv-migrate-tls", "sv-migrate-authz"  # QOM objects, one migration's
+
+
+async def _tls_on(inst: QemuInstance, tls: StreamTls, endpoint: str) -> dict[str, Any]:
+    """This QEMU's credentials for one migration: the parameters that use them."""
+    await _tls_off(inst)
+    await inst.qmp("object-add", {"qom-type": "tls-creds-x509", "id": TLS_ID,
+                                  "dir": str(tls.creds), "endpoint": endpoint,
+                                  "verify-peer": True})
+    params: dict[str, Any] = {"tls-creds": TLS_ID}
+    if endpoint == "client":
+        params["tls-hostname"] = tls.peer
+    elif tls.peer_dn:
+        await inst.qmp("object-add", {"qom-type": "authz-simple", "id": AUTHZ_ID,
+                                      "identity": tls.peer_dn})
+        params["tls-authz"] = AUTHZ_ID
+    return params
+
+
+async def _tls_off(inst: QemuInstance) -> None:
+    """No TLS for what this QEMU migrates next (a save into a file, a local move)."""
+    with contextlib.suppress(HypervisorError):
+        await inst.qmp("migrate-set-parameters", {"tls-creds": "", "tls-hostname": "",
+                                                  "tls-authz": ""})
+    for oid in (AUTHZ_ID, TLS_ID):
+        with contextlib.suppress(HypervisorError):
+            await inst.qmp("object-del", {"id": oid})
 
 
 async def _capabilities(inst: QemuInstance, postcopy: bool) -> None:
@@ -60,14 +92,26 @@ def _fill(report: MigrationReport, info: dict[str, Any]) -> None:
 
 
 async def send(inst: QemuInstance, address: str, *, live: bool, policy: ConvergencePolicy,
-               progress: Progress, timeout: float,
-               switchover: Switchover | None = None) -> MigrationReport:
+               progress: Progress, timeout: float, switchover: Switchover | None = None,
+               tls: StreamTls | None = None) -> MigrationReport:
+    try:
+        return await _send(inst, address, live=live, policy=policy, progress=progress,
+                           timeout=timeout, switchover=switchover, tls=tls)
+    finally:
+        if tls is not None and not inst.exited:
+            await _tls_off(inst)
+
+
+async def _send(inst: QemuInstance, address: str, *, live: bool, policy: ConvergencePolicy,
+                progress: Progress, timeout: float, switchover: Switchover | None,
+                tls: StreamTls | None) -> MigrationReport:
     report = MigrationReport(live=live, policy=policy.to_dict())
     postcopy = live and policy.postcopy_after_s is not None
     await _capabilities(inst, postcopy)
     bandwidth = policy.bandwidth_mib_s << 20 if policy.bandwidth_mib_s else 1 << 40
+    params = await _tls_on(inst, tls, "client") if tls is not None else {"tls-creds": ""}
     await inst.qmp("migrate-set-parameters", {
-        "max-bandwidth": bandwidth, "downtime-limit": policy.downtime_at(0)})
+        "max-bandwidth": bandwidth, "downtime-limit": policy.downtime_at(0), **params})
     if not live:
         await inst.qmp("stop")  # xm's migrate without -l: paused, moved, resumed
     t0 = time.monotonic()
@@ -138,6 +182,8 @@ async def settle(inst: QemuInstance, resume: bool) -> None:
             return status in FINAL or status is None
 
         await wait_until_async("the migration's cancel", over, 30)
+    if info.get("status") is not None:
+        await _tls_off(inst)  # whatever that migration set is not for the next one
     state = dict(await inst.qmp("query-status")).get("status")
     if state in ("postmigrate", "finish-migrate") and resume:
         log.warning("%s: stopped at the end of a migration never switched over; it runs "
@@ -146,24 +192,35 @@ async def settle(inst: QemuInstance, resume: bool) -> None:
 
 
 class QemuIncoming(IncomingMigration):
-    def __init__(self, inst: QemuInstance, address: str) -> None:
+    def __init__(self, inst: QemuInstance, address: str, tls: bool = False) -> None:
         self.inst = inst
         self.address = address
         self.pid = inst.pid
+        self.tls = tls
 
     @classmethod
-    async def listen(cls, inst: QemuInstance, postcopy: bool) -> QemuIncoming:
-        sock = inst.plan.rundir / "migrate-in.sock"
-        sock.unlink(missing_ok=True)
+    async def listen(cls, inst: QemuInstance, postcopy: bool,
+                     tls: StreamTls | None = None) -> QemuIncoming:
         await _capabilities(inst, postcopy)
         # the announcements (RARPs, and the guest's own gratuitous ARPs) follow the
         # *target's* parameters: QEMU waits 50 ms by default, and the LAN's switches
         # keep sending the guest's traffic to the source's port until then
+        params = await _tls_on(inst, tls, "server") if tls is not None else {}
         await inst.qmp("migrate-set-parameters", {
-            "announce-initial": 1, "announce-step": 50, "announce-rounds": 4})
-        address = f"unix:{sock}"
-        await inst.qmp("migrate-incoming", {"uri": address})
-        return cls(inst, address)
+            "announce-initial": 1, "announce-step": 50, "announce-rounds": 4, **params})
+        if tls is None:
+            sock = inst.plan.rundir / "migrate-in.sock"
+            sock.unlink(missing_ok=True)
+            address = f"unix:{sock}"
+            await inst.qmp("migrate-incoming", {"uri": address})
+            return cls(inst, address)
+        host = f"[{tls.address}]" if ":" in tls.address else tls.address
+        await inst.qmp("migrate-incoming", {"uri": f"tcp:{host}:0"})  # QEMU picks a port
+        where = dict(await inst.qmp("query-migrate")).get("socket-address") or [{}]
+        port = where[0].get("port")
+        if not port:
+            raise HypervisorError(f"the target QEMU listens on no TCP port ({where})")
+        return cls(inst, f"tcp:{host}:{port}", tls=True)
 
     async def finish(self, timeout: float) -> Instance:
         async def arrived() -> bool:
@@ -176,6 +233,8 @@ class QemuIncoming(IncomingMigration):
             return status == "completed"
 
         await wait_until_async("the incoming migration", arrived, timeout)
+        if self.tls:
+            await _tls_off(self.inst)
         return self.inst
 
     async def switchover(self) -> None:

@@ -28,6 +28,7 @@ from sanvisor.drivers.base import (
     Progress,
     RunStatus,
     Stats,
+    StreamTls,
     Switchover,
 )
 from sanvisor.drivers.xen import xlcfg
@@ -191,7 +192,8 @@ class XenInstance(XenExtras, Instance):
 
     async def migrate_to(self, address: str, *, live: bool, policy: ConvergencePolicy,
                          progress: Progress, timeout: float,
-                         switchover: Switchover | None = None) -> MigrationReport:
+                         switchover: Switchover | None = None,
+                         tls: StreamTls | None = None) -> MigrationReport:
         """`xl migrate` (live) or `xl save -p` (not live: this copy stays paused until
         the agent tears it down) into the target's socket."""
         from sanvisor.drivers.xen.migrate import send
@@ -277,7 +279,10 @@ class XenDriver(XenHostExtras, Driver):
     migration = MigrationCaps(live=True, offline=True)
 
     async def incoming(self, plan: LaunchPlan, events: EventSink, *, live: bool,
-                       policy: ConvergencePolicy) -> IncomingMigration:
+                       policy: ConvergencePolicy,
+                       tls: StreamTls | None = None) -> IncomingMigration:
+        """The stream comes through the two agents of this machine (the lab's nested
+        hosts; ``tls`` is not used: docs/pool.md, "Xen hosts")."""
         from sanvisor.drivers.xen.incoming import XenIncoming
 
         if self.spawn is None:
