@@ -81,3 +81,58 @@ def test_xm_verbs_on_a_xen_host(xlab: XLab, tmp_path: Path) -> None:
         assert xlab.row("xg1") == []
     finally:
         xlab.sv("-H", "xen1", "destroy", "xg1", check=False)
+
+
+def test_the_rest_of_xm_on_a_xen_host(xlab: XLab, tmp_path: Path) -> None:
+    """vcpu-list/-pin, sched-credit2, dmesg, sysrq, xm's device tables, list -l, rename,
+    dump-core and reboot -w, each through xl on the nested Xen (the lab shared by
+    this module)."""
+    from sanvisor.cli import sxp
+
+    def sv(*args: str, check: bool = True) -> str:
+        return xlab.sv("-H", "xen1", *args, check=check).stdout
+
+    cfg = tmp_path / "xg2.cfg"
+    cfg.write_text('name = "xg2"\nmemory = 128\nvcpus = 2\nmaxvcpus = 2\n'
+                   "disk = [ 'phy:/srv/domu/initrd.cpio,xvda,r' ]\n"
+                   "vif = [ 'bridge=xenbr0' ]\n")
+    sv("create", str(cfg))
+    try:
+        row = xlab.js("-H", "xen1", "list", "xg2")[0]
+        log = Path(row["console_log"])
+        _until("xg2's ready marker", lambda: log.exists()
+               and b"SANVISOR-READY" in log.read_bytes())
+        vcpus = xlab.js("-H", "xen1", "vcpu-list", "xg2")
+        assert [v["vcpu"] for v in vcpus] == [0, 1]
+        sv("vcpu-pin", "xg2", "1", "0")
+        assert next(v for v in xlab.js("-H", "xen1", "vcpu-list", "xg2")
+                    if v["vcpu"] == 1)["affinity"] == [0]  # xl vcpu-list's own view
+        sv("sched-credit", "-d", "xg2", "-w", "512", "-c", "50")
+        credit = next(ln.split() for ln in sv("sched-credit").splitlines()
+                      if ln.startswith("xg2 "))
+        assert credit[2:] == ["512", "50"]  # read back from xl sched-credit2
+        assert "Xen version 4.17" in sv("dmesg")
+        sv("sysrq", "xg2", "s")
+        _until("the guest's sysrq line", lambda: "Emergency Sync" in sv(
+            "console", "--history", "xg2"), 30)
+        block = sv("block-list", "xg2").splitlines()
+        assert block[1].split()[0] == "51712" and block[1].split()[3] == "4"
+        assert block[1].split()[6].startswith("/local/domain/0/backend/vbd/")
+        net = sv("network-list", "xg2").splitlines()
+        assert net[1].split()[2] == row["vifs"][0]["mac"]
+        (node,) = sxp.parse(sv("list", "-l", "xg2"))
+        assert dict(node[1])["name"] == "xg2"  # type: ignore[arg-type]
+        info = xlab.js("-H", "xen1", "info")
+        assert info["driver"] == "xen" and "xen_caps" in info
+        sv("rename", "xg2", "xg3")
+        assert len(xlab.js("-H", "xen1", "vcpu-list", "xg3")) == 2  # xl knows the name
+        sv("rename", "xg3", "xg2")
+        core = tmp_path / "xg2.core"
+        sv("dump-core", "xg2", str(core))
+        assert core.read_bytes()[:4] == b"\x7fELF" and core.stat().st_size > 100 << 20
+        before = xlab.js("-H", "xen1", "list", "xg2")[0]["domid"]
+        after = xlab.js("-H", "xen1", "reboot", "-w", "-t", "120", "xg2")
+        assert after["domid"] != before and after["state"] in ("running", "blocked")
+    finally:
+        xlab.sv("-H", "xen1", "destroy", "xg2", check=False)
+        xlab.sv("-H", "xen1", "destroy", "xg3", check=False)
