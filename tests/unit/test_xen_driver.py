@@ -91,6 +91,10 @@ def test_xl_cfg_rendering(tmp_path: Path) -> None:
     # a parsed round trip: what we write is valid xl.cfg for our own parser too
     back = parse_config(text.replace("type = \"pv\"\n", ""), filename="out.cfg").spec
     assert back.disks[0].path == "/dev/mapper/mpath5" and back.vifs[0].bridge == "xenbr0"
+    # a PVH guest stays PVH (it rendered as PV once: no live migration for it then)
+    pvh = XenDriver(FakeXl().run, FakeXl().put).config_text(
+        _plan(tmp_path, "name='vh'\ntype='pvh'\nmemory=128\n"))
+    assert 'name = "vh"\ntype = "pvh"\n' in pvh
 
 
 def test_lifecycle_and_errors_through_the_runner(tmp_path: Path) -> None:

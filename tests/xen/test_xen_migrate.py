@@ -1,6 +1,7 @@
 """`migrate` between the lab's two nested Xen hosts: refusals (a name that runs on the
-other host, live migration without log-dirty), then the guest moved with its memory
-(a tmpfs mark survives), its MAC and its disk."""
+other host, live migration of a PV guest without log-dirty), then the guest moved with
+its memory (a tmpfs mark survives), its MAC and its disk; and a PVH guest moved live
+(the nested hosts have HAP: log-dirty works for it)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from tests.guest.helpers import Sanvisor
 
 pytestmark = pytest.mark.xen
 NAME = "mg1"
+PVH = "mp1"
 
 
 def test_migrate_moves_a_running_guest(xen_lab: Path, tmp_path: Path) -> None:
@@ -54,6 +56,26 @@ def test_migrate_moves_a_running_guest(xen_lab: Path, tmp_path: Path) -> None:
         assert moved.run("cat /run/mark") == "moved-not-rebooted"  # its memory came along
         assert moved.counter() >= c1
         assert moved.run("dd if=/dev/xvda bs=6 count=1 2>/dev/null") == "070701"
+
+        # PVH on HAP: xl migrate live, the guest running all along
+        pcfg = write_config(tmp_path / "mp1.cfg", name=PVH, type="pvh", memory=128,
+                            disk=["phy:/srv/domu/initrd.cpio,xvda,r"],
+                            vif=["bridge=xenbr0, ip=10.213.77.3/24"])
+        a.run("create", str(pcfg))
+        a.wait_marker(PVH)
+        pv = GuestShell(a.domain(PVH)["console_socket"])
+        assert pv.run("cat /sys/hypervisor/guest_type") == "PVH"
+        pv.run("echo live > /run/mark")
+        c2 = pv.counter()
+        mac = a.domain(PVH)["vifs"][0]["mac"]
+        a.run("migrate", "-l", PVH, str(xen_lab / "xen2"))
+        assert PVH not in a.names()
+        there = b.domain(PVH)
+        assert there["state"] in ("running", "blocked") and there["vifs"][0]["mac"] == mac
+        pv = GuestShell(there["console_socket"])
+        assert pv.run("cat /run/mark") == "live"
+        assert pv.counter() >= c2
     finally:
-        a.run("destroy", NAME, check=False)
-        b.run("destroy", NAME, check=False)
+        for name in (NAME, PVH):
+            a.run("destroy", name, check=False)
+            b.run("destroy", name, check=False)

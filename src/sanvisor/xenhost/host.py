@@ -49,7 +49,9 @@ def qemu_argv(kit: XenKit, workdir: Path, name: str, memory_mib: int,
         if "," in part:
             raise XenHostError(f"QEMU -initrd cannot carry a comma: {part!r}")
     return [
-        QEMU, "-name", name, "-accel", "tcg,thread=multi", "-cpu", "qemu64,+svm",
+        # +npt: Xen then has hardware-assisted paging (HAP), hence log-dirty for PVH
+        # guests and their live migration (this Xen is built without shadow paging)
+        QEMU, "-name", name, "-accel", "tcg,thread=multi", "-cpu", "qemu64,+svm,+npt",
         "-m", str(memory_mib), "-smp", "2", "-nographic", "-no-reboot", "-monitor", "none",
         "-kernel", str(kit.xen), "-append", xen_cmdline(dom0_mib),
         "-initrd", f"{kit.dom0_kernel} {dom0_cmdline(name)},{kit.dom0_initrd}",

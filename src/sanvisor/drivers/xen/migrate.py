@@ -126,8 +126,9 @@ class Receiver:
 
 
 LOGDIRTY_HINT = ("live migration needs Xen's log-dirty mode, which this Xen refuses for "
-                 "PV guests (EOPNOTSUPP: no shadow paging); migrate without -l stops, "
-                 "copies and restarts the guest instead")
+                 "PV guests (EOPNOTSUPP: built without shadow paging); PVH guests "
+                 "(type = \"pvh\") migrate live on hosts with HAP; migrate without -l "
+                 "stops, copies and restarts the guest instead")
 
 
 def send(run: Run, spawn: Callable[..., Any], name: str, peer_sock: str,

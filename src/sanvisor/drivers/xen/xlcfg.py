@@ -70,7 +70,7 @@ def render(spec: DomainSpec, *, kernel: str, ramdisk: str | None, cmdline: str,
     of a guest ballooned above it: xl restore would not find room for its pages)."""
     lines = [
         f"name = {quote(spec.name)}",
-        'type = "pv"' if spec.builder in ("pv", "pvh") else 'type = "hvm"',
+        f"type = {quote(spec.builder)}",  # pv | pvh | hvm
         f"kernel = {quote(kernel)}",
     ]
     if spec.uuid:
