@@ -2,7 +2,8 @@
 over two fabrics, two hosts with two HBAs each (`lab up --hosts 2`), one
 multipath.conf pushed to both (one alias per WWID: the seed's fix), a guest
 booted on host1 from the LUN, an HBA cut under its writes, then the guest moved
-live to host2 with `migrate -l`, its memory and its disk with it. Removed at the end."""
+live to host2 with `migrate -l`, its memory and its disk with it; then volumes
+(:mod:`sanvisor.lab.voldemo`). Removed at the end."""
 
 from __future__ import annotations
 
@@ -105,3 +106,6 @@ class SanAct:
               f"counter {c1} before, {moved.counter()} after (not rebooted); records "
               "on the LUN:", moved.run("dd if=/dev/sda bs=512 count=200 2>/dev/null | "
                                        "tr '\\000' '\\n' | grep -c '^REC '", timeout=60))
+        from sanvisor.lab import voldemo
+
+        voldemo.run(self, WWPNS)
