@@ -79,9 +79,10 @@ def test_network_attach_and_detach(sv: Sanvisor, natguest: GuestShell, tmp_path:
     nic = new.pop()
     assert natguest.run(f"cat /sys/class/net/{nic}/address") == "00:16:3e:12:34:56"
     rows = [ln.split() for ln in sv.run("network-list", "nat1").stdout.splitlines()[1:]]
-    by_mac = {r[1]: r for r in rows}
-    assert by_mac["00:16:3e:12:34:56"][4] == "svbr2"  # the bridge it is on
-    assert by_mac[next(m for m in by_mac if m != "00:16:3e:12:34:56")][4] == "svnat0"
+    assert "00:16:3e:12:34:56" in [r[2] for r in rows]  # xm's columns: Idx BE MAC...
+    by_mac = {r["mac"]: r for r in sv.json("network-list", "nat1")}
+    assert by_mac["00:16:3e:12:34:56"]["bridge"] == "svbr2"  # the bridge it is on
+    assert by_mac[next(m for m in by_mac if m != "00:16:3e:12:34:56")]["bridge"] == "svnat0"
     assert added["bridge"] == "svbr2"
     sv.run("network-detach", "nat1", "00:16:3e:12:34:56")
     wait_until("the NIC to go", lambda: set(natguest.run("ls /sys/class/net").split()) == before)
