@@ -19,6 +19,7 @@ DEFAULT_BRIDGE = "xenbr0"
 NAT_BRIDGE = "svnat0"
 NAT_GATEWAY = "10.213.0.1/24"
 NAT_TABLE = "sanvisor_nat"
+TAP_MAC = "fe:ff:ff:ff:ff:ff"  # every tap's host side (Xen's vif MAC; see add_tap)
 
 
 def is_root() -> bool:
@@ -74,6 +75,11 @@ class Network:
                               "(vifname= must name a new interface)", tap=tap)
         try:
             self._run(["ip", "tuntap", "add", "dev", tap, "mode", "tap"])
+            # as Xen's vif scripts do: the highest MAC, so that the bridge (whose MAC is
+            # its ports' lowest unless set) never takes the tap's, and the host's own
+            # address on the bridge keeps its MAC as guests come and go (a guest leaving
+            # by migration left the other hosts' ARP entries pointing at a gone tap)
+            self._run(["ip", "link", "set", "dev", tap, "address", TAP_MAC])
             self._run(["ip", "link", "set", tap, "master", bridge])
             self._run(["ip", "link", "set", tap, "up"])
         except CommandError as exc:
