@@ -8,8 +8,8 @@
  *   chunks 2..E+1  the data chunks of area 0; then area 1 and its data; ...
  *
  * Loaded from disk when defined (the engine reads the areas itself); a copy is the
- * origin's chunk read, then written to the next free data chunk (FUA), then named
- * in its area, written whole (FUA) once no other area write is in flight: copies
+ * origin's chunk read, then written to the next free data chunk, then named in its
+ * area, written whole (a FLUSH, then FUA) once no other area write is in flight: copies
  * that finish meanwhile go in the next write together. An area that fills makes
  * the next one zeroed first. Only then are the writes waiting for the copy let
  * through. A store that cannot take a chunk, or whose I/O fails, is invalidated as
@@ -75,11 +75,13 @@ void store_put(struct store *st) {
 	free(st);
 }
 
-/* An I/O of the store on its COW LV (FUA for writes: a copy is durable before its
- * area names it, an area before the origin is overwritten). */
-static void cow_io(struct store *st, uint16_t cmd, uint64_t off, uint32_t len, const void *data,
-		   io_cb *cb, void *ctx) {
-	struct req *r = io_new(cmd, cmd == NBD_CMD_WRITE ? NBD_CMD_FLAG_FUA : 0, off, len);
+/* An I/O of the store on its COW LV. Metadata writes are FUA (an area is durable
+ * before the origin is overwritten); a copy's data is written plainly and made
+ * durable by the FLUSH that precedes the area write naming it (dm-snapshot's
+ * commit: data, then a flush, then the area with FUA). */
+static void cow_io_f(struct store *st, uint16_t cmd, uint16_t flags, uint64_t off, uint32_t len,
+		     const void *data, io_cb *cb, void *ctx) {
+	struct req *r = io_new(cmd, flags, off, len);
 	if (!r) {
 		store_invalidate(st, "out of memory");
 		return;
@@ -88,6 +90,11 @@ static void cow_io(struct store *st, uint16_t cmd, uint64_t off, uint32_t len, c
 		memcpy(r->buf, data, len);
 	st->inflight++;
 	io_submit(st->cow, st->ncow, r, cb, ctx);
+}
+
+static void cow_io(struct store *st, uint16_t cmd, uint64_t off, uint32_t len, const void *data,
+		   io_cb *cb, void *ctx) {
+	cow_io_f(st, cmd, cmd == NBD_CMD_WRITE ? NBD_CMD_FLAG_FUA : 0, off, len, data, cb, ctx);
 }
 
 static void header(const struct store *st, uint8_t *h, bool valid) {
@@ -398,9 +405,29 @@ static void area_done(void *ctx, struct req *r, uint32_t err) {
 	store_put(st);
 }
 
+static void drop_batch(struct store *st) {
+	st->meta_busy = false;
+	while (!list_empty(&st->batch)) {
+		struct pend *p = list_first(&st->batch, struct pend, link);
+		list_del(&p->link);
+		free(p);
+	}
+}
+
+static void area_flushed(void *ctx, struct req *r, uint32_t err) {
+	struct store *st = ctx;
+	(void)r;
+	if (io_end(st, err, "flushing the store's copies"))
+		cow_io(st, NBD_CMD_WRITE, area_chunk(st, st->area) * st->chunk, st->chunk, st->abuf,
+		       area_done, st);
+	else
+		drop_batch(st);
+	store_put(st);
+}
+
+/* The batch's copies made durable (one FLUSH for all), then the area naming them. */
 static void write_area(struct store *st) {
-	cow_io(st, NBD_CMD_WRITE, area_chunk(st, st->area) * st->chunk, st->chunk, st->abuf,
-	       area_done, st);
+	cow_io_f(st, NBD_CMD_FLUSH, 0, 0, 0, NULL, area_flushed, st);
 }
 
 static void zero_done(void *ctx, struct req *r, uint32_t err) {
@@ -410,12 +437,7 @@ static void zero_done(void *ctx, struct req *r, uint32_t err) {
 		st->zeroed_next = true;
 		write_area(st);
 	} else {
-		st->meta_busy = false;
-		while (!list_empty(&st->batch)) {
-			struct pend *p = list_first(&st->batch, struct pend, link);
-			list_del(&p->link);
-			free(p);
-		}
+		drop_batch(st);
 	}
 	store_put(st);
 }
@@ -470,7 +492,8 @@ static void copy_read(void *ctx, struct req *r, uint32_t err) {
 		store_invalidate(st, "out of memory");
 	if (data) {
 		memcpy(data, r->buf, r->len);
-		cow_io(st, NBD_CMD_WRITE, p->new_chunk * st->chunk, st->chunk, data, copy_written, p);
+		cow_io_f(st, NBD_CMD_WRITE, 0, p->new_chunk * st->chunk, st->chunk, data,
+			 copy_written, p);
 		free(data);
 	} else {
 		free(p);
