@@ -149,6 +149,39 @@ def test_the_same_name_for_another_lun_is_refused(pool: Pool) -> None:
     assert pool.shell("host1").run("cat /run/mark") == "moved-not-rebooted"
 
 
+def test_an_expired_or_foreign_certificate_refuses_the_migration(pool: Pool) -> None:
+    """The agents' calls are mutual TLS (docs/pool.md): host1 presenting an expired
+    certificate of the pool's CA, then one of another CA, is refused by host2 before
+    anything moves; one line naming the host and the reason; m1 runs on where it was."""
+    import datetime as dt
+
+    from sanvisor.pool import pki
+
+    tls, keep = pool.root / "host1" / "tls", pool.root / "tls-host1"
+    shutil.copytree(tls, keep)
+    now = dt.datetime.now(dt.UTC)
+    try:
+        pki.issue_host(pki.ca_dir(pool.root), "host1", [], tls,
+                       not_before=now - dt.timedelta(days=9), not_after=now - dt.timedelta(days=1))
+        err = pool.sv("-H", "host1", "migrate", "-l", "m1", "host2", check=False).stderr
+        assert len(err.strip().splitlines()) == 1, err
+        assert "host2 (10.213.100.12:8141) refused us: our certificate expired on" in err, err
+        other = pool.root / "other"
+        pki.create_ca(other, "other")
+        pki.issue_host(pki.ca_dir(other), "host1", [], tls)
+        shutil.copy2(keep / "ca-cert.pem", tls)  # host1 still trusts the pool's CA alone
+        err = pool.sv("-H", "host1", "migrate", "-l", "m1", "host2", check=False).stderr
+        assert "host2 (10.213.100.12:8141) refused us: our certificate is not signed by the "\
+            "pool's CA" in err, err
+    finally:
+        for f in keep.iterdir():
+            shutil.copy2(f, tls / f.name)
+        shutil.rmtree(keep)
+    assert [r["host"] for r in pool.rows()] == ["host1"]
+    assert qemu_pids(pool.root / "host2") == []
+    assert pool.shell("host1").run("cat /run/mark") == "moved-not-rebooted"
+
+
 def test_a_target_killed_mid_transfer_leaves_the_guest_where_it_was(pool: Pool) -> None:
     guest = pool.shell("host1")
     c1 = guest.counter()
