@@ -258,3 +258,24 @@ def test_a_second_domain_boots_from_a_snapshot_of_the_running_one(lab: LabCli,
         lab.sv("-H", "host1", "destroy", "lvg2", check=False)
     lab.sv("-H", "host1", "lvremove", "-f", f"{VG}/lvsnap")
     assert guest.run("echo ok") == "ok"
+
+
+def test_an_lv_on_two_luns_survives_either_hba_failing(lab: LabCli, guest: Guest) -> None:
+    segs = lvmap(lab)["segments"][:2]  # one on each LUN
+    try:
+        for hba in ("0", "1"):
+            lab.sv("lab", "fault", "hba-down", "host1", hba)
+            for i, s in enumerate(segs):
+                sector = (s["start"] + 8192) // 512
+                out = guest.run(f"echo HBA{hba}-DOWN-{i} | dd of=/dev/sda bs=512 "
+                                f"seek={sector} conv=sync,fsync 2>&1 >/dev/null; echo rc=$?",
+                                timeout=60)
+                assert out.endswith("rc=0"), out
+            lab.sv("lab", "fault", "hba-up", "host1", hba)
+            for i, s in enumerate(segs):
+                want = f"HBA{hba}-DOWN-{i}\n".encode()
+                assert lun_bytes(lab, s["map_id"], s["map_offset"] + 8192, len(want)) == want
+    finally:
+        for hba in ("0", "1"):
+            lab.sv("lab", "fault", "hba-up", "host1", hba, check=False)
+    assert "I/O error" not in guest.run("dmesg | grep -i error || true")
