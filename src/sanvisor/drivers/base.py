@@ -235,6 +235,11 @@ class Instance(abc.ABC):
     async def trigger(self, what: str) -> None:
         raise cannot(f"send a {what} trigger")
 
+    async def grow_disk(self, disk: DiskSpec, size: int) -> None:
+        """The volume under ``disk`` grew to ``size`` bytes: the guest sees the new size
+        without a reboot (an LV extended online; docs/volumes.md)."""
+        raise cannot("grow a disk online")
+
     async def renamed(self, old: str) -> None:
         """The domain's name changed (the spec holds the new one); the hypervisor's own
         name follows it where it has one (xl rename). QEMU: nothing to do."""

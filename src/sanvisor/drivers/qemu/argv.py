@@ -38,7 +38,7 @@ def disk_blockdev(disk: DiskSpec, nbd_socket: str | None = None) -> dict[str, ob
     if nbd_socket is not None or disk.backend == "nbd":
         if nbd_socket is not None:
             server: dict[str, object] = {"type": "unix", "path": nbd_socket}
-            export = path.removeprefix("/dev/mapper/")
+            export = nbd_socket.rsplit("/", 1)[-1].removesuffix(".sock")  # a map, an LV
         else:
             host, port, export = nbd_server(path)
             server = {"type": "inet", "host": host, "port": str(port)}
