@@ -78,9 +78,16 @@ def pool(kit: object) -> Iterator[Pool]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _affinity(pool: Pool, host: str) -> list[int]:
+    return list(next(v for v in pool.js("-H", host, "vcpu-list", "m1")
+                     if v["vcpu"] == 0)["affinity"])
+
+
 def test_live_migration_keeps_memory_writes_and_network(pool: Pool) -> None:
     guest = pool.shell("host1")
     guest.run("echo moved-not-rebooted > /run/mark")
+    pool.sv("-H", "host1", "vcpu-pin", "m1", "0", "1")  # kept where the target has CPU 1
+    assert _affinity(pool, "host1") == [1]
     c1 = guest.counter()
     guest.run(f"(i=0; e=0; while [ $i -lt {N} ]; do printf 'SVREC %08d\\n' $i | "
               "dd of=/dev/sda bs=512 seek=$i conv=sync,fsync 2>/dev/null || e=$((e+1)); "
@@ -105,6 +112,7 @@ def test_live_migration_keeps_memory_writes_and_network(pool: Pool) -> None:
     assert moved.run("cat /run/mark") == "moved-not-rebooted"  # its memory came along
     assert moved.counter() > c1
     assert moved.run("cat /sys/class/net/eth0/address") == MAC
+    assert _affinity(pool, "host2") == [1]  # the vCPU's pin came along
     assert wait_until("the writer", lambda: moved.run("cat /run/w.out 2>/dev/null || true"),
                       180, 0.5) == "DONE 0"  # no write failed in the guest
     assert "received" in out and " 0 received" not in out  # the LAN reached it throughout
