@@ -51,6 +51,9 @@ def pool(kit: object) -> Iterator[Pool]:
     root = Path(tempfile.mkdtemp(prefix="svmig", dir="/tmp"))
     shutil.rmtree(root)
     p = Pool(root, f"m{os.getpid() % 100000}")
+    # the target's watch of the source's hold, every 20 ms instead of 2 s: a race between
+    # it and the switch-over (it once removed the copy just handed over) shows at once
+    p.env["SANVISOR_MIGRATE_WATCH_S"] = "0.02"
     try:
         p.sv("lab", "up", "--hosts", "2", "--name", p.name)
         for lun in ("sys", "other"):

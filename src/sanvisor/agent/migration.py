@@ -36,8 +36,9 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,17 @@ from sanvisor.model.migration import ConvergencePolicy
 
 log = logging.getLogger("sanvisor.agent")
 MIGRATE_TIMEOUT = 600.0
-WATCH_EVERY = 2.0  # s: how often an incoming migration checks its source still holds it
+# s: how often an incoming migration checks its source still holds it (the tests make
+# it tight, SANVISOR_MIGRATE_WATCH_S, so a race with the switch-over shows at once)
+def _watch_every() -> float:
+    try:
+        value = float(os.environ.get("SANVISOR_MIGRATE_WATCH_S", "") or 2.0)
+    except ValueError:
+        return 2.0
+    return min(max(value, 0.01), 60.0) if value == value else 2.0  # nan: the default
+
+
+WATCH_EVERY = _watch_every()
 
 
 def _modes(rec: DomainRecord) -> dict[str, str]:
@@ -80,6 +91,10 @@ class Incoming:
     done: asyncio.Task[dict[str, Any]] | None = None  # switched over: its arrival
     watch: asyncio.Task[None] | None = None  # the source's hold on it, until then
     peer: str | None = None  # the authenticated source host (None: a local caller)
+    # the switch-over has begun (the store's hand-over may already be done): from then
+    # on neither the source's changed hold nor the expiry may remove this copy
+    switching: bool = False
+    switched: asyncio.Event = field(default_factory=asyncio.Event)  # done is set (or gone)
 
 
 class Migrations:
@@ -278,30 +293,37 @@ class Migrations:
         self.table.save(dom)
         pending = Incoming(dom, mig, peer=peer.name if peer else None)
         pending.expiry = asyncio.get_running_loop().call_later(
-            MIGRATE_TIMEOUT + 60, lambda: asyncio.ensure_future(self._expire(rec.uuid)))
+            MIGRATE_TIMEOUT + 60, lambda: asyncio.ensure_future(self._expire(pending)))
         self.pending[rec.uuid] = pending
         if self.table.pool is not None and body.get("token") is not None:
             pending.watch = asyncio.get_running_loop().create_task(
-                self._watch_source(rec.uuid, int(body["token"])))
+                self._watch_source(pending, int(body["token"])))
         return {"address": mig.address}
 
-    async def _watch_source(self, uuid: str, token: int) -> None:
+    async def _watch_source(self, mine: Incoming, token: int) -> None:
         """Until the switch-over: if the source's hold on the domain changes (its agent
         restarted and took the domain again, or gave it up), the migration is over and
-        this incoming copy is removed, without waiting for the expiry."""
-        pool = self.table.pool
+        this incoming copy is removed, without waiting for the expiry. Bound to its own
+        migration: a later one of the same domain (it came, left, and is coming back
+        within one period) is not this watcher's business."""
+        pool, uuid = self.table.pool, mine.dom.record.uuid
         assert pool is not None
-        while (pending := self.pending.get(uuid)) is not None and pending.done is None:
+
+        def watching() -> bool:
+            return (self.pending.get(uuid) is mine and mine.done is None
+                    and not mine.switching)
+
+        while watching():
             await asyncio.sleep(WATCH_EVERY)
             try:
                 now = await pool.own.current(uuid)
             except StoreError:
                 continue
-            if (pending := self.pending.get(uuid)) is None or pending.done is not None:
-                return
+            if not watching():
+                return  # over, or the hold changed because it is becoming ours
             if now is None or now.token != token:
                 log.warning("migrate: %s's source let go of it (%s); removing the "
-                            "incoming copy", pending.dom.name,
+                            "incoming copy", mine.dom.name,
                             "no owner" if now is None else f"{now.host} took it again")
                 with contextlib.suppress(ConflictError):
                     await self.abort(uuid)
@@ -327,10 +349,19 @@ class Migrations:
             raise ConflictError(f"migrate: no incoming migration {uuid}")
         if pending.done is not None:
             return
+        if pending.switching:  # a second caller (finish) waits for the first's outcome
+            await pending.switched.wait()
+            return
         pool, dom = self.table.pool, pending.dom
-        if pool is not None:
-            await pool.take_over(dom.name, uuid, str(body.get("source") or ""),
-                                 body.get("token"))
+        pending.switching = True  # before the first await: the watcher must not act now
+        try:
+            if pool is not None:
+                await pool.take_over(dom.name, uuid, str(body.get("source") or ""),
+                                     body.get("token"))
+        except BaseException:
+            pending.switching = False  # refused: nothing changed, the source may abort
+            pending.switched.set()
+            raise
         if pending.expiry is not None:  # ours now: it arrives, or is lost, here
             pending.expiry.cancel()
         resume = bool(body.get("resume", True))
@@ -339,9 +370,11 @@ class Migrations:
                 await pending.mig.switchover()
         except BaseException:
             self.pending.pop(uuid, None)
+            pending.switched.set()
             await self._clean(pending)
             raise
         pending.done = asyncio.get_running_loop().create_task(self._arrive(pending, resume))
+        pending.switched.set()
 
     async def finish(self, uuid: str, body: dict[str, Any],
                      peer: Peer | None = None) -> dict[str, Any]:
@@ -383,10 +416,11 @@ class Migrations:
         if pending is not None:
             await self._clean(pending)
 
-    async def _expire(self, uuid: str) -> None:
-        if uuid in self.pending:
+    async def _expire(self, mine: Incoming) -> None:
+        uuid = mine.dom.record.uuid
+        if self.pending.get(uuid) is mine and not mine.switching:
             log.warning("migrate: incoming %s neither finished nor aborted; cleaning up",
-                        self.pending[uuid].dom.name)
+                        mine.dom.name)
             await self.abort(uuid)
 
     def _take(self, uuid: str) -> Incoming | None:
