@@ -218,11 +218,11 @@ class DomainSpec:
                           "a disk of this domain (give one or the other)")
         macs: set[str] = set()
         for v in self.vifs:
+            _check_vif(v, bad)  # first: a MAC of the wrong type is refused, not hashed
             if v.mac:
                 if v.mac in macs:
                     raise bad(f"vif: MAC {v.mac} used twice")
                 macs.add(v.mac)
-            _check_vif(v, bad)
         if self.ramdisk and not self.kernel:
             raise bad("ramdisk: given without a kernel")
 
