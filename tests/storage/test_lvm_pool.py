@@ -74,6 +74,21 @@ def pool(tmp_path: Path) -> Iterator[Pool]:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(p.pids[name], signal.SIGCONT)
                 p.sv(name, "agent", "stop", check=False)
+                _stop_data_path(homes[name])
+
+
+def _stop_data_path(home: Path) -> None:
+    """What outlives an agent by design (storage/hostdevs.py, storage/engine.py): the
+    host block devices of its LVs (a FUSE export and a loop device each), then the
+    engine they kept alive. A test's agents leave nothing running."""
+    from sanvisor.storage.hostdevs import HostDevices
+
+    with contextlib.suppress(Exception):
+        HostDevices(home).close_all()
+    with contextlib.suppress(ValueError, OSError):
+        pid = int((home / "engine" / "engine.pid").read_text())
+        if b"sanvisor-engine" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_every_host_sees_the_same_vgs(pool: Pool) -> None:
