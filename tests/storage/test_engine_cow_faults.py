@@ -13,11 +13,7 @@ snapshot is written, and an HBA cut under an LV that spans two LUNs.
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import threading
-import time
 
 import pytest
 
@@ -25,7 +21,7 @@ from sanvisor.storage import nbdproto as P
 from tests.storage.enginekit import engine_bench
 from tests.storage.harness import DEADLINE, Host
 from tests.storage.test_engine_cow import CHUNK, MIB, Vol, _pattern
-from tests.storage.test_engine_restart import BS, Resender, _block
+from tests.storage.test_engine_restart import BS, EngineKiller, Resender, _block
 
 assert BS == CHUNK
 
@@ -53,24 +49,11 @@ def test_engine_killed_under_copy_on_write(monkeypatch: pytest.MonkeyPatch) -> N
             c.connect()
             acked: dict[int, bytes] = {}
             busy: dict[int, tuple[int, bytes]] = {}
-            kills, version = 0, 0
-            stop = threading.Event()
+            version = 0
             rng = random.Random(5)
-
-            def killer() -> None:
-                nonlocal kills
-                for _ in range(3):
-                    time.sleep(0.4)
-                    pid = host.engine.pid
-                    os.kill(pid, signal.SIGKILL)
-                    kills += 1
-                    deadline = time.monotonic() + DEADLINE
-                    while host.engine.pid == pid and time.monotonic() < deadline:
-                        time.sleep(0.01)
-                stop.set()
-
-            t = threading.Thread(target=killer)
-            t.start()
+            killer = EngineKiller(host)
+            stop = killer.done
+            killer.start()
             try:
                 while not stop.is_set() or busy:
                     while len(busy) < 8 and not stop.is_set():
@@ -83,8 +66,8 @@ def test_engine_killed_under_copy_on_write(monkeypatch: pytest.MonkeyPatch) -> N
                     block, data = busy.pop(cookie)
                     acked[block] = data
             finally:
-                t.join(DEADLINE)
-            assert kills == 3 and c.reconnects >= 1
+                killer.join(DEADLINE * 4)
+            assert killer.kills == 3 and c.reconnects >= 1
             host.until("the store loaded again", lambda: all(
                 s["state"] == "ready" for s in vol.stats()["stores"]))
             origin, snap = vol.client("vg-lv"), vol.client("vg-snap")

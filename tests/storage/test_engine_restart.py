@@ -30,6 +30,7 @@ import pytest
 
 from sanvisor.storage import nbdproto as P
 from sanvisor.storage.multipathd import Multipathd
+from sanvisor.waiting import wait_until
 from tests.storage.enginekit import BUILD, engine_bench, recv_exactly
 from tests.storage.harness import DEADLINE, Host
 
@@ -111,6 +112,30 @@ def _block(i: int, version: int) -> bytes:
     return head * (BS // len(head)) + b"\0" * (BS % len(head))
 
 
+class EngineKiller(threading.Thread):
+    """Fault injector: SIGKILL the host's engine ``times`` times, ``every`` seconds
+    apart (the faults' pacing, not a synchronisation), each time until the agent side
+    runs the next engine; ``done`` is set at the end, whatever happened."""
+
+    def __init__(self, host: Host, times: int = 3, every: float = 0.4) -> None:
+        super().__init__(daemon=True)
+        self.host, self.times, self.every = host, times, every
+        self.kills = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        try:
+            for _ in range(self.times):
+                time.sleep(self.every)
+                pid = self.host.engine.pid
+                os.kill(pid, signal.SIGKILL)
+                self.kills += 1
+                wait_until("the next engine", lambda old=pid: self.host.engine.pid != old,
+                           DEADLINE, 0.01)
+        finally:
+            self.done.set()
+
+
 def test_kill_9_mid_write_loses_no_acknowledged_write(monkeypatch: pytest.MonkeyPatch
                                                       ) -> None:
     with engine_bench(monkeypatch, sanitized=False, restarts=True) as (arr, host):
@@ -119,23 +144,9 @@ def test_kill_9_mid_write_loses_no_acknowledged_write(monkeypatch: pytest.Monkey
         acked: dict[int, bytes] = {}
         busy: dict[int, tuple[int, bytes]] = {}  # cookie -> (block, data)
         version = 0
-        kills = 0
-        stop = threading.Event()
-
-        def killer() -> None:
-            nonlocal kills
-            for _ in range(3):
-                time.sleep(0.4)
-                pid = host.engine.pid
-                os.kill(pid, signal.SIGKILL)
-                kills += 1
-                deadline = time.monotonic() + DEADLINE
-                while host.engine.pid == pid and time.monotonic() < deadline:
-                    time.sleep(0.01)
-            stop.set()
-
-        t = threading.Thread(target=killer)
-        t.start()
+        killer = EngineKiller(host)
+        stop = killer.done
+        killer.start()
         try:
             while not stop.is_set() or busy:
                 while len(busy) < 8 and not stop.is_set():
@@ -149,9 +160,8 @@ def test_kill_9_mid_write_loses_no_acknowledged_write(monkeypatch: pytest.Monkey
                 assert err == 0, f"a write failed: {err}"
                 acked[block] = data
         finally:
-            stop.set()
-            t.join()
-        assert kills == 3 and host.engine.restarts == 3
+            killer.join(DEADLINE * 4)
+        assert killer.kills == 3 and host.engine.restarts == 3
         assert c.reconnects >= 3, "the client never lost its connection: no kill mid-write"
         for block in range(BLOCKS):
             c.send(P.CMD_READ, block * BS)
