@@ -71,6 +71,8 @@ class ArrayProc:
         self.ctl = home / "ctl.sock"
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = home / "array.log"
+        self.listen = f"127.0.0.1:{self.port}"
+        self.options: tuple[str, ...] = ()  # more options of `array serve`
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return sv(self.home, "array", "--array-home", str(self.home), *args, check=check)
@@ -84,8 +86,8 @@ class ArrayProc:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "sanvisor", "--home", str(self.home), "array",
-                 "--array-home", str(self.home), "serve", "--listen",
-                 f"127.0.0.1:{self.port}", "--control", str(self.ctl)],
+                 "--array-home", str(self.home), "serve", "--listen", self.listen,
+                 "--control", str(self.ctl), *self.options],
                 stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + DEADLINE
         while True:

@@ -12,10 +12,7 @@ import contextlib
 import shutil
 import socket
 import struct
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,24 +38,7 @@ class LimitedArray(ArrayProc):
         self.listen = f"{host}:{self.port}"
 
     def start(self) -> None:
-        self.ctl.unlink(missing_ok=True)
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sanvisor", "--home", str(self.home), "array",
-                 "--array-home", str(self.home), "serve", "--listen", self.listen,
-                 "--control", str(self.ctl), *self.options],
-                stdout=log, stderr=log, start_new_session=True)
-        deadline = time.monotonic() + DEADLINE
-        while True:
-            assert self.proc.poll() is None, self.log.read_text()[-2000:]
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                if self.ctl.exists():
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the array did not start"
-            time.sleep(0.02)  # start-up: nothing to wait on but the port
+        super().start()
         self.conns("*", 0)  # the probes above are gone: every count starts at 0
 
     def conns(self, peer: str, n: int) -> dict[str, Any]:
