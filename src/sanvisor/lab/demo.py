@@ -65,6 +65,29 @@ def wait_marker(log: Path, count: int = 1, timeout: float = 90) -> float:
     return time.monotonic() - t0
 
 
+def show_tails(items: list[tuple[str, Path]], count: int = 15) -> None:
+    """A step failed: print the last lines of each log (CI keeps only the output).
+    Warnings and errors anywhere in a log are shown too: xl's full stderr, say."""
+    for what, path in items:
+        with contextlib.suppress(OSError):
+            lines = path.read_text(errors="replace").splitlines()
+            flagged = [ln for ln in lines[:-count] if " WARNING " in ln or " ERROR " in ln]
+            shown = flagged[-10:] + lines[-count:]
+            print(f"\n# {what} ({path}), last lines:\n" + "\n".join(shown), flush=True)
+
+
+def lab_logs(home: Path) -> list[tuple[str, Path]]:
+    """Each lab host's agent log, its machine's console (a Xen host's serial line)
+    and its guests' consoles."""
+    items: list[tuple[str, Path]] = []
+    for host in sorted(p for p in home.glob("*") if (p / "agent.log").exists()):
+        items.append((f"{host.name}'s agent log", host / "agent.log"))
+        items.append((f"{host.name}'s console", host / "vm" / "console.log"))
+        items += [(f"console of a guest on {host.name}", c)
+                  for c in sorted(host.glob("dom/*/console.log"))]
+    return items
+
+
 class Demo:
     def __init__(self, keep: bool = False, xen: bool = True, san: bool = True) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="svdemo", dir="/tmp"))
@@ -161,12 +184,9 @@ class Demo:
 
     def diagnose(self) -> None:
         """A step failed: what the agent and the guest said last (CI keeps only this)."""
-        for what, path in (("agent log", self.home / "agent.log"),
-                           *((f"console of {d.name}", d / "console.log")
-                             for d in sorted((self.home / "dom").glob("*")))):
-            with contextlib.suppress(OSError):
-                lines = path.read_text(errors="replace").splitlines()[-15:]
-                print(f"\n# {what} ({path}), last lines:\n" + "\n".join(lines), flush=True)
+        show_tails([("agent log", self.home / "agent.log"),
+                    *((f"console of {d.name}", d / "console.log")
+                      for d in sorted((self.home / "dom").glob("*")))])
 
     def cleanup(self) -> None:
         with contextlib.suppress(Exception):

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sanvisor.lab.demo import run_cli, wait_marker
+from sanvisor.lab.demo import lab_logs, run_cli, show_tails, wait_marker
 from sanvisor.lab.guestshell import GuestShell
 
 WWPNS = ["10:00:00:00:c9:00:01:00", "10:00:00:00:c9:00:01:01",
@@ -67,6 +67,9 @@ class SanAct:
         print(f"\n# the lab is up in {time.monotonic() - t0:.0f} s")
         try:
             self._steps()
+        except SystemExit:
+            show_tails(lab_logs(self.tmp / "san"))
+            raise
         finally:
             self.sv("lab", "down", show=False, check=False)
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sanvisor.lab.demo import run_cli, wait_marker
+from sanvisor.lab.demo import lab_logs, run_cli, show_tails, wait_marker
 from sanvisor.lab.guestshell import GuestShell
 
 CONFIG = """\
@@ -45,6 +45,9 @@ class XenAct:
         print(f"\n# two Xen hosts up in {time.monotonic() - t0:.0f} s: xen1, xen2")
         try:
             self._steps()
+        except SystemExit:
+            show_tails(lab_logs(self.tmp / "lab"))
+            raise
         finally:
             self.sv("lab", "down", show=False, check=False)
 
