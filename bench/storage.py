@@ -1,6 +1,6 @@
 """The data path: QEMU's NBD client view of /dev/mapper/NAME (multipath -> array),
-through the engine and through the Python data path, against a direct
-qemu-storage-daemon NBD export of the same file on a unix socket.
+through the engine, against a direct qemu-storage-daemon NBD export of the same
+file on a unix socket.
 
 Runs in a lab of its own (one host, one 256 MiB LUN on two HBAs, multibus).
 fio's nbd engine drives every target with the same jobs: sequential 1 MiB and
@@ -9,11 +9,11 @@ run: the array itself over one fabric (fio straight to its TCP port: the ceiling
 any host-side path has, since the lab's array is a Python process), and
 qemu-storage-daemon as a proxy (its NBD client to the array, one path, re-exported
 on a unix socket: the engine candidate that has no multipath). CPU seconds per
-GiB moved are those of the data-path process (the engine, the agent, or QSD),
-and of the array. Then the I/O stall when an HBA dies and when it comes back:
-the longest gap between two completed 4 KiB writes of a closed loop, around each
-event, for each data path. Last, a map as a kernel block device (QSD's FUSE
-export of the engine's socket, plus a loop device), with fio's libaio engine.
+GiB moved are those of the data-path process (the engine or QSD), and of the
+array. Then the I/O stall when an HBA dies and when it comes back: the longest
+gap between two completed 4 KiB writes of a closed loop, around each event.
+Last, a map as a kernel block device (QSD's FUSE export of the engine's socket,
+plus a loop device), with fio's libaio engine.
 """
 
 from __future__ import annotations
@@ -143,18 +143,15 @@ def stall(env: dict[str, str], sock: str, name: str, writers: int = 4) -> dict[s
             "errors": float(len(errors))}
 
 
-def restart_agent(env: dict[str, str], netns: str, datapath: str) -> None:
-    sv(env, "-H", "host1", "agent", "stop")
-    subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-m", "sanvisor", "-H",
-                    "host1", "agent", "start"], env=dict(env, SANVISOR_DATAPATH=datapath),
-                   check=True, capture_output=True)
+def paths_ready(env: dict[str, str]) -> None:
+    """Wait until every path of every map of host1 is ready."""
     deadline = time.monotonic() + 30
     while True:
         view = json.loads(sv(env, "-H", "host1", "--json", "multipath"))
-        if view.get("datapath", "python") == datapath and all(
-                p["state"] == "ready" for m in view["maps"] for p in m["paths"]):
+        if view["maps"] and all(p["state"] == "ready" for m in view["maps"]
+                                for p in m["paths"]):
             return
-        assert time.monotonic() < deadline, f"the {datapath} data path did not come up"
+        assert time.monotonic() < deadline, "the map's paths did not come up"
         time.sleep(0.1)
 
 
@@ -181,7 +178,7 @@ def main() -> int:
         return 2
     root = Path(tempfile.mkdtemp(prefix="svbl", dir="/tmp"))
     shutil.rmtree(root)
-    env = dict(os.environ, SANVISOR_LAB_HOME=str(root), SANVISOR_DATAPATH="engine")
+    env = dict(os.environ, SANVISOR_LAB_HOME=str(root))
     procs: list[subprocess.Popen[bytes]] = []
     results: dict[str, Any] = {"seconds": args.seconds, "runs": args.runs}
     try:
@@ -219,7 +216,7 @@ def main() -> int:
         map_uri = f"nbd+unix:///bench?socket={home}/mapper/bench.sock"
         direct = f"nbd+unix:///bench?socket={qsock}"
         array_uri = f"nbd://{target}/{lun['wwid']}"
-        restart_agent(env, netns, "engine")
+        paths_ready(env)
         engine_pid = int((home / "engine" / "engine.pid").read_text())
         rows: list[dict[str, Any]] = []
         for job in JOBS:
@@ -234,14 +231,6 @@ def main() -> int:
                          "unit": "MiB/s" if job[2] == "1M" else "IOPS", **m})
         results["failover_engine"] = stall(env, f"{home}/mapper/bench.sock", "bench")
         results["blockdev"] = blockdev(home / "mapper" / "bench.sock", root, args)
-        restart_agent(env, netns, "python")
-        agent_pid = int((home / "agent.lock").read_text())
-        for job, row in zip(JOBS, rows, strict=True):
-            row["direct_py"] = measure(direct, [qsd.pid, array_pid], job, args.seconds,
-                                       args.runs)
-            row["python"] = measure(map_uri, [agent_pid, array_pid], job, args.seconds,
-                                    args.runs)
-        results["failover_python"] = stall(env, f"{home}/mapper/bench.sock", "bench")
         results["throughput"] = rows
     finally:
         for p in procs:
@@ -273,22 +262,20 @@ def report(results: dict[str, Any], out: Path) -> None:
         return f"{row[key]['value']:>9.0f} {row[key]['value'] / d if d else 0:>5.2f}"
 
     print(f"{'job':<14} {'qd':>3} {'unit':>6} {'direct':>8} {'engine':>9} {'ratio':>5} "
-          f"{'python':>9} {'ratio':>5} {'array':>9} {'ratio':>5} {'qsdproxy':>9} {'ratio':>5}")
+          f"{'array':>9} {'ratio':>5} {'qsdproxy':>9} {'ratio':>5}")
     for r in results["throughput"]:
         print(f"{r['job']:<14} {r['depth']:>3} {r['unit']:>6} {r['direct']['value']:>8.0f} "
-              f"{ratio(r, 'engine')} {ratio(r, 'python', 'direct_py')} {ratio(r, 'array')} "
-              f"{ratio(r, 'qsd_proxy')}")
+              f"{ratio(r, 'engine')} {ratio(r, 'array')} {ratio(r, 'qsd_proxy')}")
     print("\nCPU seconds per GiB moved (data-path process / the array):")
-    print(f"{'job':<14} {'qd':>3} {'QSD':>7} {'engine':>15} {'python (agent)':>15}")
+    print(f"{'job':<14} {'qd':>3} {'QSD':>7} {'engine':>15} {'QSD proxy':>15}")
     for r in results["throughput"]:
         print(f"{r['job']:<14} {r['depth']:>3} {r['direct']['cpu0']:>7.2f} "
               f"{r['engine']['cpu0']:>7.2f}/{r['engine']['cpu1']:<7.2f} "
-              f"{r['python']['cpu0']:>7.2f}/{r['python']['cpu1']:<7.2f}")
-    for name in ("engine", "python"):
-        f = results[f"failover_{name}"]
-        print(f"\n{name}: longest gap between 4 KiB writes: normal "
-              f"{f['normal_max_gap_ms']:.1f} ms, HBA down {f['hba_down_max_gap_ms']:.1f} ms, "
-              f"HBA up {f['hba_up_max_gap_ms']:.1f} ms, errors {f['errors']:.0f}", end="")
+              f"{r['qsd_proxy']['cpu0']:>7.2f}/{r['qsd_proxy']['cpu1']:<7.2f}")
+    f = results["failover_engine"]
+    print(f"\nengine: longest gap between 4 KiB writes: normal "
+          f"{f['normal_max_gap_ms']:.1f} ms, HBA down {f['hba_down_max_gap_ms']:.1f} ms, "
+          f"HBA up {f['hba_up_max_gap_ms']:.1f} ms, errors {f['errors']:.0f}", end="")
     print("\n\nthe engine's map as a block device (FUSE + loop, fio libaio O_DIRECT):")
     for r, t in zip(results["blockdev"], results["throughput"], strict=True):
         d = t["direct"]["value"]

@@ -80,7 +80,7 @@ bool dev_same_mapping(const struct dev *d, const struct seg *segs, int n) {
 
 /* The name now means another mapping (a LUN's alias given to another WWID): the
  * clients that opened the old one are not moved to other data under their feet;
- * as with the Python data path, their requests fail (EIO) until they disconnect.
+ * their requests fail (EIO) until they disconnect.
  * New clients get the new device. */
 void dev_retire(struct dev *d) {
 	logmsg("warning", "device %s now maps other data: its %d open client(s) get EIO",

@@ -1,5 +1,5 @@
 /* A map: one LUN, its paths, the path selector and the no-path queue (the
- * semantics of src/sanvisor/storage/mpmap.py, which this replaces).
+ * semantics of dm-multipath's, as docs/dataplane.md and docs/lab.md state them).
  *
  * Every part ends: completed, resent within a bound (max_tries paths), or failed
  * with the error the policy gives (no_path_retry). A failed path's reads and

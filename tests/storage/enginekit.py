@@ -45,7 +45,7 @@ def engine_bench(monkeypatch: pytest.MonkeyPatch, sanitized: bool = True,
     if sanitized:
         monkeypatch.setenv("SANVISOR_ENGINE", str(sanitizer_build()))
         monkeypatch.setenv("ASAN_OPTIONS", "detect_leaks=0:abort_on_error=1")
-    with bench(datapath="engine", **kw) as (arr, host):
+    with bench(**kw) as (arr, host):
         try:
             yield arr, host
         finally:

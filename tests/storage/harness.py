@@ -5,12 +5,9 @@
   its next request, kill a session, wait for a session's state (events, not sleeps).
 - ``Fabric`` (faultnet.py): a TCP relay between an HBA and the array that injects
   faults on the wire.
-- ``Host``: the host side for real (storage/multipathd.py, its paths, maps, fronts
-  and checker) in an event loop on a thread of its own, its HBAs behind fabrics;
-  ``hba_down(k)`` makes HBA k's link look down to the checker (a fault file).
-  Its data path is the engine or the Python one: ``datapath=`` ("engine",
-  "python"), else SANVISOR_DATAPATH as for the agent; the same tests run on both
-  (SANVISOR_DATAPATH=python .venv/bin/python -m pytest tests/storage).
+- ``Host``: the host side for real (storage/multipathd.py, its maps and paths, and
+  the data-path engine it starts) in an event loop on a thread of its own, its HBAs
+  behind fabrics; ``hba_down(k)`` makes HBA k's link look down (a fault file).
 
 Everything runs on loopback addresses (no root needed): the array on 127.0.0.1,
 HBA k of host n at 127.0.(k+1).(10+n) [WWPN 10:00:00:00:c9:00:0n:0k].
@@ -176,10 +173,8 @@ def make_array(home: Path, hosts: int = 2, luns: tuple[tuple[str, str], ...] = (
 class Host:
     """A host's multipath daemon in its own event loop thread, HBAs behind fabrics."""
 
-    def __init__(self, home: Path, array: ArrayProc, n: int = 1, conf: str = "",
-                 datapath: str | None = None) -> None:
+    def __init__(self, home: Path, array: ArrayProc, n: int = 1, conf: str = "") -> None:
         self.home, self.array, self.n = home, array, n
-        self.datapath = datapath
         self.conf = conf or ("defaults {\n user_friendly_names yes\n polling_interval 0.2\n"
                              " no_path_retry queue\n}\n")
         self.faults = home / "faults"
@@ -231,7 +226,7 @@ class Host:
         (self.home / "host.json").write_text(json.dumps({"hbas": hbas}))
         (self.home / "multipath.conf").write_text(self.conf)
         ScsiTable(self.home).rescan()
-        self.mpd = Multipathd(self.home, self.datapath)
+        self.mpd = Multipathd(self.home)
         if io_timeout is not None:
             self.mpd.io_timeout = io_timeout
         if fence_timeout is not None:
@@ -266,8 +261,7 @@ class Host:
 
     @property
     def engine(self) -> Any:
-        """The engine's supervisor (storage/engine.py), in engine mode."""
-        assert self.mpd.backend is not None, "not the engine data path"
+        """The engine's supervisor (storage/engine.py)."""
         return self.mpd.backend.engine
 
     def hba_down(self, k: int) -> None:
@@ -330,7 +324,7 @@ class Replies:
 @contextlib.contextmanager
 def bench(hosts: int = 2, conf: str = "", io_timeout: float | None = None,
           fence_timeout: float | None = None,
-          luns: tuple[tuple[str, str], ...] = (("sys", "64M"),), datapath: str | None = None
+          luns: tuple[tuple[str, str], ...] = (("sys", "64M"),)
           ) -> Iterator[tuple[ArrayProc, Host]]:
     """An array and host1's multipath daemon (two HBAs, each behind a fabric)."""
     root = Path(tempfile.mkdtemp(prefix="svdp", dir="/tmp"))
@@ -339,7 +333,7 @@ def bench(hosts: int = 2, conf: str = "", io_timeout: float | None = None,
         (root / "array").mkdir()
         (root / "host1").mkdir()
         arr = make_array(root / "array", hosts, luns)
-        host = Host(root / "host1", arr, 1, conf, datapath)
+        host = Host(root / "host1", arr, 1, conf)
         host.start(io_timeout, fence_timeout)
         yield arr, host
     finally:

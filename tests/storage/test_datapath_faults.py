@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 
 from sanvisor.storage import nbdproto as P
-from sanvisor.storage.mpmap import MAX_TRIES
-from sanvisor.storage.paths import link_up
+from sanvisor.storage.enginemap import MAX_TRIES, link_up
 from tests.storage.harness import Replies, bench
 
 MIB = 1 << 20
@@ -150,7 +149,7 @@ def test_a_veth_whose_peer_goes_down_is_down_at_once() -> None:
         ip("-n", ns + "a", "link", "set", "hba0", "up")
         ip("-n", ns + "b", "link", "set", "fab", "up")
         probe = ["ip", "netns", "exec", ns + "a", sys.executable, "-c",
-                 "from sanvisor.storage.paths import link_up; print(link_up('hba0'))"]
+                 "from sanvisor.storage.enginemap import link_up; print(link_up('hba0'))"]
 
         def up() -> str:
             return subprocess.run(probe, capture_output=True, text=True,

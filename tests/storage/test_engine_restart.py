@@ -259,10 +259,10 @@ def test_a_new_agent_adopts_the_running_engine(monkeypatch: pytest.MonkeyPatch) 
 
         host.call(agent_dies)
         g.pwrite(b"b" * BS, 0)  # no agent: the data path goes on
-        new = Multipathd(host.home, "engine")
+        new = Multipathd(host.home)
         host.mpd = new
         host.call(new.start)
-        assert new.backend is not None and new.backend.engine.pid == pid  # adopted
+        assert new.backend.engine.pid == pid  # adopted
         host.until("paths ready", lambda: all(p.ready for p in new.paths.values()))
         assert g.pread(BS, 0) == b"b" * BS  # the same connection, all along
         assert new.view()["maps"][0]["paths"][0]["written_bytes"] >= BS

@@ -201,7 +201,7 @@ def test_a_stale_write_is_not_replayed_over_newer_data() -> None:
 def test_the_scenario_loses_data_without_fencing(monkeypatch: pytest.MonkeyPatch) -> None:
     """The same scenario with the host resending writes unfenced (as before the fix):
     the array replays the stale write. This is what makes the test above a test."""
-    monkeypatch.setattr("sanvisor.storage.mpmap.WRITES", ())
+    monkeypatch.setattr("sanvisor.storage.enginemap.WRITES", ())
     with bench(conf=FAILOVER % "queue") as (arr, host):
         data, _ = _stale_write_scenario(arr, host)
         assert data == STALE

@@ -36,14 +36,26 @@ REQUEST_TIMEOUT = 10.0
 IDLE_EXIT = 5.0  # an engine without agent and without client ends after this long
 
 
-def engine_binary() -> Path | None:
-    """$SANVISOR_ENGINE, else the source tree's build (scripts/setup.sh makes it), else
-    beside this Python (an installed one)."""
+SOURCE_BUILD = Path(__file__).resolve().parents[3] / "build" / "engine" / "sanvisor-engine"
+
+
+def engine_binary() -> Path:
+    """$SANVISOR_ENGINE if set (it must be there), else the source tree's build
+    (scripts/setup.sh makes it), else beside this Python (an installed one). There is
+    no other data path: without it, a ResourceError that says how to build it."""
     env = os.environ.get("SANVISOR_ENGINE")
-    candidates = [Path(env)] if env else []
-    candidates += [Path(__file__).resolve().parents[3] / "build" / "engine" / "sanvisor-engine",
-                   Path(sys.executable).parent / "sanvisor-engine"]
-    return next((c for c in candidates if c.is_file() and os.access(c, os.X_OK)), None)
+    if env:
+        if not (Path(env).is_file() and os.access(env, os.X_OK)):
+            raise ResourceError(f"SANVISOR_ENGINE={env}: no such executable (build the "
+                                "data-path engine with scripts/setup.sh or make -C engine)")
+        return Path(env)
+    candidates = [SOURCE_BUILD, Path(sys.executable).parent / "sanvisor-engine"]
+    found = next((c for c in candidates if c.is_file() and os.access(c, os.X_OK)), None)
+    if found is None:
+        raise ResourceError(f"the data-path engine is not built ({SOURCE_BUILD} is missing): "
+                            "run scripts/setup.sh, or make -C engine OUT=$PWD/build/engine "
+                            "in the source tree")
+    return found
 
 
 class Link:
@@ -211,9 +223,6 @@ class Engine:
 
     async def _spawn(self) -> None:
         binary = engine_binary()
-        if binary is None:
-            raise ResourceError("the data-path engine is not built (run scripts/setup.sh, or "
-                                "set SANVISOR_DATAPATH=python)")
         with contextlib.suppress(FileNotFoundError):
             self.control.unlink()
         with open(self.dir / "engine.log", "ab") as out:

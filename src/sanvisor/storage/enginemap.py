@@ -2,10 +2,10 @@
 sees them, and what the engine is told about them.
 
 The multipath daemon (multipathd.py) decides the maps, their paths and settings
-(SCSI table, multipath.conf, zoning views) exactly as for the Python data path;
-in engine mode it keeps these objects, and ``EngineBackend.sync`` gives the
-engine the whole configuration at once (maps, paths, devices with their segment
-tables and listening sockets), after every reload and after an engine restart.
+(SCSI table, multipath.conf, zoning views) and keeps these objects;
+``EngineBackend.sync`` gives the engine the whole configuration at once (maps,
+paths, devices with their segment tables and listening sockets), after every
+reload and after an engine restart.
 Views read the engine's counters (a synchronous ``stats`` request): what
 `multipath -ll` and `--json` show is the engine's state, not a copy of it.
 """
@@ -23,15 +23,35 @@ from typing import Any
 
 from sanvisor.errors import DeviceError
 from sanvisor.storage import engineproto as E
-from sanvisor.storage import mpmap
+from sanvisor.storage import nbdproto as P
 from sanvisor.storage.engine import Engine
 from sanvisor.storage.mpconf import Settings
 from sanvisor.storage.mpview import PathView, render_ll
-from sanvisor.storage.paths import link_up
 from sanvisor.storage.scsi import HbaConf, ScsiPath
 
 log = logging.getLogger("sanvisor.multipath")
 _STATS = ("read_bytes", "written_bytes", "requests", "failures", "inflight")
+MAX_TRIES = 5  # a request in flight on this many failed paths fails with EIO
+IO_TIMEOUT = 30.0  # seconds a request may wait for its reply on a path whose link is up
+FENCE_TIMEOUT = 5.0  # seconds for one fence attempt (connect, handshake, the array's ack)
+# what a stale copy can harm: held with a failed path's session until the array fenced it
+WRITES = (P.CMD_WRITE, P.CMD_WRITE_ZEROES, P.CMD_TRIM)
+SYSFS_NET = FsPath("/sys/class/net")
+
+
+def link_up(ifname: str, sysfs: FsPath = SYSFS_NET) -> bool:
+    """An HBA's link is up when its operstate says so ("up", or "unknown" for drivers
+    without one) and it has carrier: "down", "lowerlayerdown", "dormant",
+    "notpresent" and "testing" are not up. The carrier is read too: a veth whose peer
+    (the switch side) went down loses carrier at once, its operstate follows only
+    up to a second later (the kernel's link watch)."""
+    base = sysfs / ifname
+    try:
+        state = (base / "operstate").read_text().strip()
+        carrier = (base / "carrier").read_text().strip()
+    except OSError:  # no such interface, or carrier unreadable: the interface is down
+        return False
+    return state in ("up", "unknown") and carrier == "1"
 
 
 class EnginePath:
@@ -127,8 +147,8 @@ class EngineMap:
         return E.line("map", id=self.wwid, size=self.size, policy=s.path_grouping_policy,
                       failback=s.failback, no_path_retry=s.no_path_retry,
                       polling_interval=s.polling_interval, io_timeout=io_timeout,
-                      fence_timeout=fence_timeout, max_tries=mpmap.MAX_TRIES,
-                      hold=E.hold(tuple(mpmap.WRITES)))
+                      fence_timeout=fence_timeout, max_tries=MAX_TRIES,
+                      hold=E.hold(tuple(WRITES)))
 
 
 class EngineBackend:
@@ -137,8 +157,8 @@ class EngineBackend:
     def __init__(self, home: FsPath, mapper: FsPath) -> None:
         self.mapper = mapper
         self.maps: dict[str, EngineMap] = {}  # by WWID (the daemon's own dict)
-        self.io_timeout = mpmap.IO_TIMEOUT
-        self.fence_timeout = mpmap.FENCE_TIMEOUT
+        self.io_timeout = IO_TIMEOUT
+        self.fence_timeout = FENCE_TIMEOUT
         self.listeners: dict[str, socket.socket] = {}  # device name -> its listening socket
         self.engine = Engine(home, self._event, self.sync)
         # the volumes' devices (storage/lvserve.py): named in every sync, or it removes them

@@ -1,7 +1,7 @@
 """How a map is shown: the `multipath -ll` lines of the seed's multipath-tools.
 
-Shared by both data paths (the Python maps of mpmap.py and the engine's maps of
-enginemap.py): they give the same view of a map, its paths and its settings.
+The engine's maps (enginemap.py) as `multipath -ll` shows them: a map, its paths
+and its settings.
 """
 
 from __future__ import annotations

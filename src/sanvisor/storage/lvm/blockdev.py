@@ -1,8 +1,8 @@
 """Block devices for the volume manager: read and write at an offset, size, flush.
 
 The volume manager does not care what a PV is. On a host it is a multipath map
-reached through the map's NBD unix socket (the socket QEMU and the data-path
-engine serve, so this works with either data path); in tests, and for what lvm2
+reached through the map's NBD unix socket (the one the data-path engine serves to
+QEMU); in tests, and for what lvm2
 itself must read, a block device (a loop device) or a plain file.
 
 Block devices are opened ``O_DIRECT``: other hosts write the same LUN, lvm2 reads
