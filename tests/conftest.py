@@ -20,6 +20,21 @@ _DIR_TIER = {"unit": "unit", "guest": "guest", "storage": "lab", "xen": "xen",
              "store": "store"}
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The data-path engine is the only data path (agents do not start without it):
+    a checkout that has not run scripts/setup.sh (a copy of the index, say) gets it
+    built here, as setup.sh does, unless SANVISOR_ENGINE names one."""
+    root = Path(__file__).resolve().parents[1]
+    out = root / "build" / "engine"
+    if os.environ.get("SANVISOR_ENGINE") or (out / "sanvisor-engine").exists():
+        return
+    proc = subprocess.run(["make", "-s", "-C", str(root / "engine"), f"OUT={out}"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise pytest.UsageError(f"cannot build the data-path engine (make -C engine): "
+                                f"{proc.stderr.strip()[-300:]}")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """A test without a tier marker gets its directory's tier."""
     for item in items:
