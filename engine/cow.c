@@ -87,7 +87,7 @@ void io_submit(const struct seg *segs, int nsegs, struct req *r, io_cb *cb, void
 	segs_submit(segs, nsegs, r);
 }
 
-bool cow_busy(void) { return !list_empty(&done_q) || !list_empty(&retry_q); }
+bool cow_busy(void) { return !list_empty(&done_q) || !list_empty(&retry_q) || store_kicked(); }
 
 void cow_flush(void) {
 	while (cow_busy()) {
@@ -97,6 +97,10 @@ void cow_flush(void) {
 			if (r->iocb)
 				r->iocb(r->ctx, r, r->err);
 			req_free(r);
+			continue;
+		}
+		if (list_empty(&retry_q)) { /* the copies this iteration gathered (copy.c) */
+			store_kicks();
 			continue;
 		}
 		struct req *r = list_first(&retry_q, struct req, plink);

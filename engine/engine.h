@@ -254,7 +254,7 @@ struct pend { /* an origin chunk being copied into a store */
 	struct store *st;
 	uint64_t chunk, new_chunk;
 	list_t waiters;
-	bool dead;
+	bool dead, durable; /* durable: its copy was written with FUA (no FLUSH needed) */
 };
 struct store {
 	list_t link;
@@ -273,8 +273,12 @@ struct store {
 	struct hmap pend; /* origin chunk -> struct pend * */
 	struct hmap track; /* origin chunk -> snapshot reads in flight on the origin */
 	list_t ready, batch, loadw, trackw;
+	struct copy *run; /* copies gathered in this iteration (copy.c) */
+	list_t runs, copied, klink;
+	bool kicked, batch_durable;
+	int copy_writes_inflight;
 	int inflight, npend;
-	uint64_t copies, merged_waits;
+	uint64_t copies, merged_waits, copy_reads, copy_writes, commits;
 	char why[160];
 };
 extern list_t all_stores;
@@ -289,6 +293,16 @@ void store_untrack(struct store *st, uint64_t chunk);
 void store_put(struct store *st); /* frees a deleted store once its I/O ended */
 void store_stats(struct store *st, struct sb *out);
 uint64_t store_cow_offset(const struct store *st, uint64_t cow_chunk);
+/* between store.c and copy.c: an I/O's end (false: the store is invalid), the next
+ * free chunk past an area, the commit of the copies written; the work gathered in a
+ * loop iteration (store_kick), sent by store_kicks() at its end */
+bool store_io_end(struct store *st, uint32_t err, const char *what);
+void store_skip_metadata(struct store *st);
+void store_commit(struct store *st);
+void store_kick(struct store *st);
+bool store_kicks(void);
+bool store_kicked(void);
+void copies_drop(struct store *st);
 
 /* waiting: a request parks on a list; wake_all() releases a list's waits */
 void park(list_t *on, struct req *r); /* a wait; aborts when out of memory */

@@ -8,9 +8,10 @@
  *   chunks 2..E+1  the data chunks of area 0; then area 1 and its data; ...
  *
  * Loaded from disk when defined (the engine reads the areas itself); a copy is the
- * origin's chunk read, then written to the next free data chunk, then named in its
- * area, written whole (a FLUSH, then FUA) once no other area write is in flight: copies
- * that finish meanwhile go in the next write together. An area that fills makes
+ * origin's chunk read, then written to the next free data chunk (copy.c: adjacent
+ * chunks together), then named in its area, written whole (a FLUSH, then FUA; no FLUSH
+ * when every copy of the batch was written with FUA) once no other area write is in
+ * flight: copies that finish meanwhile go in the next write together. An area that fills makes
  * the next one zeroed first. Only then are the writes waiting for the copy let
  * through. A store that cannot take a chunk, or whose I/O fails, is invalidated as
  * dm-snapshot does: its header's valid becomes 0, its snapshot's I/O fails, its
@@ -49,7 +50,7 @@ static uint32_t le32(const uint8_t *p) {
 }
 static uint64_t le64(const uint8_t *p) { return le32(p) | (uint64_t)le32(p + 4) << 32; }
 
-static void skip_metadata(struct store *st) {
+void store_skip_metadata(struct store *st) {
 	if (st->next_free % (per_area(st) + 1) == 1)
 		st->next_free++;
 }
@@ -109,7 +110,7 @@ static void ready(struct store *st) {
 	st->state = S_READY;
 	if (st->next_free < 2)
 		st->next_free = 2;
-	skip_metadata(st);
+	store_skip_metadata(st);
 	logmsg("info", "store %s: %u exception(s), chunk %u KiB", st->id, st->exc.n,
 	       st->chunk >> 10);
 	wake_all(&st->loadw);
@@ -117,7 +118,7 @@ static void ready(struct store *st) {
 
 /* The end of one of the store's I/Os: an error invalidates it. Whether it goes on.
  * Every callback ends with store_put() (a deleted store goes with its last I/O). */
-static bool io_end(struct store *st, uint32_t err, const char *what) {
+bool store_io_end(struct store *st, uint32_t err, const char *what) {
 	st->inflight--;
 	if (err && st->state != S_INVALID) {
 		char why[96];
@@ -131,7 +132,7 @@ static bool io_end(struct store *st, uint32_t err, const char *what) {
 static void new_store_done(void *ctx, struct req *r, uint32_t err) {
 	struct store *st = ctx;
 	(void)r;
-	if (io_end(st, err, "writing a new store's header"))
+	if (store_io_end(st, err, "writing a new store's header"))
 		ready(st);
 	store_put(st);
 }
@@ -140,7 +141,7 @@ static void new_area_done(void *ctx, struct req *r, uint32_t err) {
 	struct store *st = ctx;
 	(void)r;
 	uint8_t *h = NULL;
-	if (io_end(st, err, "zeroing a new store's first area") && !(h = calloc(1, st->chunk)))
+	if (store_io_end(st, err, "zeroing a new store's first area") && !(h = calloc(1, st->chunk)))
 		store_invalidate(st, "out of memory");
 	if (h) {
 		header(st, h, true);
@@ -152,7 +153,7 @@ static void new_area_done(void *ctx, struct req *r, uint32_t err) {
 
 static void load_header(void *ctx, struct req *r, uint32_t err) {
 	struct store *st = ctx;
-	if (!io_end(st, err, "reading the store's header")) {
+	if (!store_io_end(st, err, "reading the store's header")) {
 		store_put(st);
 		return;
 	}
@@ -178,7 +179,7 @@ static void load_header(void *ctx, struct req *r, uint32_t err) {
 
 static void load_area(void *ctx, struct req *r, uint32_t err) {
 	struct store *st = ctx;
-	if (io_end(st, err, "reading an area of the store"))
+	if (store_io_end(st, err, "reading an area of the store"))
 		parse_area(st, r);
 	store_put(st);
 }
@@ -282,6 +283,9 @@ const char *store_set(const char *id, uint64_t size, uint32_t chunk, struct seg 
 	st->state = S_LOADING;
 	st->seen = true;
 	list_init(&st->ready);
+	list_init(&st->runs);
+	list_init(&st->copied);
+	list_init(&st->klink);
 	list_init(&st->batch);
 	list_init(&st->loadw);
 	list_init(&st->trackw);
@@ -316,6 +320,7 @@ static void drop_pends(struct store *st) {
 		list_del(&p->link);
 		free(p);
 	}
+	copies_drop(st); /* gathered, not yet sent: forgotten */
 	wake_all(&st->loadw);
 	wake_all(&st->trackw);
 }
@@ -371,13 +376,11 @@ void store_del(struct store *st) {
 }
 
 /* ---- copies ---------------------------------------------------------------------- */
-static void commit(struct store *st);
-
 static void area_done(void *ctx, struct req *r, uint32_t err) {
 	struct store *st = ctx;
 	(void)r;
 	st->meta_busy = false;
-	bool ok = io_end(st, err, "writing an area of the store");
+	bool ok = store_io_end(st, err, "writing an area of the store");
 	while (!list_empty(&st->batch)) {
 		struct pend *p = list_first(&st->batch, struct pend, link);
 		list_del(&p->link);
@@ -400,7 +403,7 @@ static void area_done(void *ctx, struct req *r, uint32_t err) {
 			memset(st->abuf, 0, st->chunk);
 			st->zeroed_next = false;
 		}
-		commit(st);
+		store_kick(st); /* the copies written meanwhile: committed together */
 	}
 	store_put(st);
 }
@@ -417,7 +420,7 @@ static void drop_batch(struct store *st) {
 static void area_flushed(void *ctx, struct req *r, uint32_t err) {
 	struct store *st = ctx;
 	(void)r;
-	if (io_end(st, err, "flushing the store's copies"))
+	if (store_io_end(st, err, "flushing the store's copies"))
 		cow_io(st, NBD_CMD_WRITE, area_chunk(st, st->area) * st->chunk, st->chunk, st->abuf,
 		       area_done, st);
 	else
@@ -425,15 +428,21 @@ static void area_flushed(void *ctx, struct req *r, uint32_t err) {
 	store_put(st);
 }
 
-/* The batch's copies made durable (one FLUSH for all), then the area naming them. */
+/* The batch's copies made durable (one FLUSH for all, unless each was written with
+ * FUA), then the area naming them. */
 static void write_area(struct store *st) {
-	cow_io_f(st, NBD_CMD_FLUSH, 0, 0, 0, NULL, area_flushed, st);
+	st->commits++;
+	if (st->batch_durable)
+		cow_io(st, NBD_CMD_WRITE, area_chunk(st, st->area) * st->chunk, st->chunk, st->abuf,
+		       area_done, st);
+	else
+		cow_io_f(st, NBD_CMD_FLUSH, 0, 0, 0, NULL, area_flushed, st);
 }
 
 static void zero_done(void *ctx, struct req *r, uint32_t err) {
 	struct store *st = ctx;
 	(void)r;
-	if (io_end(st, err, "zeroing the store's next area")) {
+	if (store_io_end(st, err, "zeroing the store's next area")) {
 		st->zeroed_next = true;
 		write_area(st);
 	} else {
@@ -443,13 +452,15 @@ static void zero_done(void *ctx, struct req *r, uint32_t err) {
 }
 
 /* Name the copies done so far in the current area (one write in flight at a time). */
-static void commit(struct store *st) {
+void store_commit(struct store *st) {
 	if (st->meta_busy || st->state != S_READY || list_empty(&st->ready))
 		return;
 	uint64_t room = per_area(st) - st->used;
+	st->batch_durable = true;
 	while (room-- && !list_empty(&st->ready)) {
 		struct pend *p = list_first(&st->ready, struct pend, link);
 		list_del(&p->link);
+		st->batch_durable = st->batch_durable && p->durable;
 		put_le64(st->abuf + st->used * EXC_SIZE, p->chunk);
 		put_le64(st->abuf + st->used * EXC_SIZE + 8, p->new_chunk);
 		st->used++;
@@ -471,71 +482,6 @@ static void commit(struct store *st) {
 	write_area(st);
 }
 
-static void copy_written(void *ctx, struct req *r, uint32_t err) {
-	struct pend *p = ctx;
-	struct store *st = p->st;
-	(void)r;
-	if (io_end(st, err, "writing a copy into the store")) {
-		list_add_tail(&st->ready, &p->link);
-		commit(st);
-	} else {
-		free(p); /* dead: the store was invalidated or deleted */
-	}
-	store_put(st);
-}
-
-static void copy_read(void *ctx, struct req *r, uint32_t err) {
-	struct pend *p = ctx;
-	struct store *st = p->st;
-	uint8_t *data = NULL;
-	if (io_end(st, err, "reading the origin for a copy") && !(data = calloc(1, st->chunk)))
-		store_invalidate(st, "out of memory");
-	if (data) {
-		memcpy(data, r->buf, r->len);
-		cow_io_f(st, NBD_CMD_WRITE, 0, p->new_chunk * st->chunk, st->chunk, data,
-			 copy_written, p);
-		free(data);
-	} else {
-		free(p);
-	}
-	store_put(st);
-}
-
-/* The copy of origin chunk ``chunk`` into the store: the one in progress, or a new
- * one. NULL when the store cannot take it (it is then invalidated). */
-struct pend *store_need(struct store *st, uint64_t chunk) {
-	uint64_t v;
-	if (hmap_get(&st->pend, chunk, &v))
-		return (struct pend *)(uintptr_t)v;
-	if (st->state != S_READY)
-		return NULL;
-	if ((st->next_free + 1) * st->chunk > st->size) {
-		store_invalidate(st, "it is full (unable to allocate an exception)");
-		return NULL;
-	}
-	struct pend *p = calloc(1, sizeof *p);
-	uint64_t at = chunk * st->chunk;
-	uint32_t len = st->osize - at < st->chunk ? (uint32_t)(st->osize - at) : st->chunk;
-	struct req *rd = p ? io_new(NBD_CMD_READ, 0, at, len) : NULL;
-	if (!rd || hmap_put(&st->pend, chunk, (uintptr_t)p)) {
-		if (rd)
-			req_free(rd);
-		free(p);
-		store_invalidate(st, "out of memory");
-		return NULL;
-	}
-	p->st = st;
-	p->chunk = chunk;
-	p->new_chunk = st->next_free++;
-	skip_metadata(st);
-	list_init(&p->link);
-	list_init(&p->waiters);
-	st->npend++;
-	st->inflight++;
-	io_submit(st->org, st->norg, rd, copy_read, p);
-	return p;
-}
-
 void store_untrack(struct store *st, uint64_t chunk) {
 	uint64_t n = 0;
 	if (!hmap_get(&st->track, chunk, &n))
@@ -553,10 +499,12 @@ void store_stats(struct store *st, struct sb *o) {
 	sb_printf(o, "{\"id\":");
 	sb_str(o, st->id);
 	sb_printf(o, ",\"state\":\"%s\",\"valid\":%s,\"chunk\":%u,\"size\":%llu,\"exceptions\":%u,"
-		  "\"next_free\":%llu,\"pending\":%d,\"copies\":%llu,\"reason\":", names[st->state],
+		  "\"next_free\":%llu,\"pending\":%d,\"copies\":%llu,\"copy_reads\":%llu,"
+		  "\"copy_writes\":%llu,\"commits\":%llu,\"reason\":", names[st->state],
 		  st->state == S_INVALID ? "false" : "true", st->chunk, (unsigned long long)st->size,
 		  st->exc.n, (unsigned long long)st->next_free, st->npend,
-		  (unsigned long long)st->copies);
+		  (unsigned long long)st->copies, (unsigned long long)st->copy_reads,
+		  (unsigned long long)st->copy_writes, (unsigned long long)st->commits);
 	sb_str(o, st->why);
 	sb_printf(o, "}");
 }

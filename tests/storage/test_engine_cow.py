@@ -256,3 +256,33 @@ def test_concurrent_writes_to_one_chunk_copy_it_once(vol: Vol) -> None:
     st = vol.on_disk(0, 4 * MIB)
     assert st is not None
     assert len(st.exceptions) == len(set(st.exceptions.values()))  # one copy per chunk
+
+
+def test_a_first_write_copies_its_chunks_in_one_read_one_write_one_commit(vol: Vol) -> None:
+    """The chunks a write needs copied are read together, written together into the
+    store and named in one commit (copy.c), not chunk by chunk."""
+    vol.serve({})
+    origin = vol.client("vg-lv")
+    before = _pattern(12, 8 * MIB)
+    origin.pwrite(before, 0)
+    vol.serve({"snap": 4 * MIB})
+    origin, snap = vol.client("vg-lv"), vol.client("vg-snap")
+    new = _pattern(13, MIB)
+    origin.pwrite(new, MIB)  # 256 chunks of 4 KiB, none copied yet
+    st = vol.store("snap")
+    assert (st["copies"], st["copy_reads"], st["copy_writes"], st["commits"]) == (256, 1, 1, 1)
+    # 16 adjacent 64 KiB writes in flight together (how they share reads, writes and
+    # commits depends on when they arrive): each chunk copied once, before its write
+    batch = _pattern(14, MIB)
+    cookies = [origin.send(P.CMD_WRITE, 3 * MIB + i * 65536, 65536,
+                           batch[i * 65536:(i + 1) * 65536]) for i in range(16)]
+    assert {origin.receive()[1] for _ in cookies} == {0}
+    after = vol.store("snap")
+    assert after["copies"] == 512 and after["copy_writes"] <= after["copy_reads"] <= 17
+    assert origin.pread(MIB, MIB) == new and origin.pread(MIB, 3 * MIB) == batch
+    assert snap.pread(8 * MIB, 0) == before
+    disk = vol.on_disk(0, 4 * MIB)
+    assert disk is not None and disk.valid and len(disk.exceptions) == 512
+    cow = vol.io(vol.cow(0, 4 * MIB))
+    for old, n in disk.exceptions.items():
+        assert cow.read(n * CHUNK, CHUNK) == before[old * CHUNK:(old + 1) * CHUNK]
