@@ -4,12 +4,14 @@ One lab, one VG on two LUNs, one guest for the module: its disk is an LV whose t
 segments are on the two LUNs, served by the data-path engine. The guest's writes
 land on each LUN at the offsets the LV's segments say; an ``lvextend`` under the
 running guest reaches it without a reboot (``/sys/block/sda/size``); removing,
-reducing or deactivating the LV it uses is refused, naming the domain.
+reducing or deactivating the LV it uses is refused, naming the domain; so is
+removing a map (``multipath -f``) the LV, a guest or a mount holds.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -279,3 +281,55 @@ def test_an_lv_on_two_luns_survives_either_hba_failing(lab: LabCli, guest: Guest
         for hba in ("0", "1"):
             lab.sv("lab", "fault", "hba-up", "host1", hba, check=False)
     assert "I/O error" not in guest.run("dmesg | grep -i error || true")
+
+
+def test_a_map_in_use_is_not_removed(lab: LabCli, guest: Guest, tmp_path: Path) -> None:
+    """``multipath -f MAP`` is refused while a guest, a mount or an active LV holds the
+    map, naming them, as an LV in use is; an unused map goes (its socket and block
+    device with it) and comes back at the next ``scsi rescan``."""
+    import subprocess
+
+    def maps() -> dict[str, str]:
+        return {m["name"]: m["wwid"] for m in lab.js("-H", "host1", "multipath")["maps"]}
+
+    on_lv = {s["map_id"] for s in lvmap(lab)["segments"]}
+    name = next(n for n, w in maps().items() if w in on_lv)
+    refused = lab.sv("-H", "host1", "multipath", "-f", name, check=False)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+    assert f"map {name} is in use by LV {VG}/{LV} (active here)" in refused.stderr
+    before = set(maps())
+    lab.sv("array", "lun", "create", "lc", "--size", "16M")
+    for w in WWPNS:
+        lab.sv("array", "zone", "add", "lc", w)
+    lab.sv("-H", "host1", "scsi", "rescan")
+    (new,) = set(maps()) - before
+    home = lab.root / "host1"
+    node, mnt = home / "dev" / "mapper" / new, tmp_path / "mnt"
+    wait_until("the new map's block device", lambda: node.is_symlink() or None, 30, 0.1)
+    lab.sv("-H", "host1", "block-attach", guest.name, f"phy:/dev/mapper/{new}", "sdb", "w")
+    try:
+        refused = lab.sv("-H", "host1", "multipath", "-f", new, check=False)
+        assert refused.returncode == 1, refused.stderr
+        assert f"in use by domain {guest.name} (sdb)" in refused.stderr, refused.stderr
+    finally:
+        lab.sv("-H", "host1", "block-detach", guest.name, "sdb")
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(node)], check=True, capture_output=True)
+    mnt.mkdir()
+    subprocess.run(["mount", str(node), str(mnt)], check=True)
+    try:
+        refused = lab.sv("-H", "host1", "multipath", "-f", new, check=False)
+        assert refused.returncode == 1 and f"a mount on {mnt}" in refused.stderr, \
+            refused.stderr
+        out = lab.sv("--json", "-H", "host1", "multipath", "-F", check=False)
+        held = json.loads(out.stdout)  # every map is held: none goes
+        assert out.returncode == 1 and held["removed"] == [] and set(held["in_use"]) == set(
+            maps())
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    lab.sv("-H", "host1", "multipath", "-f", new)
+    assert new not in maps()
+    assert not node.is_symlink() and not (home / "mapper" / f"{new}.sock").exists()
+    assert guest.run("echo ok") == "ok"  # the others untouched
+    lab.sv("-H", "host1", "scsi", "rescan")
+    assert new in maps()
+    wait_until("its block device again", lambda: node.is_symlink() or None, 30, 0.1)

@@ -25,14 +25,14 @@ class StorageService:
     async def scsi_rescan(self, hba: int | None) -> dict[str, Any]:
         async with self.lock:
             result = await asyncio.to_thread(ScsiTable(self.home).rescan, hba)
-        await self.mpd.reload()
+        await self.mpd.reload(reconfigure=True)
         return result
 
     async def scsi_add(self, hba: int, channel: int, target: int, lun: int) -> dict[str, Any]:
         async with self.lock:
             p = await asyncio.to_thread(ScsiTable(self.home).add_single, hba, channel, target,
                                         lun)
-        await self.mpd.reload()
+        await self.mpd.reload(reconfigure=True)
         return asdict(p) | {"hctl": p.hctl}
 
     def multipath(self) -> dict[str, Any]:
@@ -40,5 +40,5 @@ class StorageService:
 
     async def set_multipath_conf(self, text: str, source: str) -> dict[str, Any]:
         self.mpd.set_conf(text, source)
-        await self.mpd.reload()
+        await self.mpd.reload(reconfigure=True)
         return self.mpd.view()

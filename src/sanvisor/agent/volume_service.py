@@ -116,6 +116,13 @@ class VolumeService:
                 out["warnings"] += await self._refresh()
             return out
 
+    async def flush_maps(self, name: str | None) -> dict[str, Any]:
+        """multipath -f NAME (-F: None), refused while held (Serving.flush)."""
+        async with self.lock:
+            out = await self.serving.flush(name)
+            self._snapshot_maps()
+            return out | {"warnings": await self._refresh()}
+
     async def refresh(self) -> None:
         """Serve the LVs active here as the VGs say now (at start, after a rescan)."""
         self._snapshot_maps()

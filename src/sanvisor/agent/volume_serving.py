@@ -2,7 +2,8 @@
 rescan) the VGs are read again and the engine is given the LVs active here
 (storage/lvserve.py); an LV that grew under a guest reaches it without a reboot;
 and who holds an LV open (its guests, its block device's mounts and openers,
-other NBD clients) is named when a command would take it away.
+other NBD clients) is named when a command would take it away; the same for a
+multipath map (``multipath -f``), with the LVs active here on it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from sanvisor.errors import SanvisorError
+from sanvisor.errors import SanvisorError, VolumeInUseError
 from sanvisor.storage import engineproto as E
 from sanvisor.storage.lvserve import LvServer, Plan, dm_name, plan
 
@@ -91,17 +92,40 @@ class Serving:
 
     # ---- who holds an LV -------------------------------------------------------------------
     def users(self, name: str) -> list[tuple[Any, Any]]:
-        """(domain, disk) of every domain here whose disk is the LV device ``name``."""
+        """(domain, disk) of every domain here whose disk is the device ``name`` (an LV's,
+        or a map's: /dev/mapper/NAME)."""
         if self.server is None or self.table is None:
             return []
         return [(dom, disk) for dom in self.table for disk in dom.record.spec.disks
-                if disk.path and self.server.name_of(disk.path) == name]
+                if disk.path and (disk.path == f"/dev/mapper/{name}"
+                                  or self.server.name_of(disk.path) == name)]
 
     def holders(self, vg: str, lv: str) -> list[str]:
         """Who has ``vg/lv`` open on this host (thread-safe: a command's worker thread)."""
-        name = dm_name(vg, lv)
+        return self.device_holders(dm_name(vg, lv))
+
+    def map_holders(self, name: str, wwid: str) -> list[str]:
+        """Who holds the multipath map ``name`` here: as for an LV (its guests, its block
+        device's mounts and openers, other NBD clients), and the LVs active here with
+        extents on it (an origin's, or a snapshot's store)."""
+        out = self.device_holders(name, own=1 if f"/dev/mapper/{name}" in
+                                  self.manager.opened else 0)  # the VGs' reader
+        if self.server is None:
+            return out
+        current = self.server.current
+        for lv in current.served.values():
+            names = [*lv.device.cows, *([lv.device.snap] if lv.device.snap else [])]
+            stores = [current.stores[x] for x in names if x in current.stores]
+            if any(s.map_id == wwid for s in lv.device.segs) or any(
+                    s.map_id == wwid for st in stores for s in st.cow):
+                out.append(f"LV {lv.vg}/{lv.lv} (active here)")
+        return out
+
+    def device_holders(self, name: str, own: int = 0) -> list[str]:
+        """Who has the engine's device ``name`` open here; ``own``: clients of ours that
+        hold nothing."""
         out = [f"domain {dom.name} ({disk.target})" for dom, disk in self.users(name)]
-        own = len(out)
+        own += len(out)
         if self.hostdevs is not None:
             dev = self.hostdevs.holders(name)
             out += dev
@@ -111,6 +135,22 @@ class Serving:
             n = clients - own
             out.append(f"{n} other NBD client{'s' if n > 1 else ''} (a backup, a host tool)")
         return out
+
+    async def flush(self, name: str | None) -> dict[str, Any]:
+        """``multipath -f NAME``: the map removed, refused (VolumeInUseError) while
+        anything holds it; ``-F`` (no name): every map nothing holds, the others named."""
+        removed, held = [], {}
+        for n in [name] if name else sorted(m.name for m in self.mpd.maps.values()):
+            who = await asyncio.to_thread(self.map_holders, n, self.mpd.wwid_of(n))
+            if who and name:
+                raise VolumeInUseError(f"map {n} is in use by {', '.join(who)}: cannot "
+                                       "remove it", map=n, holders=who)
+            if who:
+                held[n] = who
+                continue
+            await self.mpd.flush(n)
+            removed.append(n)
+        return {"removed": removed, "in_use": held}
 
     def _clients(self, name: str) -> int:
         if self.backend is None:

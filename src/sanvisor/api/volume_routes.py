@@ -5,7 +5,8 @@ lvcreate, lvs... on this host (the arguments are the command line's, by name: se
 agent/volume_service.py); the answer is ``{"messages": [...], "warnings": [...],
 "data": {...}}`` (pvs, vgs, lvs: ``{"kind", "fields", "rows"}`` with sizes in bytes).
 ``POST /v1/backup`` backs up a domain's LV from a snapshot (agent/backup.py);
-``GET /v1/lvm-devices`` lists the LVs served here.
+``GET /v1/lvm-devices`` lists the LVs served here. ``POST /v1/multipath/flush``
+removes a map (``multipath -f``; every unused one: ``-F``), refused while held.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ from sanvisor.agent.storage_service import StorageService
 class LvmBody(BaseModel):
     args: dict[str, Any] = Field(default_factory=dict,
                                  description="the command's arguments, by name")
+
+
+class FlushBody(BaseModel):
+    name: str | None = Field(None, description="the map (multipath -f NAME); none: every "
+                             "map nothing holds (multipath -F)")
 
 
 class BackupBody(BaseModel):
@@ -47,6 +53,12 @@ def register(app: FastAPI, storage: StorageService | None) -> None:
     @app.get("/v1/lvm")
     async def lvm_commands() -> dict[str, Any]:
         return {"commands": sorted(COMMANDS), "host": volumes.host}
+
+    @app.post("/v1/multipath/flush")
+    async def multipath_flush(body: FlushBody) -> dict[str, Any]:
+        """Remove a map, unless something holds it (a guest, a mount, an active LV):
+        then refused (409, volume.in_use) naming who."""
+        return await volumes.flush_maps(body.name)
 
     @app.post("/v1/backup")
     async def backup(body: BackupBody) -> dict[str, Any]:

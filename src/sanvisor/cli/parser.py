@@ -229,8 +229,14 @@ def _host_verbs(verb: Any, sub: Any, only: str | None) -> None:
     for k, what in (("h", "host (HBA)"), ("c", "channel"), ("i", "target id"),
                     ("l", "LUN")):
         sad.add_argument(k, type=int, help=what)
-    mp = verb("multipath", "multipath maps: -ll, and one multipath.conf for the pool")
+    mp = verb("multipath", "multipath maps: -ll, -f MAP (remove one), and one multipath.conf "
+              "for the pool")
     mp.add_argument("-ll", dest="ll", action="store_true", help="show maps and paths (default)")
+    mp.add_argument("-f", dest="flush", metavar="MAP", help="remove the map MAP (refused while "
+                    "a guest, a mount or an active LV holds it); back at the next scsi "
+                    "rescan or multipath push")
+    mp.add_argument("-F", dest="flush_all", action="store_true",
+                    help="remove every map nothing holds; name the others")
     mp.add_argument("action", nargs="?", choices=["show", "push"], default="show",
                     help="show (default), or push FILE: install FILE on every host of the "
                     "lab and compare names")

@@ -218,6 +218,14 @@ def do_scsi(args: argparse.Namespace, layout: Layout) -> int:
 
 
 def do_multipath(args: argparse.Namespace, layout: Layout) -> int:
+    if args.flush or args.flush_all:
+        name = args.flush.removeprefix("/dev/mapper/") if args.flush else None
+        data = _client(layout).call("POST", "/v1/multipath/flush", {"name": name})
+        lines = [f"{n}: removed" for n in data["removed"]]
+        lines += [f"{n}: map in use by {', '.join(who)}" for n, who in data["in_use"].items()]
+        _out(args, data, "\n".join(lines + [f"warning: {w}" for w in data["warnings"]])
+             or None)
+        return 1 if data["in_use"] else 0
     if args.action == "show":
         data = _client(layout).call("GET", "/v1/multipath")
         _out(args, data, data["ll"] or "no multipath devices (scsi rescan?)")

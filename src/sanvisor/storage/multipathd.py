@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path as FsPath
 from typing import Any
 
-from sanvisor.errors import SanvisorError
+from sanvisor.errors import NotFoundError, SanvisorError
 from sanvisor.storage.enginemap import (
     FENCE_TIMEOUT,
     IO_TIMEOUT,
@@ -54,6 +54,7 @@ class Multipathd:
         self.paths: dict[str, EnginePath] = {}  # by H:C:T:L
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self.flushed: set[str] = set()  # WWIDs of maps removed by multipath -f
         self.io_timeout = IO_TIMEOUT  # given to every map (tests shorten them)
         self.fence_timeout = FENCE_TIMEOUT
 
@@ -113,9 +114,13 @@ class Multipathd:
                 await self._task
         await self.backend.stop()
 
-    async def reload(self) -> None:
-        """Rebuild maps from the SCSI table and multipath.conf; keep live paths."""
+    async def reload(self, reconfigure: bool = False, notify: bool = True) -> None:
+        """Rebuild maps from the SCSI table and multipath.conf; keep live paths.
+        ``reconfigure`` (a rescan, a new multipath.conf): flushed maps come back, as
+        running ``multipath`` again makes them; ``notify``: the LVs follow."""
         async with self._lock:
+            if reconfigure:
+                self.flushed.clear()
             self.conf = self.load_conf()
             try:
                 hbas = {h.index: h for h in load_hbas(self.home)}
@@ -124,8 +129,8 @@ class Multipathd:
             table = ScsiTable(self.home)
             wanted: dict[str, list[Any]] = {}
             for sp in table.paths:
-                if sp.hba in hbas and not self.conf.blacklisted(sp.wwid, sp.vendor, sp.model,
-                                                                sp.dev):
+                if sp.hba in hbas and sp.wwid not in self.flushed and not self.conf.blacklisted(
+                        sp.wwid, sp.vendor, sp.model, sp.dev):
                     wanted.setdefault(sp.wwid, []).append(sp)
             for hctl in [h for h, p in self.paths.items()
                          if p.scsi.wwid not in wanted or p.scsi not in wanted[p.scsi.wwid]]:
@@ -157,7 +162,7 @@ class Multipathd:
             self.backend.io_timeout = self.io_timeout
             self.backend.fence_timeout = self.fence_timeout
             await self.backend.sync()
-        if self.after_reload is not None:  # maps came or went: so may the LVs on them
+        if notify and self.after_reload is not None:  # maps came or went: so may the LVs
             await self.after_reload()
 
     def _engine_path(self, sp: Any, hba: HbaConf) -> EnginePath:
@@ -166,6 +171,20 @@ class Multipathd:
             p = EnginePath(sp, hba)
             self.paths[sp.hctl] = p
         return p
+
+    async def flush(self, name: str) -> str:
+        """``multipath -f NAME``: the map removed until the next rescan or multipath.conf
+        (the caller checked that nothing holds it); its WWID. The LVs are not told."""
+        wwid = self.wwid_of(name)
+        self.flushed.add(wwid)
+        await self.reload(notify=False)
+        return wwid
+
+    def wwid_of(self, name: str) -> str:
+        wwid = next((w for w, m in self.maps.items() if m.name == name), None)
+        if wwid is None:
+            raise NotFoundError(f"{name}: no such multipath map", map=name)
+        return wwid
 
     async def _drop_map(self, mp: EngineMap) -> None:
         mp.close()
