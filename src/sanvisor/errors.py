@@ -139,6 +139,14 @@ class HypervisorError(SanvisorError):
     code = "hypervisor"
 
 
+class MigrationNotStartedError(HypervisorError):
+    """A live migration failed before the guest stopped, and the guest still runs,
+    untouched, on the source (Xen: the guest never suspended). The agent tries once
+    more; this is the error when the second try fails too."""
+
+    code = "migration.not_started"
+
+
 class SaveFileError(SanvisorError):
     """A save file is corrupt, truncated or not a sanvisor save file."""
 

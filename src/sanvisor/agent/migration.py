@@ -49,11 +49,12 @@ from sanvisor.agent.records import DomainRecord
 from sanvisor.agent.service import HostService
 from sanvisor.agent.table import Domain, DomainTable
 from sanvisor.api.client import AgentClient
-from sanvisor.drivers.base import IncomingMigration, StreamTls
+from sanvisor.drivers.base import IncomingMigration, Instance, StreamTls
 from sanvisor.drivers.xen.diskid import check_movable, check_same
 from sanvisor.errors import (
     ConflictError,
     HypervisorError,
+    MigrationNotStartedError,
     NotFoundError,
     RecordError,
     StoreError,
@@ -137,7 +138,6 @@ class Migrations:
         policy = policy or ConvergencePolicy()
         drv = self.svc.driver
         dom = self.table.find(ref)
-        pool = self.table.pool
         async with dom.lock:
             inst = self.svc.admit(dom, "migrate")
             caps = drv.migration
@@ -147,41 +147,52 @@ class Migrations:
             rec = dom.record
             ids = await asyncio.to_thread(self.host.identities, _modes(rec))
             check_movable(ids)
-            target, stream = self._dial(target_socket)
-            source = pool.host if pool is not None else ""
-            token = pool.token(rec.uuid) if pool is not None else None
-            prep = await asyncio.to_thread(
-                target.call, "POST", "/v1/migrate/incoming",
-                {"record": rec.to_dict(), "disks": ids, "live": live,
-                 "policy": policy.to_dict(), "driver": drv.name,
-                 "accelerator": drv.accelerator()["accel"], "source": source,
-                 "token": token})
-            was_running = rec.state is State.RUNNING
-            hand = {"resume": was_running, "source": source, "token": token}
-            switched = False
-
-            async def switchover() -> None:  # the driver's point of no return
-                nonlocal switched
-                await asyncio.to_thread(target.call, "POST",
-                                        f"/v1/migrate/{rec.uuid}/switchover", hand)
-                switched = True
-
-            dom.busy = Busy.MIGRATING  # the hypervisor's news of a leaving domain is ours
-            progress = self.progress.setdefault(rec.uuid, {})
             try:
-                report = await inst.migrate_to(str(prep["address"]), live=live,
-                                               policy=policy, progress=progress.update,
-                                               timeout=MIGRATE_TIMEOUT,
-                                               switchover=switchover, tls=stream)
-                info: dict[str, Any] = await asyncio.to_thread(
-                    target.call, "POST", f"/v1/migrate/{rec.uuid}/finish", hand)
-            except BaseException as exc:
-                dom.busy = Busy.NONE
-                await self._recover(dom, target, was_running, switched, exc)
-                raise
-            finally:
-                self.progress.pop(rec.uuid, None)
-            await self.life.teardown(dom)  # our stopped copy; the target runs it now
+                return await self._send(dom, inst, target_socket, live, policy, ids)
+            except MigrationNotStartedError as exc:  # the guest never stopped: again, once
+                log.warning("%s: the migration did not start (%s); the guest runs on "
+                            "here, trying once more", dom.name, exc)
+                return await self._send(dom, inst, target_socket, live, policy, ids)
+
+    async def _send(self, dom: Domain, inst: Instance, target_socket: str, live: bool,
+                    policy: ConvergencePolicy, ids: Any) -> dict[str, Any]:
+        """One try: the target prepares, the driver sends, the target finishes."""
+        drv, pool, rec = self.svc.driver, self.table.pool, dom.record
+        target, stream = self._dial(target_socket)
+        source = pool.host if pool is not None else ""
+        token = pool.token(rec.uuid) if pool is not None else None
+        prep = await asyncio.to_thread(
+            target.call, "POST", "/v1/migrate/incoming",
+            {"record": rec.to_dict(), "disks": ids, "live": live,
+             "policy": policy.to_dict(), "driver": drv.name,
+             "accelerator": drv.accelerator()["accel"], "source": source,
+             "token": token})
+        was_running = rec.state is State.RUNNING
+        hand = {"resume": was_running, "source": source, "token": token}
+        switched = False
+
+        async def switchover() -> None:  # the driver's point of no return
+            nonlocal switched
+            await asyncio.to_thread(target.call, "POST",
+                                    f"/v1/migrate/{rec.uuid}/switchover", hand)
+            switched = True
+
+        dom.busy = Busy.MIGRATING  # the hypervisor's news of a leaving domain is ours
+        progress = self.progress.setdefault(rec.uuid, {})
+        try:
+            report = await inst.migrate_to(str(prep["address"]), live=live,
+                                           policy=policy, progress=progress.update,
+                                           timeout=MIGRATE_TIMEOUT,
+                                           switchover=switchover, tls=stream)
+            info: dict[str, Any] = await asyncio.to_thread(
+                target.call, "POST", f"/v1/migrate/{rec.uuid}/finish", hand)
+        except BaseException as exc:
+            dom.busy = Busy.NONE
+            await self._recover(dom, target, was_running, switched, exc)
+            raise
+        finally:
+            self.progress.pop(rec.uuid, None)
+        await self.life.teardown(dom)  # our stopped copy; the target runs it now
         return {**info, "migration": report.to_dict()}
 
     async def _recover(self, dom: Domain, target: AgentClient, was_running: bool,

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sanvisor.errors import HypervisorError
+from sanvisor.errors import HypervisorError, MigrationNotStartedError
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,18 @@ LOGDIRTY_HINT = ("live migration needs Xen's log-dirty mode, which this Xen refu
                  "stops, copies and restarts the guest instead")
 
 
+#: libxl's words when its save failed before the guest suspended (the live rounds, or
+#: the guest's answer to the suspend request): xl resumes nothing, the guest ran on
+NOT_SUSPENDED = "domain did not respond to suspend request"
+
+
+def _runs(run: Run, name: str) -> bool:
+    """``name`` is on this dom0 and not stopped (neither shut down nor dying)."""
+    rc, out, _ = run(["xl", "list", name], None)
+    rows = [ln.split() for ln in out.splitlines()[1:] if ln.split()]
+    return rc == 0 and len(rows) == 1 and not any(c in rows[0][-2] for c in "scd")
+
+
 def send(run: Run, spawn: Callable[..., Any], name: str, peer_sock: str,
          timeout: float, *, live: bool) -> None:
     """Source side: ``name`` to the target listening on ``peer_sock``; returns when the
@@ -167,7 +179,10 @@ def send(run: Run, spawn: Callable[..., Any], name: str, peer_sock: str,
             log.warning("xl %s %s failed (rc %s):\n%s", argv[1], name, rc, err_text)
             if "Failed to enable logdirty" in err_text:
                 raise HypervisorError(f"xl migrate failed: {LOGDIRTY_HINT}")
-            raise HypervisorError(f"xl {argv[1]} failed: {xl_reason(err_text, '', rc)}")
+            why = f"xl {argv[1]} failed: {xl_reason(err_text, '', rc)}"
+            if live and NOT_SUSPENDED in err_text and _runs(run, name):
+                raise MigrationNotStartedError(why, domain=name)
+            raise HypervisorError(why)
         if not live:
             procs[0].wait(timeout)  # the whole image has left for the target
     except OSError as exc:
