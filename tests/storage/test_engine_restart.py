@@ -1,10 +1,15 @@
-"""The engine dies (kill -9) or its agent does: no acknowledged write is lost.
+"""The engine dies (kill -9), hangs (SIGSTOP) or its agent dies: no acknowledged
+write is lost.
 
 - a client that writes sequence-numbered blocks, and resends what was in flight
   after reconnecting (as QEMU's NBD client does), while the engine is killed
   with SIGKILL three times: the agent starts another each time, the client
   reconnects to the same socket, and every block holds its last acknowledged
   write, through the engine and in the LUN itself;
+- the same client while the engine is stopped (SIGSTOP: alive, answering
+  nothing) twice: the agent's watchdog misses its ping, kills it and starts
+  another; every acknowledged block is there, and the time from the SIGSTOP to
+  the next acknowledged write is printed (-s shows it);
 - the stale-write scenario across an engine crash: a write queued at the array
   behind a slow fdatasync on a path whose link then died, the engine killed: the
   new engine fences the dead engine's sessions before it sends anything, so the
@@ -32,7 +37,7 @@ from sanvisor.storage import nbdproto as P
 from sanvisor.storage.multipathd import Multipathd
 from sanvisor.waiting import wait_until
 from tests.storage.enginekit import BUILD, engine_bench, recv_exactly
-from tests.storage.harness import DEADLINE, Host
+from tests.storage.harness import DEADLINE, ArrayProc, Host
 
 BS = 4096
 BLOCKS = 64
@@ -113,14 +118,19 @@ def _block(i: int, version: int) -> bytes:
 
 
 class EngineKiller(threading.Thread):
-    """Fault injector: SIGKILL the host's engine ``times`` times, ``every`` seconds
-    apart (the faults' pacing, not a synchronisation), each time until the agent side
-    runs the next engine; ``done`` is set at the end, whatever happened."""
+    """Fault injector: send the host's engine ``sig`` ``times`` times, ``every``
+    seconds apart (the faults' pacing, not a synchronisation), each time until the
+    agent side runs the next engine; ``done`` is set at the end, whatever happened.
+    SIGKILL: the engine dies; SIGSTOP: it hangs, alive, until the watchdog kills it.
+    ``hit_at``, ``pids``: when each signal was sent (time.monotonic), and to whom."""
 
-    def __init__(self, host: Host, times: int = 3, every: float = 0.4) -> None:
+    def __init__(self, host: Host, times: int = 3, every: float = 0.4,
+                 sig: signal.Signals = signal.SIGKILL) -> None:
         super().__init__(daemon=True)
-        self.host, self.times, self.every = host, times, every
+        self.host, self.times, self.every, self.sig = host, times, every, sig
         self.kills = 0
+        self.hit_at: list[float] = []
+        self.pids: list[int] = []
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -128,7 +138,9 @@ class EngineKiller(threading.Thread):
             for _ in range(self.times):
                 time.sleep(self.every)
                 pid = self.host.engine.pid
-                os.kill(pid, signal.SIGKILL)
+                self.hit_at.append(time.monotonic())
+                self.pids.append(pid)
+                os.kill(pid, self.sig)
                 self.kills += 1
                 wait_until("the next engine", lambda old=pid: self.host.engine.pid != old,
                            DEADLINE, 0.01)
@@ -136,41 +148,88 @@ class EngineKiller(threading.Thread):
             self.done.set()
 
 
+def _write_through(arr: ArrayProc, host: Host, killer: EngineKiller) -> list[float]:
+    """Write sequence-numbered blocks (8 in flight, resent after each reconnect) while
+    ``killer`` hits the engine; then every block must hold its last acknowledged write,
+    through the engine and on the LUN. Returns when each write was acknowledged."""
+    c = Resender(host)
+    c.connect()
+    acked: dict[int, bytes] = {}
+    acked_at: list[float] = []
+    busy: dict[int, tuple[int, bytes]] = {}  # cookie -> (block, data)
+    version = 0
+    stop = killer.done
+    killer.start()
+    try:
+        while not stop.is_set() or busy:
+            while len(busy) < 8 and not stop.is_set():
+                free = [b for b in range(BLOCKS) if all(x[0] != b for x in busy.values())]
+                block = free[version % len(free)]
+                version += 1
+                data = _block(block, version)
+                busy[c.send(P.CMD_WRITE, block * BS, data)] = (block, data)
+            cookie, err, _ = c.receive()
+            block, data = busy.pop(cookie)
+            assert err == 0, f"a write failed: {err}"
+            acked[block] = data
+            acked_at.append(time.monotonic())
+    finally:
+        killer.join(DEADLINE * 4)
+    assert killer.kills == killer.times and host.engine.restarts == killer.times
+    assert c.reconnects >= killer.times, "the client never lost its connection"
+    for block in range(BLOCKS):
+        c.send(P.CMD_READ, block * BS)
+        _cookie, err, data = c.receive()
+        assert err == 0 and data == acked.get(block, bytes(BS)), f"block {block}"
+    lun = Path(arr.lun("sys").backing).read_bytes()
+    for block, data in acked.items():
+        assert lun[block * BS:(block + 1) * BS] == data, f"block {block} on the LUN"
+    assert version > 100, "too few writes to mean anything"
+    return acked_at
+
+
 def test_kill_9_mid_write_loses_no_acknowledged_write(monkeypatch: pytest.MonkeyPatch
                                                       ) -> None:
     with engine_bench(monkeypatch, sanitized=False, restarts=True) as (arr, host):
-        c = Resender(host)
-        c.connect()
-        acked: dict[int, bytes] = {}
-        busy: dict[int, tuple[int, bytes]] = {}  # cookie -> (block, data)
-        version = 0
-        killer = EngineKiller(host)
-        stop = killer.done
-        killer.start()
-        try:
-            while not stop.is_set() or busy:
-                while len(busy) < 8 and not stop.is_set():
-                    free = [b for b in range(BLOCKS) if all(x[0] != b for x in busy.values())]
-                    block = free[version % len(free)]
-                    version += 1
-                    data = _block(block, version)
-                    busy[c.send(P.CMD_WRITE, block * BS, data)] = (block, data)
-                cookie, err, _ = c.receive()
-                block, data = busy.pop(cookie)
-                assert err == 0, f"a write failed: {err}"
-                acked[block] = data
-        finally:
-            killer.join(DEADLINE * 4)
-        assert killer.kills == 3 and host.engine.restarts == 3
-        assert c.reconnects >= 3, "the client never lost its connection: no kill mid-write"
-        for block in range(BLOCKS):
-            c.send(P.CMD_READ, block * BS)
-            _cookie, err, data = c.receive()
-            assert err == 0 and data == acked.get(block, bytes(BS)), f"block {block}"
-        lun = Path(arr.lun("sys").backing).read_bytes()
-        for block, data in acked.items():
-            assert lun[block * BS:(block + 1) * BS] == data, f"block {block} on the LUN"
-        assert version > 100, "too few writes to mean anything"
+        _write_through(arr, host, EngineKiller(host))
+        assert host.engine.hangs == 0  # each one died: not a watchdog's doing
+
+
+def _resumed(acked_at: list[float], hit: float) -> float:
+    """When writes flowed again after a fault at ``hit``: the end of the first gap of
+    a second or more between two acknowledgements (what was answered before the
+    engine stopped may still arrive just after)."""
+    prev = max((t for t in acked_at if t <= hit), default=hit)
+    for t in (t for t in acked_at if t > hit):
+        if t - prev >= 1.0:
+            return t
+        prev = t
+    raise AssertionError(f"no stall after the fault at {hit}")
+
+
+def test_a_hung_engine_is_killed_by_the_watchdog_and_replaced(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """SIGSTOP (alive, silent) twice under writes: the watchdog (its default 2 s)
+    kills and replaces it each time, saying why; nothing acknowledged is lost."""
+    monkeypatch.delenv("SANVISOR_ENGINE_WATCHDOG", raising=False)
+    with engine_bench(monkeypatch, sanitized=False, restarts=True) as (arr, host):
+        assert host.engine.watchdog == 2.0
+        killer = EngineKiller(host, times=2, sig=signal.SIGSTOP)
+        acked_at = _write_through(arr, host, killer)
+        assert host.engine.hangs == 2, "restarted, but not by the watchdog"
+        assert caplog.text.count("did not answer a ping within 2 s (hung): killing it") == 2
+        for pid in killer.pids:  # the stopped engines are gone, not left stopped
+            assert not Path(f"/proc/{pid}").exists(), f"engine {pid} is still there"
+        restarts = [_resumed(acked_at, hit) - hit for hit in killer.hit_at]
+        offset = time.time() - time.monotonic()
+        kills = [r.created - offset for r in caplog.records if "(hung)" in r.getMessage()]
+        after = [_resumed(acked_at, hit) - kill for hit, kill in zip(killer.hit_at, kills,
+                                                                     strict=True)]
+        print(f"\nSIGSTOP to the next acknowledged write: "
+              f"{', '.join(f'{r:.3f} s' for r in restarts)} (watchdog 2 s); of which "
+              f"from the watchdog's SIGKILL: {', '.join(f'{a:.3f} s' for a in after)}")
+        for r in restarts:  # not before the deadline; the ping period and a restart after
+            assert 1.9 <= r < 6.0, restarts
 
 
 def _stale_scenario(arr: object, host: Host) -> bytes:
@@ -254,6 +313,7 @@ def test_a_new_agent_adopts_the_running_engine(monkeypatch: pytest.MonkeyPatch) 
         async def agent_dies() -> None:  # as after kill -9: the engine is left running
             old.backend.engine._stopping = True
             old.backend.engine.link.close()
+            old.backend.engine._watcher.cancel()
             if old._task is not None:
                 old._task.cancel()
 

@@ -215,6 +215,11 @@ def _host_verbs(verb: Any, sub: Any, only: str | None) -> None:
     ag = verb("agent", "run or control this host's agent")
     ag.add_argument("action", choices=["run", "start", "stop", "status"],
                     help="run (foreground), start (background), stop, status")
+    ag.epilog = ("read by the agent at start: SANVISOR_ENGINE=PATH (the data-path engine; "
+                 "default build/engine/sanvisor-engine, made by scripts/setup.sh: the agent "
+                 "does not start without it), SANVISOR_ENGINE_WATCHDOG=SECONDS (an engine "
+                 "that does not answer a ping within this is killed and restarted; default "
+                 "2, 0: off). " + GLOBALS_EPILOG)
     from sanvisor.cli import array_verbs
 
     if only in (None, "array"):

@@ -8,15 +8,19 @@ running engine through its control socket. If the engine dies, the agent starts
 another and gives it the whole configuration again (``on_restart``); QEMU's
 connections wait in the listening sockets' backlog meanwhile (the agent owns
 those sockets), and the new engine fences the old one's sessions at the array
-before it sends anything (docs/dataplane.md).
+before it sends anything (docs/dataplane.md). An engine that lives but stopped
+answering (SIGSTOP, a loop that never ends) is found by the watchdog: a ping on
+its control socket every PING_EVERY seconds that must be answered within
+SANVISOR_ENGINE_WATCHDOG seconds (2; 0: no watchdog); after a miss the engine is
+killed (SIGKILL) and replaced as a dead one is.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -27,13 +31,32 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from sanvisor.errors import DeviceError, ResourceError
+from sanvisor.errors import ConfigError, DeviceError, ResourceError
 from sanvisor.storage import engineproto as E
+from sanvisor.storage.enginelink import Link, wake
 
 log = logging.getLogger("sanvisor.multipath")
 START_TIMEOUT = 5.0  # seconds for a new engine to answer on its control socket
-REQUEST_TIMEOUT = 10.0
 IDLE_EXIT = 5.0  # an engine without agent and without client ends after this long
+WATCHDOG = 2.0  # seconds the engine has to answer a ping (SANVISOR_ENGINE_WATCHDOG)
+PING_EVERY = 0.5  # seconds between two pings
+REAP_TIMEOUT = 5.0  # seconds for a killed engine to be gone before another starts
+
+
+def watchdog_setting(environ: dict[str, str] | None = None) -> float:
+    """SANVISOR_ENGINE_WATCHDOG: seconds a live engine has to answer a ping before it
+    is killed and replaced (default 2; 0 turns the watchdog off)."""
+    raw = (os.environ if environ is None else environ).get("SANVISOR_ENGINE_WATCHDOG", "")
+    if not raw.strip():
+        return WATCHDOG
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"SANVISOR_ENGINE_WATCHDOG={raw!r}: seconds (a number >= 0; "
+                          "0 turns the watchdog off)", variable="SANVISOR_ENGINE_WATCHDOG")
+    return value
 
 
 SOURCE_BUILD = Path(__file__).resolve().parents[3] / "build" / "engine" / "sanvisor-engine"
@@ -58,122 +81,6 @@ def engine_binary() -> Path:
     return found
 
 
-class Link:
-    """One control connection: requests answered in order, events to a callback."""
-
-    def __init__(self, path: Path, on_event: Callable[[dict[str, object]], None],
-                 on_lost: Callable[[], None]) -> None:
-        self.path = path
-        self.on_event, self.on_lost = on_event, on_lost
-        self.sock: socket.socket | None = None
-        self._buf = b""
-        self._pending: collections.deque[asyncio.Future[E.Reply]] = collections.deque()
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    async def open(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            await self._loop.sock_connect(sock, str(self.path))
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-        self._loop.add_reader(sock.fileno(), self._readable)
-
-    def close(self) -> None:
-        sock, self.sock = self.sock, None
-        if sock is not None:
-            if self._loop is not None:
-                with contextlib.suppress(Exception):
-                    self._loop.remove_reader(sock.fileno())
-            sock.close()
-        while self._pending:
-            fut = self._pending.popleft()
-            if not fut.done():
-                fut.set_exception(ConnectionError("the engine went away"))
-
-    def _readable(self) -> None:
-        assert self.sock is not None
-        try:
-            data = self.sock.recv(1 << 16)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self.close()
-            self.on_lost()
-            return
-        self._buf += data
-        *lines, self._buf = self._buf.split(b"\n")
-        for raw in lines:
-            try:
-                reply = E.parse(raw)
-            except ValueError as exc:
-                log.warning("engine: %s", exc)
-                continue
-            if reply.kind == "event":
-                self.on_event(reply.data)
-            elif self._pending:
-                fut = self._pending.popleft()
-                if not fut.done():
-                    fut.set_result(reply)
-
-    async def _send(self, data: bytes, fds: list[int]) -> None:
-        assert self._loop is not None
-        view = memoryview(data)
-        while view:
-            if self.sock is None:
-                raise ConnectionError("the engine went away")
-            try:
-                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                        b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds))] if fds else []
-                n = self.sock.sendmsg([view], anc)
-                fds = []  # sent with the first byte
-                view = view[n:]
-            except BlockingIOError:
-                ready: asyncio.Future[None] = self._loop.create_future()
-                fd = self.sock.fileno()
-                self._loop.add_writer(fd, _wake, ready)
-                try:
-                    await asyncio.wait_for(ready, REQUEST_TIMEOUT)
-                finally:
-                    self._loop.remove_writer(fd)
-
-    def send_nowait(self, raw: bytes) -> asyncio.Future[E.Reply]:
-        """Queue a request whose reply nobody awaits (logged if refused)."""
-        assert self._loop is not None
-        fut: asyncio.Future[E.Reply] = self._loop.create_future()
-        self._pending.append(fut)
-        task = asyncio.ensure_future(self._send(raw, []))
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        fut.add_done_callback(_log_refusal)
-        return fut
-
-    async def request(self, raw: bytes, fds: list[int] | None = None) -> E.Reply:
-        assert self._loop is not None
-        fut: asyncio.Future[E.Reply] = self._loop.create_future()
-        self._pending.append(fut)
-        await self._send(raw, fds or [])
-        reply = await asyncio.wait_for(fut, REQUEST_TIMEOUT)
-        if reply.kind == "error":
-            raise DeviceError(f"the data-path engine refused {raw.split()[0].decode()}: "
-                              f"{reply.message}", request=raw.decode(errors="replace")[:200])
-        return reply
-
-
-def _wake(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-def _log_refusal(fut: asyncio.Future[E.Reply]) -> None:
-    if not fut.cancelled() and fut.exception() is None and fut.result().kind == "error":
-        log.warning("engine refused a request: %s", fut.result().message)
-
-
 class Engine:
     """The engine of one host: start or adopt it, talk to it, restart it if it dies."""
 
@@ -187,16 +94,21 @@ class Engine:
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid = 0
         self.restarts = 0
+        self.hangs = 0  # engines killed by the watchdog
+        self.watchdog = watchdog_setting()  # seconds; 0: off
         self._stopping = False
         self._sync: socket.socket | None = None
         self._query_lock = threading.Lock()
         self._restarter: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
 
     # ---- life -----------------------------------------------------------------------
     async def start(self) -> None:
         self.dir.mkdir(mode=0o700, exist_ok=True)
         if not await self._adopt():
             await self._spawn()
+        if self.watchdog > 0:
+            self._watcher = asyncio.create_task(self._watch(), name="engine-watchdog")
 
     def _alive(self, pid: int) -> bool:
         try:
@@ -215,7 +127,11 @@ class Engine:
             return False
         try:
             await self._connect()
-        except OSError:
+        except OSError as exc:  # alive, not answering: it must not go on beside another
+            log.warning("data-path engine %d does not answer (%s): killing it", pid, exc)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            await self._reap(pid)
             return False
         self.pid = pid
         log.info("data-path engine %d adopted", pid)
@@ -271,12 +187,63 @@ class Engine:
         if self._restarter is None or self._restarter.done():
             self._restarter = asyncio.ensure_future(self._restart())
 
+    async def _watch(self) -> None:
+        """The watchdog: ping the engine; one that does not answer within ``watchdog``
+        seconds is killed and replaced."""
+        while not self._stopping:
+            await asyncio.sleep(PING_EVERY)
+            link, pid = self.link, self.pid
+            if link is None or link.sock is None or \
+                    (self._restarter is not None and not self._restarter.done()):
+                continue  # being restarted
+            try:
+                answered = await link.ping(self.watchdog)
+            except (ConnectionError, OSError):
+                continue  # it went away: _lost restarts it
+            if answered or self._stopping or link is not self.link:
+                continue
+            self.hangs += 1
+            log.warning("data-path engine %d did not answer a ping within %g s (hung): "
+                        "killing it (SIGKILL) and starting another", pid, self.watchdog)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            link.close()
+            if self._restarter is None or self._restarter.done():
+                self._restarter = asyncio.ensure_future(self._restart())
+
+    async def _reap(self, pid: int) -> None:
+        """Wait (REAP_TIMEOUT at most) for a killed engine to be gone: none may run
+        beside the next one."""
+        if self.proc is not None and self.proc.pid == pid:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(self.proc.wait, REAP_TIMEOUT)
+            return
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            return  # gone already
+        if not self._alive(pid):  # a zombie, or the number is another process's now
+            os.close(fd)
+            return
+        loop = asyncio.get_running_loop()
+        gone: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(fd, wake, gone)
+        try:
+            await asyncio.wait_for(gone, REAP_TIMEOUT)
+        except TimeoutError:
+            log.warning("data-path engine %d still there %g s after SIGKILL", pid,
+                        REAP_TIMEOUT)
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
+
     async def _restart(self) -> None:
         delay = 0.05
         while not self._stopping:
             if self.proc is not None and self.proc.poll() is None:
                 self.proc.kill()  # the control connection broke but it lives: replace it
-                self.proc.wait()
+            if self.pid:
+                await self._reap(self.pid)
             try:
                 await self._spawn()
                 self.restarts += 1
@@ -290,8 +257,9 @@ class Engine:
     async def stop(self) -> None:
         """End the engine (the data path of this host stops with it)."""
         self._stopping = True
-        if self._restarter is not None:
-            self._restarter.cancel()
+        for task in (self._restarter, self._watcher):
+            if task is not None:
+                task.cancel()
         if self.link is not None:
             self.link.close()
         if self._sync is not None:
