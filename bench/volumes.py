@@ -231,7 +231,7 @@ def main() -> int:
         return 2
     root = Path(tempfile.mkdtemp(prefix="svbv", dir="/tmp"))
     shutil.rmtree(root)
-    env = dict(os.environ, SANVISOR_LAB_HOME=str(root), SANVISOR_DATAPATH="engine")
+    env = dict(os.environ, SANVISOR_LAB_HOME=str(root))
     results: dict[str, Any] = {"seconds": args.seconds, "runs": args.runs}
     try:
         sv(env, "lab", "up", "--hosts", "1", "--name", f"v{os.getpid() % 10000}")
