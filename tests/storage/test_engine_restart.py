@@ -303,21 +303,26 @@ def test_without_its_sessions_file_a_new_engine_replays_a_stale_write(
         assert _stale_scenario(arr, host) == STALE
 
 
+def _agent_dies(host: Host) -> None:
+    """The host's agent side ends as after kill -9: its engine is left running."""
+    old = host.mpd
+
+    async def dies() -> None:
+        old.backend.engine._stopping = True
+        old.backend.engine.link.close()
+        old.backend.engine._watcher.cancel()
+        if old._task is not None:
+            old._task.cancel()
+
+    host.call(dies)
+
+
 def test_a_new_agent_adopts_the_running_engine(monkeypatch: pytest.MonkeyPatch) -> None:
     with engine_bench(monkeypatch, sanitized=False, restarts=True) as (_arr, host):
         g = host.guest()
         g.pwrite(b"a" * BS, 0)
-        old = host.mpd
         pid = host.engine.pid
-
-        async def agent_dies() -> None:  # as after kill -9: the engine is left running
-            old.backend.engine._stopping = True
-            old.backend.engine.link.close()
-            old.backend.engine._watcher.cancel()
-            if old._task is not None:
-                old._task.cancel()
-
-        host.call(agent_dies)
+        _agent_dies(host)
         g.pwrite(b"b" * BS, 0)  # no agent: the data path goes on
         new = Multipathd(host.home)
         host.mpd = new
@@ -326,6 +331,28 @@ def test_a_new_agent_adopts_the_running_engine(monkeypatch: pytest.MonkeyPatch) 
         host.until("paths ready", lambda: all(p.ready for p in new.paths.values()))
         assert g.pread(BS, 0) == b"b" * BS  # the same connection, all along
         assert new.view()["maps"][0]["paths"][0]["written_bytes"] >= BS
+
+
+def test_a_new_agent_kills_the_hung_engine_it_finds(monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """The agent dies, its engine hangs (SIGSTOP); the next agent does not adopt it
+    nor start another beside it: it kills it (after the watchdog's 2 s), then runs its
+    own, and the data written before is read through the new one."""
+    monkeypatch.delenv("SANVISOR_ENGINE_WATCHDOG", raising=False)
+    with engine_bench(monkeypatch, sanitized=False, restarts=True) as (_arr, host):
+        host.guest().pwrite(b"h" * BS, 0)
+        old = host.engine
+        _agent_dies(host)
+        os.kill(old.pid, signal.SIGSTOP)
+        new = Multipathd(host.home)
+        host.mpd = new
+        host.call(new.start)
+        assert new.backend.engine.pid != old.pid
+        assert old.proc.wait(DEADLINE) == -signal.SIGKILL  # killed, not left stopped
+        assert f"data-path engine {old.pid} does not answer (nothing within 2 s): " \
+            "killing it (SIGKILL)" in caplog.text
+        host.until("paths ready", lambda: all(p.ready for p in new.paths.values()))
+        assert host.guest().pread(BS, 0) == b"h" * BS
 
 
 def test_an_engine_without_agent_and_client_ends(tmp_path: Path) -> None:

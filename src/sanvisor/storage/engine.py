@@ -33,7 +33,7 @@ from pathlib import Path
 
 from sanvisor.errors import ConfigError, DeviceError, ResourceError
 from sanvisor.storage import engineproto as E
-from sanvisor.storage.enginelink import Link, wake
+from sanvisor.storage.enginelink import REQUEST_TIMEOUT, Link, wake
 
 log = logging.getLogger("sanvisor.multipath")
 START_TIMEOUT = 5.0  # seconds for a new engine to answer on its control socket
@@ -125,10 +125,12 @@ class Engine:
             return False
         if not self._alive(pid):
             return False
+        deadline = self.watchdog or REQUEST_TIMEOUT
         try:
-            await self._connect()
-        except OSError as exc:  # alive, not answering: it must not go on beside another
-            log.warning("data-path engine %d does not answer (%s): killing it", pid, exc)
+            await self._connect(deadline)
+        except (OSError, DeviceError) as exc:  # alive, silent: not to run beside another
+            log.warning("data-path engine %d does not answer (%s): killing it (SIGKILL)",
+                        pid, str(exc) or f"nothing within {deadline:g} s")
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             await self._reap(pid)
@@ -160,11 +162,11 @@ class Engine:
                 await asyncio.sleep(0.005)
         log.info("data-path engine %d started (%s)", self.pid, binary)
 
-    async def _connect(self) -> None:
+    async def _connect(self, timeout: float = REQUEST_TIMEOUT) -> None:
         link = Link(self.control, self.on_event, self._lost)
         await link.open()
         try:
-            hello = await link.request(E.line("hello"))
+            hello = await link.request(E.line("hello"), timeout=timeout)
             if hello.data.get("version") != E.VERSION:
                 raise OSError(f"engine protocol version {hello.data.get('version')}")
             await link.request(E.line("watch"))

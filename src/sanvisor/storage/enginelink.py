@@ -139,12 +139,13 @@ class Link:
             return False
         return not fut.cancelled() and fut.exception() is None
 
-    async def request(self, raw: bytes, fds: list[int] | None = None) -> E.Reply:
+    async def request(self, raw: bytes, fds: list[int] | None = None,
+                      timeout: float = REQUEST_TIMEOUT) -> E.Reply:
         assert self._loop is not None
         fut: asyncio.Future[E.Reply] = self._loop.create_future()
         self._pending.append(fut)
         await self._send(raw, fds or [])
-        reply = await asyncio.wait_for(fut, REQUEST_TIMEOUT)
+        reply = await asyncio.wait_for(fut, timeout)
         if reply.kind == "error":
             raise DeviceError(f"the data-path engine refused {raw.split()[0].decode()}: "
                               f"{reply.message}", request=raw.decode(errors="replace")[:200])
