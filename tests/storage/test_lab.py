@@ -6,9 +6,11 @@ multipath names, and I/O that survives an HBA failure with nothing lost.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -259,11 +261,14 @@ def test_lab_down_after_a_crash(tmp_path: Path) -> None:
 def test_a_guest_on_multipath_loses_nothing_when_an_hba_dies(lab: Lab, kit: object,
                                                              tmp_path: Path) -> None:
     """A real guest writes sequence-numbered, checksummed blocks (dd with fsync) to its
-    disk on /dev/mapper/domU-systeme while HBA 0 dies, returns, and HBA 1 dies."""
+    disk on /dev/mapper/domU-systeme while HBA 0 dies, returns, and HBA 1 dies; then
+    its agent is killed (-9) and started again, and its data-path engine hangs
+    (SIGSTOP): the agent's watchdog replaces it, QEMU reconnects, the write lands."""
     import hashlib
 
     from sanvisor.lab.guestshell import GuestShell
 
+    stopped = 0
     cfg = tmp_path / "vd.cfg"
     cfg.write_text('name = "vd1"\nmemory = 128\n'
                    "disk = [ 'phy:/dev/mapper/domU-systeme,sda,w' ]\n")
@@ -299,13 +304,28 @@ def test_a_guest_on_multipath_loses_nothing_when_an_hba_dies(lab: Lab, kit: obje
         lab.sv("lab", "fault", "hba-up", "host1", "1")
         assert result == "DONE 0", result  # no write failed in the guest
         assert "I/O error" not in guest.run("dmesg | grep -i 'error' || true")
-        # the multipath daemon lives in the agent: kill -9 it, start it again, and the
-        # guest's QEMU reconnects to /dev/mapper/domU-systeme (its I/O held meanwhile)
+        # the engine outlives its agent: kill -9 the agent, start it again (it adopts
+        # the engine), and the guest's I/O goes on
         os.kill(int((lab.root / "host1" / "agent.lock").read_text()), 9)
         lab.in_host(1, sys.executable, "-m", "sanvisor", "-H", "host1", "agent", "start")
         guest.run(f"echo after-restart | dd of=/dev/sda bs=512 seek={n} conv=sync,fsync",
                   timeout=60)
+        # the engine hangs: the (new) agent's watchdog kills it and starts another; QEMU
+        # reconnects to /dev/mapper/domU-systeme and resends the write it held
+        stopped = int((lab.root / "host1" / "engine" / "engine.pid").read_text())
+        os.kill(stopped, signal.SIGSTOP)
+        t0 = time.monotonic()
+        guest.run(f"echo after-hang | dd of=/dev/sda bs=512 seek={n + 1} conv=sync,fsync",
+                  timeout=60)
+        print(f"\nengine SIGSTOPped: the guest's write done {time.monotonic() - t0:.2f} s "
+              "later (watchdog 2 s)")
+        assert int((lab.root / "host1" / "engine" / "engine.pid").read_text()) != stopped
+        assert _gone(stopped), "the hung engine is still there"
+        assert "I/O error" not in guest.run("dmesg | grep -i 'error' || true")
     finally:
+        with contextlib.suppress(OSError):  # whatever the watchdog did, none is left
+            if stopped and b"sanvisor-engine" in Path(f"/proc/{stopped}/cmdline").read_bytes():
+                os.kill(stopped, signal.SIGKILL)
         lab.sv("-H", "host1", "destroy", "vd1", check=False)
         lab.sv("lab", "fault", "hba-up", "host1", "0", check=False)
         lab.sv("lab", "fault", "hba-up", "host1", "1", check=False)
@@ -320,7 +340,17 @@ def test_a_guest_on_multipath_loses_nothing_when_an_hba_dies(lab: Lab, kit: obje
             bad.append((i, data[i * 512:i * 512 + 16]))
     assert bad == [], f"{len(bad)} blocks lost or torn: {bad[:8]}"
     assert data[n * 512:n * 512 + 13] == b"after-restart"
+    assert data[(n + 1) * 512:(n + 1) * 512 + 10] == b"after-hang"
     assert lab.map(1, "domU-systeme")["io_errors"] == 0
+
+
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie waiting for its reaper counts)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
 
 
 def test_loopback_lab_without_namespaces(tmp_path: Path) -> None:
