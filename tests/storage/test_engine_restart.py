@@ -355,6 +355,30 @@ def test_a_new_agent_kills_the_hung_engine_it_finds(monkeypatch: pytest.MonkeyPa
         assert host.guest().pread(BS, 0) == b"h" * BS
 
 
+def test_an_engine_that_drops_its_agent_is_replaced_not_doubled(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An adopted engine (a previous agent's) closes the agent's control connection
+    but lives (here: a line too long): the agent kills it before it starts the next
+    one; never two engines."""
+    with engine_bench(monkeypatch, sanitized=False, restarts=True) as (_arr, host):
+        host.guest().pwrite(b"d" * BS, 0)
+        old = host.engine.proc
+        _agent_dies(host)
+        host.mpd = Multipathd(host.home)
+        host.call(host.mpd.start)
+        assert host.engine.pid == old.pid and host.engine.proc is None  # adopted
+
+        def garbage() -> None:
+            with contextlib.suppress(OSError):
+                host.engine.link.sock.sendall(b"x" * 70000)
+
+        host.call(garbage)
+        host.until("the next engine", lambda: host.engine.restarts == 1)
+        assert old.wait(DEADLINE) == -signal.SIGKILL
+        host.until("paths ready", lambda: all(p.ready for p in host.mpd.paths.values()))
+        assert host.guest().pread(BS, 0) == b"d" * BS
+
+
 def test_an_engine_without_agent_and_client_ends(tmp_path: Path) -> None:
     proc = subprocess.Popen([str(BUILD / "sanvisor-engine"), "--control",
                              str(tmp_path / "c.sock"), "--state", str(tmp_path),

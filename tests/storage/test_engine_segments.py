@@ -152,7 +152,7 @@ def test_a_control_line_too_long_closes_only_that_connection(
 def test_a_name_given_to_other_data_fails_its_open_clients(two_luns: Host) -> None:
     """The seed's trap inside one host: a device name given to another mapping (an
     alias moved to another WWID) never moves an open client to other data under its
-    feet: its requests fail with EIO (as on the Python data path); a new client gets
+    feet: its requests fail with EIO; a new client gets
     the new mapping. The same mapping grown keeps its clients."""
     host = two_luns
     a, b = _maps(host)

@@ -242,8 +242,10 @@ class Engine:
     async def _restart(self) -> None:
         delay = 0.05
         while not self._stopping:
-            if self.proc is not None and self.proc.poll() is None:
-                self.proc.kill()  # the control connection broke but it lives: replace it
+            if self.pid and self._alive(self.pid):
+                # the control connection broke but it lives (ours or adopted): replace it
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
             if self.pid:
                 await self._reap(self.pid)
             try:
