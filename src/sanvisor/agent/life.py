@@ -14,11 +14,13 @@ from sanvisor.agent.host import HostResources
 from sanvisor.agent.records import load_records
 from sanvisor.agent.table import Domain, DomainTable
 from sanvisor.drivers.base import Driver, EventSink
-from sanvisor.errors import SanvisorError
+from sanvisor.errors import HypervisorError, SanvisorError
 from sanvisor.model.domain import Action, State
 from sanvisor.model.lifecycle import Busy, DomainEvent, EventKind, decide, restarts
 
 log = logging.getLogger("sanvisor.agent")
+#: s between two tries to destroy a stale copy whose destroy failed (drop_copy)
+DROP_RETRY_S = 2.0
 
 
 class Lifecycle:
@@ -75,7 +77,10 @@ class Lifecycle:
             return False
         log.warning("%s: %s runs it now (it moved while this agent was away): removing "
                     "the copy here", dom.name, where)
-        await self.teardown(dom)
+        try:
+            await self.drop_copy(dom, f"{where} runs it now")
+        except SanvisorError as exc:  # kept, dying, and destroyed again later
+            log.error("%s", exc)
         return True
 
     async def stop(self) -> None:
@@ -168,3 +173,48 @@ class Lifecycle:
                 log.exception("%s: after its end", dom.name)
         if self.table.pool is not None:  # no longer runs here: the pool may start it
             await self.table.pool.release(dom.name, dom.record.uuid)
+
+    async def drop_copy(self, dom: Domain, why: str) -> None:
+        """Remove this host's copy of a domain that runs elsewhere now (``why``: it
+        migrated away, or moved while the agent was away). Unlike :meth:`teardown`, a
+        destroy that fails is not passed over (that would leave an untracked paused
+        copy in the hypervisor): the copy stays in the table, dying (no verb but
+        ``destroy`` admitted), is destroyed again every :data:`DROP_RETRY_S` until it is
+        gone, and the failure is raised to the caller."""
+        try:
+            await self._destroy_strict(dom)
+        except SanvisorError as exc:
+            log.error("%s: %s, but its copy here could not be destroyed: %s; trying "
+                      "again every %.0fs", dom.name, why, exc, DROP_RETRY_S)
+            self.table.set_state(dom, State.DYING, f"{why}; destroy failed, retrying: {exc}")
+            self._spawn(self._drop_later(dom, why))
+            raise HypervisorError(f"{dom.name}: {why}, but its stopped copy on this host "
+                                  f"could not be destroyed ({exc}); the agent tries again "
+                                  f"every {DROP_RETRY_S:.0f}s", domain=dom.name) from None
+        await self.teardown(dom)
+
+    async def _destroy_strict(self, dom: Domain) -> None:
+        """The copy's destroy; its failure stands unless the copy is gone all the same."""
+        if dom.inst is None:
+            return
+        try:
+            await dom.inst.destroy()
+        except SanvisorError:
+            if (await dom.inst.status()).status != "gone":
+                raise
+
+    async def _drop_later(self, dom: Domain, why: str) -> None:
+        while dom in self.table:
+            await asyncio.sleep(DROP_RETRY_S)  # a period, not a wait for an event
+            async with dom.lock:
+                if dom not in self.table:
+                    return
+                try:
+                    await self._destroy_strict(dom)
+                except SanvisorError as exc:
+                    log.warning("%s: destroy of the stale copy failed again: %s",
+                                dom.name, exc)
+                    continue
+                log.info("%s: the stale copy is destroyed at last", dom.name)
+                await self.teardown(dom)
+                return

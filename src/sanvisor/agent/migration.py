@@ -57,6 +57,7 @@ from sanvisor.errors import (
     MigrationNotStartedError,
     NotFoundError,
     RecordError,
+    SanvisorError,
     StoreError,
     TlsForbiddenError,
 )
@@ -192,7 +193,9 @@ class Migrations:
             raise
         finally:
             self.progress.pop(rec.uuid, None)
-        await self.life.teardown(dom)  # our stopped copy; the target runs it now
+        # our stopped copy; the target runs it now. A destroy that fails is raised (the
+        # copy stays, dying, and is destroyed again until it is gone: never two)
+        await self.life.drop_copy(dom, f"it migrated to {target_socket}")
         return {**info, "migration": report.to_dict()}
 
     async def _recover(self, dom: Domain, target: AgentClient, was_running: bool,
@@ -202,10 +205,12 @@ class Migrations:
         stale and is removed). When the pool cannot say, ours stays paused."""
         rec, pool = dom.record, self.table.pool
         owner: str | None = "ours"
+        unowned = False  # the target took it over, then gave it back (its finish failed)
         if pool is not None:
             try:
                 now = await pool.own.current(rec.uuid)
                 owner = "ours" if now is None or now.host == pool.host else now.host
+                unowned = now is None
             except StoreError as err:
                 log.warning("%s: migration failed (%s) and the pool's store cannot say who "
                             "owns it now (%s): left paused here", dom.name, exc, err)
@@ -216,7 +221,7 @@ class Migrations:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(target.call, "POST",
                                         f"/v1/migrate/{rec.uuid}/abort", {})
-            if pool is not None and pool.token(rec.uuid) is None:
+            if pool is not None and (pool.token(rec.uuid) is None or unowned):
                 with contextlib.suppress(Exception):
                     await pool.claim(dom.name, rec.uuid)  # the target gave it back
             if was_running and dom.inst is not None:  # ours lives: running, as it was
@@ -225,7 +230,10 @@ class Migrations:
         elif owner is not None:
             log.warning("%s: migration failed after the switch-over (%s): %s runs it; "
                         "removing the copy here", dom.name, exc, owner)
-            await self.life.teardown(dom)
+            try:
+                await self.life.drop_copy(dom, f"{owner} runs it now")
+            except SanvisorError as err:  # kept, dying, destroyed again later
+                log.error("%s", err)
 
     def status(self, ref: str) -> dict[str, Any]:
         """A migration in progress from here (for `migrate`'s progress bar)."""
@@ -441,6 +449,9 @@ class Migrations:
         return pending
 
     async def _clean(self, pending: Incoming) -> None:
-        with contextlib.suppress(Exception):
+        try:
             await pending.mig.abort()
+        except Exception as exc:  # said, not passed over (docs/migration.md)
+            log.error("migrate: %s: the incoming copy's abort failed: %s",
+                      pending.dom.name, exc)
         await self.life.teardown(pending.dom)

@@ -12,6 +12,7 @@ import threading
 from sanvisor.errors import TimeoutError_
 from sanvisor.waiting import wait_until
 from sanvisor.xenhost.channel import Channel, ChannelError, Proc, Sink, put_file
+from sanvisor.xenhost.faults import Dom0Faults
 
 
 class Dom0Link:
@@ -20,6 +21,7 @@ class Dom0Link:
         self._lock = threading.Lock()
         self._channel: Channel | None = None
         self._timeout = connect_timeout
+        self._faults = Dom0Faults.from_env()  # TEST-ONLY (xenhost/faults.py): else None
 
     def channel(self) -> Channel:
         with self._lock:
@@ -43,7 +45,14 @@ class Dom0Link:
 
     def run(self, argv: list[str], stdin: bytes | None = None,
             timeout: float = 120) -> tuple[int, str, str]:
-        return self.channel().run(argv, timeout, stdin)
+        if self._faults is not None:
+            failed = self._faults.fail(argv)
+            if failed is not None:
+                return failed
+        result = self.channel().run(argv, timeout, stdin)
+        if self._faults is not None:
+            self._faults.hold(argv)
+        return result
 
     def spawn(self, argv: list[str], *, timeout: float = 0, pty: bool = False,
               on_out: Sink | None = None, on_err: Sink | None = None) -> Proc:

@@ -35,7 +35,7 @@ from sanvisor.drivers.xen import xlcfg
 from sanvisor.drivers.xen.console import ConsoleRelay, Spawn
 from sanvisor.drivers.xen.extras import XenExtras, XenHostExtras, policy_lines
 from sanvisor.drivers.xen.xl import DomInfo, Runner, Xl
-from sanvisor.errors import HypervisorError, SanvisorError
+from sanvisor.errors import HypervisorError, NotFoundError, SanvisorError
 from sanvisor.model.domain import DiskSpec
 from sanvisor.model.lifecycle import DomainEvent, EventKind
 from sanvisor.model.migration import ConvergencePolicy, MigrationReport
@@ -155,8 +155,15 @@ class XenInstance(XenExtras, Instance):
         return True
 
     async def destroy(self) -> None:
-        with contextlib.suppress(SanvisorError):  # already gone is fine
+        """`xl destroy`. Already gone is fine; any other failure is raised (the domain
+        is still in dom0: passing over it would leave an untracked copy)."""
+        with contextlib.suppress(NotFoundError):
             await self._x("destroy", self.name)
+
+    async def settle_outgoing(self, resume: bool) -> None:
+        from sanvisor.drivers.xen.migrate import settle
+
+        await asyncio.to_thread(settle, self.drv.run, self.name, resume)
 
     async def save_to(self, fd: int) -> None:
         """`xl save` into dom0's tmpfs, then the image streamed out into ``fd``."""

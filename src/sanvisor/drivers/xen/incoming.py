@@ -58,3 +58,6 @@ class XenIncoming(IncomingMigration):
             log.warning("migrate: destroying the unfinished copy of %s", name)
             await asyncio.to_thread(functools.partial(self.drv.xl, "destroy", name,
                                                       check=False))
+            if await asyncio.to_thread(self.drv.xl.info, name) is not None:
+                raise HypervisorError(f"migrate: the unfinished copy of {name} could not "
+                                      "be destroyed (xl destroy failed)", domain=name)

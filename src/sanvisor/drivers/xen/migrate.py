@@ -89,6 +89,8 @@ class Receiver:
             feeder.start()
             self.rc = proc.wait()
             self.error = bytes(proc.err).decode(errors="replace")
+            log.info("the incoming stream ended: %s exited with status %s",
+                     "xl migrate-receive" if self.argv[0] == "xl" else "xl restore", self.rc)
         except Exception as exc:  # no sender came, or the channel broke
             self.error = str(exc)
         finally:
@@ -141,6 +143,20 @@ def _runs(run: Run, name: str) -> bool:
     rc, out, _ = run(["xl", "list", name], None)
     rows = [ln.split() for ln in out.splitlines()[1:] if ln.split()]
     return rc == 0 and len(rows) == 1 and not any(c in rows[0][-2] for c in "scd")
+
+
+def settle(run: Run, name: str, resume: bool) -> None:
+    """After an agent restart (``Instance.settle_outgoing``): what an outgoing migration
+    its dead agent left is cleared (the stream's FIFOs), and the copy ``xl save -p`` (or
+    an unfinished ``xl migrate``) left paused runs on here if ``resume``. Blocking."""
+    from sanvisor.drivers.xen.xl import Xl
+
+    run(["rm", "-rf", f"{MIG_DIR}/{name}"], None)
+    xl = Xl(run)
+    info = xl.info(name)
+    if resume and info is not None and info.letter == "p":
+        log.warning("%s: left paused by a migration whose agent died; resuming it", name)
+        xl("unpause", name)
 
 
 def send(run: Run, spawn: Callable[..., Any], name: str, peer_sock: str,
