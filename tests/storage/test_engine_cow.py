@@ -105,6 +105,15 @@ class Vol:
         self.host.guests.append(c)
         return c
 
+    def snapshotted(self, seed: int) -> bytes:
+        """The origin filled with a pattern of its own, then a 4 MiB snapshot of it
+        taken: the pattern (the snapshot's frozen image)."""
+        self.serve({})
+        before = _pattern(seed, 8 * MIB)
+        self.client("vg-lv").pwrite(before, 0)
+        self.serve({"snap": 4 * MIB})
+        return before
+
     def on_disk(self, index: int, size: int) -> cowstore.Store | None:
         io = self.io(self.cow(index, size))
         return cowstore.read_store(io.read, io.size)
@@ -229,11 +238,7 @@ def test_several_snapshots_each_keep_their_instant(vol: Vol) -> None:
 def test_concurrent_writes_to_one_chunk_copy_it_once(vol: Vol) -> None:
     """Writes in flight together on the same chunks, and snapshot reads beside them:
     each chunk is copied once, before any of them overwrites it."""
-    vol.serve({})
-    origin = vol.client("vg-lv")
-    before = _pattern(9, 8 * MIB)
-    origin.pwrite(before, 0)
-    vol.serve({"snap": 4 * MIB})
+    before = vol.snapshotted(9)
     origin, snap = vol.client("vg-lv"), vol.client("vg-snap")
     rng = random.Random(11)
     cookies = []
@@ -261,11 +266,7 @@ def test_concurrent_writes_to_one_chunk_copy_it_once(vol: Vol) -> None:
 def test_a_first_write_copies_its_chunks_in_one_read_one_write_one_commit(vol: Vol) -> None:
     """The chunks a write needs copied are read together, written together into the
     store and named in one commit (copy.c), not chunk by chunk."""
-    vol.serve({})
-    origin = vol.client("vg-lv")
-    before = _pattern(12, 8 * MIB)
-    origin.pwrite(before, 0)
-    vol.serve({"snap": 4 * MIB})
+    before = vol.snapshotted(12)
     origin, snap = vol.client("vg-lv"), vol.client("vg-snap")
     new = _pattern(13, MIB)
     origin.pwrite(new, MIB)  # 256 chunks of 4 KiB, none copied yet

@@ -23,7 +23,7 @@ import pytest
 from sanvisor.storage import nbdproto as P
 from tests.storage.enginekit import engine_bench
 from tests.storage.harness import DEADLINE, Host
-from tests.storage.test_engine_cow import CHUNK, MIB, Vol, _pattern
+from tests.storage.test_engine_cow import CHUNK, MIB, Vol
 from tests.storage.test_engine_restart import BS, EngineKiller, Resender, _block
 
 assert BS == CHUNK
@@ -43,11 +43,7 @@ def test_engine_killed_under_copy_on_write(monkeypatch: pytest.MonkeyPatch) -> N
                       luns=(("a", "16M"), ("b", "16M"))) as (_arr, host):
         vol = Vol(host)
         try:
-            vol.serve({})
-            first = vol.client("vg-lv")
-            frozen = _pattern(21, 8 * MIB)
-            first.pwrite(frozen, 0)
-            vol.serve({"snap": 4 * MIB})
+            frozen = vol.snapshotted(21)
             c = DevResender(host, "vg-lv")
             c.connect()
             acked: dict[int, bytes] = {}
@@ -73,24 +69,31 @@ def test_engine_killed_under_copy_on_write(monkeypatch: pytest.MonkeyPatch) -> N
             finally:
                 killer.join(DEADLINE * 4)
             assert killer.kills == 3 and c.reconnects >= 1
-            host.until("the store loaded again", lambda: all(
-                s["state"] == "ready" for s in vol.stats()["stores"]))
-            origin, snap = vol.client("vg-lv"), vol.client("vg-snap")
-            now = origin.pread(8 * MIB, 0)
-            for block, data in acked.items():
-                assert now[block * BS:(block + 1) * BS] == data, f"block {block} lost"
-            assert snap.pread(8 * MIB, 0) == frozen
-            vol.reopen()
-            st = vol.on_disk(0, 4 * MIB)
-            assert st is not None and st.valid
-            cow = vol.io(vol.cow(0, 4 * MIB))
-            assert set(st.exceptions) <= set(acked)
-            for old, new in st.exceptions.items():
-                assert cow.read(new * BS, BS) == frozen[old * BS:(old + 1) * BS]
-            assert len(set(st.exceptions.values())) == len(st.exceptions)
+            _every_ack_kept(host, vol, acked, frozen)
         finally:
             for d in vol.devs.values():
                 d.close()
+
+
+def _every_ack_kept(host: Host, vol: Vol, acked: dict[int, bytes], frozen: bytes) -> None:
+    """After the kills: every acknowledged block on the origin, the snapshot still its
+    instant, and the store on disk valid, naming only acknowledged blocks, each copy
+    holding the pre-write data in a chunk of its own."""
+    host.until("the store loaded again", lambda: all(
+        s["state"] == "ready" for s in vol.stats()["stores"]))
+    origin, snap = vol.client("vg-lv"), vol.client("vg-snap")
+    now = origin.pread(8 * MIB, 0)
+    for block, data in acked.items():
+        assert now[block * BS:(block + 1) * BS] == data, f"block {block} lost"
+    assert snap.pread(8 * MIB, 0) == frozen
+    vol.reopen()
+    st = vol.on_disk(0, 4 * MIB)
+    assert st is not None and st.valid
+    assert set(st.exceptions) <= set(acked)
+    cow = vol.io(vol.cow(0, 4 * MIB))
+    for old, new in st.exceptions.items():
+        assert cow.read(new * BS, BS) == frozen[old * BS:(old + 1) * BS]
+    assert len(set(st.exceptions.values())) == len(st.exceptions)
 
 
 def test_engine_killed_mid_batch_of_multi_chunk_copies(monkeypatch: pytest.MonkeyPatch
@@ -99,11 +102,7 @@ def test_engine_killed_mid_batch_of_multi_chunk_copies(monkeypatch: pytest.Monke
                       luns=(("a", "16M"), ("b", "16M"))) as (_arr, host):
         vol = Vol(host)
         try:
-            vol.serve({})
-            first = vol.client("vg-lv")
-            frozen = _pattern(22, 8 * MIB)
-            first.pwrite(frozen, 0)
-            vol.serve({"snap": 4 * MIB})
+            frozen = vol.snapshotted(22)
             c = DevResender(host, "vg-lv")
             c.connect()
             acked: dict[int, bytes] = {}
@@ -129,21 +128,7 @@ def test_engine_killed_mid_batch_of_multi_chunk_copies(monkeypatch: pytest.Monke
             finally:
                 killer.join(DEADLINE * 4)
             assert killer.kills == 3 and c.reconnects >= 1
-            host.until("the store loaded again", lambda: all(
-                s["state"] == "ready" for s in vol.stats()["stores"]))
-            origin, snap = vol.client("vg-lv"), vol.client("vg-snap")
-            now = origin.pread(8 * MIB, 0)
-            for block, data in acked.items():
-                assert now[block * BS:(block + 1) * BS] == data, f"block {block} lost"
-            assert snap.pread(8 * MIB, 0) == frozen
-            vol.reopen()
-            st = vol.on_disk(0, 4 * MIB)
-            assert st is not None and st.valid
-            assert set(st.exceptions) <= set(acked)
-            cow = vol.io(vol.cow(0, 4 * MIB))
-            for old, new in st.exceptions.items():
-                assert cow.read(new * BS, BS) == frozen[old * BS:(old + 1) * BS]
-            assert len(set(st.exceptions.values())) == len(st.exceptions)
+            _every_ack_kept(host, vol, acked, frozen)
         finally:
             for d in vol.devs.values():
                 d.close()
@@ -154,11 +139,7 @@ def test_an_hba_cut_under_a_snapshotted_lv_on_two_luns(monkeypatch: pytest.Monke
     with engine_bench(monkeypatch, luns=(("a", "16M"), ("b", "16M"))) as (_arr, host):
         vol = Vol(host)
         try:
-            vol.serve({})
-            origin = vol.client("vg-lv")
-            frozen = _pattern(31, 8 * MIB)
-            origin.pwrite(frozen, 0)
-            vol.serve({"snap": 4 * MIB})
+            frozen = vol.snapshotted(31)
             origin, snap = vol.client("vg-lv"), vol.client("vg-snap")
             now = bytearray(frozen)
             rng = random.Random(3)
