@@ -30,7 +30,7 @@ from sanvisor.lab import credentials
 from sanvisor.paths import Layout
 from sanvisor.pool import pki
 from sanvisor.pool.config import PoolConfig, PoolHost
-from sanvisor.pool.tls import Credentials, client_context
+from sanvisor.pool.tls import Credentials, client_context, expiry
 
 pytestmark = pytest.mark.unit
 HOSTS = ("host1", "host2")
@@ -249,3 +249,26 @@ def test_pool_verbs_issue_certificates_and_refuse_bad_names(pool: Pool,
     assert not (tmp_path / "bad").exists()
     got = _cli(env, "pool", "ca")  # the pool has one: every certificate depends on it
     assert got.returncode != 0 and "has a CA already" in got.stderr, got.stderr
+
+
+def test_info_says_when_the_hosts_certificates_end(pool: Pool) -> None:
+    facts = AgentClient(Layout(pool.root / "host1").socket).call("GET", "/v1/host/info")
+    end = dt.datetime.strptime(facts["tls_expires"], "%Y-%m-%d %H:%M UTC")
+    left = end - dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    assert 800 < left.days < 830  # the host certificate's 825 days
+    assert "tls_warning" not in facts
+
+
+@pytest.mark.parametrize(("days", "words"), [(10, "expires on"), (-1, "expired on")])
+def test_a_certificate_near_or_past_its_end_is_warned_of(pool: Pool, tmp_path: Path,
+                                                         days: int, words: str) -> None:
+    now = dt.datetime.now(dt.UTC)
+    pki.issue_host(pki.ca_dir(pool.root), "host2", ["127.0.0.1"], tmp_path,
+                   not_before=now - dt.timedelta(days=30),
+                   not_after=now + dt.timedelta(days=days))
+    end, warning = expiry(Credentials(tmp_path))
+    assert end is not None and abs((end - now).days - days) <= 1
+    assert warning is not None and words in warning
+    assert "this host's certificate" in warning and "sanvisor pool cert HOST" in warning
+    _, later = expiry(Credentials(tmp_path), within_days=5)
+    assert (later is None) == (days > 5)

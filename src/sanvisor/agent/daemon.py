@@ -29,6 +29,7 @@ from sanvisor.errors import (
     TimeoutError_,
 )
 from sanvisor.paths import Layout
+from sanvisor.pool.tls import Credentials, expiry
 from sanvisor.waiting import wait_until
 
 log = logging.getLogger("sanvisor.agent")
@@ -201,15 +202,19 @@ async def serve(layout: Layout) -> None:
     await svc.autostart()  # xendomains' job: registered domains marked autostart
     app = build_app(svc, storage)
     served: Any = app if net is None else PeerGuard(app, net.config().name)
+    watch: asyncio.Task[None] | None = None
     if net is not None:
         log.info("pool: %s listens for its peers on %s:%d (mutual TLS)", net.host,
                  net.address, net.port)
+        watch = asyncio.create_task(_watch_tls_expiry(net.creds))
     config = uvicorn.Config(served, http=_peer_checked_protocol(net), log_level="warning",
                             lifespan="off", timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     try:
         await server.serve(sockets=[sock, *listeners])
     finally:
+        if watch is not None:
+            watch.cancel()
         await manager.stop()
         if manager.table.pool is not None:
             await manager.table.pool.close()
@@ -302,3 +307,17 @@ def stop(layout: Layout, timeout: float = 30.0) -> bool:
     with contextlib.suppress(TimeoutError_):  # said by 'agent status' if it lingers
         wait_until("the agent to stop", lambda: agent_pid(layout) is None, timeout)
     return True
+
+
+#: how often the agent looks at its TLS credentials' end dates (and warns in its log)
+TLS_CHECK_S = 12 * 3600.0
+
+
+async def _watch_tls_expiry(creds: Credentials) -> None:
+    """A warning in the log at start and every TLS_CHECK_S while a certificate of this
+    host (its pool CA's included) is within WARN_DAYS of its end, or past it."""
+    while True:
+        _end, warning = await asyncio.to_thread(expiry, creds)
+        if warning:
+            log.warning("pool: %s", warning)
+        await asyncio.sleep(TLS_CHECK_S)

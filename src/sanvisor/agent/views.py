@@ -19,6 +19,7 @@ from sanvisor.agent.table import Domain, DomainTable
 from sanvisor.drivers.base import Driver, NicPlan
 from sanvisor.errors import NotFoundError, SanvisorError
 from sanvisor.model.domain import State
+from sanvisor.pool.tls import Credentials, expiry
 
 DOMAIN0 = ("Domain-0", "0")
 DOMAIN0_UUID = "00000000-0000-0000-0000-000000000000"
@@ -100,6 +101,13 @@ class Views:
             facts["accelerator_warning"] = acc["warning"]
         facts["domains"] = len(self.table)
         facts["home"] = str(self.table.layout.home)
+        creds = Credentials.of_home(self.table.layout.home)
+        if creds.present():  # a pool member: when its TLS credentials end
+            end, warning = await asyncio.to_thread(expiry, creds)
+            if end is not None:
+                facts["tls_expires"] = f"{end:%Y-%m-%d %H:%M} UTC"
+            if warning:
+                facts["tls_warning"] = warning
         return facts
 
     def info(self, dom: Domain) -> dict[str, Any]:

@@ -219,3 +219,43 @@ def describe_peer_failure(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return f"no handshake within {HANDSHAKE_TIMEOUT:g} s"
     return os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else str(exc)
+
+
+#: `sanvisor info` and the agent's log warn this many days before a certificate ends
+WARN_DAYS = 30
+_WHAT = ((CA_CERT, "the pool's CA certificate",
+          "make a new pool CA ('sanvisor pool ca --force') and new certificates for "
+          "every host"),
+         (SERVER_CERT, "this host's certificate", "issue a new one with 'sanvisor pool "
+          "cert HOST' (the agent reads it again by itself)"),
+         (CLIENT_CERT, "this host's certificate", "issue a new one with 'sanvisor pool "
+          "cert HOST' (the agent reads it again by itself)"))
+
+
+def expiry(creds: Credentials, now: dt.datetime | None = None,
+           within_days: int = WARN_DAYS) -> tuple[dt.datetime | None, str | None]:
+    """When the first of this host's certificates (its CA's included) ends, and a
+    one-line warning if that is within ``within_days`` days or past."""
+    try:
+        from cryptography import x509
+    except ImportError:  # pragma: no cover - a dependency of the pool layer
+        return None, None
+    ends: list[tuple[dt.datetime, str, str, str]] = []
+    for name, what, hint in _WHAT:
+        try:
+            cert = x509.load_pem_x509_certificate((creds.dir / name).read_bytes())
+        except (OSError, ValueError):
+            continue
+        ends.append((cert.not_valid_after_utc, name, what, hint))
+    if not ends:
+        return None, None
+    end, name, what, hint = min(ends)
+    now = now or dt.datetime.now(dt.UTC)
+    left = end - now
+    if left > dt.timedelta(days=within_days):
+        return end, None
+    when = f"{end:%Y-%m-%d %H:%M} UTC"
+    if left <= dt.timedelta(0):
+        return end, f"{what} ({creds.dir / name}) expired on {when}: peers refuse it; {hint}"
+    return end, (f"{what} ({creds.dir / name}) expires on {when}, in {left.days} day(s): "
+                 f"{hint}")
