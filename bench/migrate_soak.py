@@ -7,7 +7,9 @@ the LUN with a NIC on the lab's LAN, rewriting 16 MiB of its memory then sleepin
 After each move its counter must go on and a 4 MiB RAM canary keep its checksum. At
 the first guest that does not answer, the run stops and prints what its QEMU shows:
 the agent holding the QMP monitor is killed (SIGKILL) so the monitor can be read
-(state, local APIC, registers), and the lab is then removed.
+(state, local APIC, registers), and the lab is then removed. A guest the migration
+reported moved but that is not on the target stops the run too, with the last lines of
+each agent's log and each guest console.
 
     .venv/bin/python -m bench.migrate_soak --moves 30 [--unix] [--no-postcopy]
         [--no-nic | --no-disk] [--extra 'nohz=off'] [--out FILE.json]
@@ -79,6 +81,17 @@ def diagnose(lab: Lab, host: str) -> dict[str, Any]:
             "irq": str(seen["info irq"])}
 
 
+def _tails(root: Path, count: int = 25) -> dict[str, list[str]]:
+    """The last lines of each host's agent log and of its guests' consoles."""
+    out: dict[str, list[str]] = {}
+    for log in sorted([*root.glob("host*/agent.log"), *root.glob("host*/dom/*/console.log")]):
+        try:
+            out[str(log.relative_to(root))] = log.read_text(errors="replace").splitlines()[-count:]
+        except OSError:
+            continue
+    return out
+
+
 def _config_edit(lab: Lab, args: argparse.Namespace) -> None:
     """The guest's config as the options say (the lab writes it, we edit it)."""
     plain = lab.sv
@@ -105,7 +118,8 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
     lab = Lab(root)
     _config_edit(lab, args)
     moves: list[dict[str, Any]] = []
-    result: dict[str, Any] = {"options": vars(args), "moves": moves, "hung": None}
+    result: dict[str, Any] = {"options": vars(args), "moves": moves, "hung": None,
+                              "lost": None}
     try:
         lab.up()
         shell = lab.create(128)
@@ -116,12 +130,25 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         for i in range(args.moves):
             target = str(root / other) if args.unix else other
             t0 = time.monotonic()
-            info = lab.js("-H", host, "migrate", "-l", *flags, NAME, target)
+            try:
+                info = lab.js("-H", host, "migrate", "-l", *flags, NAME, target)
+            except RuntimeError as exc:  # the migration itself failed: why, and stop
+                moves.append({"n": i + 1, "intact": False, "error": str(exc)[:400]})
+                result["lost"] = {"move": i + 1, "logs": _tails(root)}
+                print(json.dumps(moves[-1]), json.dumps(result["lost"], indent=1), flush=True)
+                break
             m = info["migration"]
             host, other = other, host
-            shell = GuestShell(lab.row(host, NAME)["console_socket"])
             move = {"n": i + 1, "to": host, "cli_s": round(time.monotonic() - t0, 2),
                     "total_ms": m["total_ms"], "downtime_ms": m["downtime_ms"]}
+            try:
+                shell = GuestShell(lab.row(host, NAME)["console_socket"])
+            except StopIteration:  # reported moved, yet not there
+                move["intact"], move["error"] = False, f"not on {host} after the move"
+                moves.append(move)
+                result["lost"] = {"move": i + 1, "logs": _tails(root)}
+                print(json.dumps(move), json.dumps(result["lost"], indent=1), flush=True)
+                break
             try:
                 move["counter"] = shell.counter()
                 move["intact"] = canary(shell) == sums
@@ -141,7 +168,8 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(root, ignore_errors=True)
     ok = sum(1 for m in moves if m.get("intact"))
     print(f"{ok} of {len(moves)} moves left the guest intact"
-          + (f"; hung after move {result['hung']['move']}" if result["hung"] else ""))
+          + (f"; hung after move {result['hung']['move']}" if result["hung"] else "")
+          + (f"; gone after move {result['lost']['move']}" if result["lost"] else ""))
     return result
 
 
@@ -164,7 +192,7 @@ def main() -> int:
     result = soak(args)
     if args.out:
         args.out.write_text(json.dumps(result, indent=1, default=str))
-    return 1 if result["hung"] else 0
+    return 1 if result["hung"] or result["lost"] else 0
 
 
 if __name__ == "__main__":
