@@ -178,9 +178,9 @@ class Lifecycle:
         """Remove this host's copy of a domain that runs elsewhere now (``why``: it
         migrated away, or moved while the agent was away). Unlike :meth:`teardown`, a
         destroy that fails is not passed over (that would leave an untracked paused
-        copy in the hypervisor): the copy stays in the table, dying (no verb but
-        ``destroy`` admitted), is destroyed again every :data:`DROP_RETRY_S` until it is
-        gone, and the failure is raised to the caller."""
+        copy in the hypervisor): the copy stays in the table, dying (no verb admitted,
+        ``destroy`` included: this retry is what removes it), is destroyed again every
+        :data:`DROP_RETRY_S` until it is gone, and the failure is raised to the caller."""
         try:
             await self._destroy_strict(dom)
         except SanvisorError as exc:
