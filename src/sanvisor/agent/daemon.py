@@ -134,9 +134,11 @@ async def serve(layout: Layout) -> None:
         return kit_cache[0]
 
     from sanvisor.agent import eventlog
+    from sanvisor.agent.incoming import MigrationSettings
     from sanvisor.drivers.base import Driver
     from sanvisor.guestkit import default_cache_dir
 
+    MigrationSettings.from_env()  # a bad SANVISOR_MIGRATE_*: refused before anything starts
     events = eventlog.install(layout.home)  # what `dmesg` shows on a QEMU host
     host = _host_conf(layout)
     from sanvisor.agent.peers import PeerGuard, PoolNetwork

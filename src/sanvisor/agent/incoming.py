@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,8 +27,10 @@ from sanvisor.agent.table import Domain, DomainTable
 from sanvisor.drivers.base import IncomingMigration
 from sanvisor.drivers.xen.diskid import check_same
 from sanvisor.errors import (
+    ConfigError,
     ConflictError,
     RecordError,
+    SanvisorError,
     StoreError,
     TlsForbiddenError,
 )
@@ -36,7 +39,41 @@ from sanvisor.model.lifecycle import Busy
 from sanvisor.model.migration import ConvergencePolicy
 
 log = logging.getLogger("sanvisor.agent")
+#: s: the default limit of a transfer (the source) and of an arrival (the target)
 MIGRATE_TIMEOUT = 600.0
+
+
+def _seconds(environ: Mapping[str, str], var: str, default: float) -> float:
+    raw = environ.get(var, "")
+    if not raw.strip():
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 86400:
+        raise ConfigError(f"{var}={raw!r}: not a number of seconds (0 < N < 86400)",
+                          variable=var)
+    return value
+
+
+@dataclass(frozen=True)
+class MigrationSettings:
+    """Read by the agent at start (`sanvisor agent --help`, docs/migration.md)."""
+
+    #: SANVISOR_MIGRATE_TIMEOUT: a transfer not done within it is given up (source)
+    timeout: float = MIGRATE_TIMEOUT
+    #: SANVISOR_MIGRATE_EXPIRY: an incoming migration neither finished nor aborted
+    #: this long after it was prepared is removed (target; default timeout + 60)
+    expiry: float = MIGRATE_TIMEOUT + 60
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> MigrationSettings:
+        env = os.environ if environ is None else environ
+        timeout = _seconds(env, "SANVISOR_MIGRATE_TIMEOUT", MIGRATE_TIMEOUT)
+        return cls(timeout, _seconds(env, "SANVISOR_MIGRATE_EXPIRY", timeout + 60))
+
+
 # s: how often an incoming migration checks its source still holds it (the tests make
 # it tight, SANVISOR_MIGRATE_WATCH_S, so a race with the switch-over shows at once)
 def _watch_every() -> float:
@@ -73,8 +110,10 @@ class IncomingMigrations:
     """The migrations arriving at this host (agent/migration.py's Migrations adds the
     ones leaving it)."""
 
-    def __init__(self, svc: HostService) -> None:
+    def __init__(self, svc: HostService, settings: MigrationSettings | None = None
+                 ) -> None:
         self.svc = svc
+        self.settings = settings or MigrationSettings.from_env()
         self.pending: dict[str, Incoming] = {}
 
     @functools.cached_property
@@ -164,7 +203,7 @@ class IncomingMigrations:
         self.table.save(dom)
         pending = Incoming(dom, mig, peer=peer.name if peer else None)
         pending.expiry = asyncio.get_running_loop().call_later(
-            MIGRATE_TIMEOUT + 60, lambda: asyncio.ensure_future(self._expire(pending)))
+            self.settings.expiry, lambda: asyncio.ensure_future(self._expire(pending)))
         self.pending[rec.uuid] = pending
         if self.table.pool is not None and body.get("token") is not None:
             pending.watch = asyncio.get_running_loop().create_task(
@@ -196,7 +235,7 @@ class IncomingMigrations:
                 log.warning("migrate: %s's source let go of it (%s); removing the "
                             "incoming copy", mine.dom.name,
                             "no owner" if now is None else f"{now.host} took it again")
-                with contextlib.suppress(ConflictError):
+                with contextlib.suppress(SanvisorError):  # a copy kept dying: logged
                     await self.abort(uuid)
                 return
 
@@ -242,7 +281,8 @@ class IncomingMigrations:
         except BaseException:
             self.pending.pop(uuid, None)
             pending.switched.set()
-            await self._clean(pending)
+            with contextlib.suppress(SanvisorError):  # a copy kept dying: logged
+                await self._clean(pending)
             raise
         pending.done = asyncio.get_running_loop().create_task(self._arrive(pending, resume))
         pending.switched.set()
@@ -260,14 +300,15 @@ class IncomingMigrations:
     async def _arrive(self, pending: Incoming, resume: bool) -> dict[str, Any]:
         dom = pending.dom
         try:
-            inst = await pending.mig.finish(MIGRATE_TIMEOUT)
+            inst = await pending.mig.finish(self.settings.timeout)
             dom.inst = inst
             dom.record.pid = inst.pid
             running = (await inst.status()).running
             if resume and not running:
                 await inst.unpause()
         except BaseException:
-            await self._clean(pending)  # and with it, this host's ownership is released
+            with contextlib.suppress(SanvisorError):  # a copy kept dying: logged
+                await self._clean(pending)  # and with it, this host's hold in the pool
             raise
         finally:
             self.pending.pop(dom.record.uuid, None)
@@ -276,7 +317,8 @@ class IncomingMigrations:
         return self.svc.info(dom)
 
     async def abort(self, uuid: str, peer: Peer | None = None) -> None:
-        """The source gave up: nothing of the incoming domain is left here. Refused once
+        """The source gave up: nothing of the incoming domain is left here (a copy that
+        cannot be destroyed is kept dying and retried, and that is raised). Refused once
         switched over (the domain is this host's then)."""
         self._check_peer(uuid, peer)
         pending = self.pending.get(uuid)
@@ -290,9 +332,10 @@ class IncomingMigrations:
     async def _expire(self, mine: Incoming) -> None:
         uuid = mine.dom.record.uuid
         if self.pending.get(uuid) is mine and not mine.switching:
-            log.warning("migrate: incoming %s neither finished nor aborted; cleaning up",
-                        mine.dom.name)
-            await self.abort(uuid)
+            log.warning("migrate: incoming %s neither finished nor aborted within %.0fs; "
+                        "cleaning up", mine.dom.name, self.settings.expiry)
+            with contextlib.suppress(SanvisorError):  # a copy kept dying: logged
+                await self.abort(uuid)
 
     def _take(self, uuid: str) -> Incoming | None:
         pending = self.pending.pop(uuid, None)
@@ -301,9 +344,9 @@ class IncomingMigrations:
         return pending
 
     async def _clean(self, pending: Incoming) -> None:
-        try:
-            await pending.mig.abort()
-        except Exception as exc:  # said, not passed over (docs/migration.md)
-            log.error("migrate: %s: the incoming copy's abort failed: %s",
-                      pending.dom.name, exc)
-        await self.life.teardown(pending.dom)
+        """The incoming copy removed (its migration's abort: the receiver stopped, the
+        domain destroyed). An abort that fails is not passed over: the copy stays in
+        the table, dying, and the abort is tried again until it is gone
+        (:meth:`Lifecycle.drop_copy`); raised."""
+        await self.life.drop_copy(pending.dom, "its incoming migration was given up",
+                                  destroy=pending.mig.abort, what="incoming copy")

@@ -6,9 +6,10 @@ actions applied, reattachment after an agent restart, and the end (teardown).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from sanvisor.agent.host import HostResources
 from sanvisor.agent.records import load_records
@@ -21,6 +22,7 @@ from sanvisor.model.lifecycle import Busy, DomainEvent, EventKind, decide, resta
 log = logging.getLogger("sanvisor.agent")
 #: s between two tries to destroy a stale copy whose destroy failed (drop_copy)
 DROP_RETRY_S = 2.0
+Destroy = Callable[[], Awaitable[None]]
 
 
 class Lifecycle:
@@ -29,6 +31,8 @@ class Lifecycle:
         self.host = host
         self.driver = driver
         self._tasks: set[asyncio.Task[None]] = set()
+        #: uuid -> how to destroy a dying copy (drop_copy: its destroy failed)
+        self.dying: dict[str, Destroy] = {}
         #: called when a domain leaves the table, with what it was busy with (a domain
         #: that left by migration: MIGRATING); agent/managed.py keeps its registration
         self.gone_hooks: list[Callable[[Domain, Busy], None]] = []
@@ -47,11 +51,19 @@ class Lifecycle:
                 except Exception as exc:  # the process is there but will not talk
                     log.warning("cannot reattach %s: %s", rec.spec.name, exc)
             if inst is None:
-                if rec.state is not State.LOST:
+                if rec.state is State.DYING:  # a copy that had to go is gone: done
+                    await self.teardown(dom)
+                elif rec.state is not State.LOST:
                     self.table.set_state(dom, State.LOST, "its hypervisor process exited "
                                          "while the agent was away")
                 continue
             dom.inst = inst
+            if rec.state is State.DYING:  # its destroy was failing: retried from now on
+                try:
+                    await self.drop_copy(dom, "it was dying when the agent stopped")
+                except SanvisorError as exc:
+                    log.error("%s", exc)
+                continue
             if await self._moved_away(dom):
                 continue
             if dom.record.reason != "arriving by migration":
@@ -164,6 +176,7 @@ class Lifecycle:
             await dom.inst.close()
         self.host.unplumb(dom.record.nics)
         self.table.remove(dom)
+        self.dying.pop(dom.record.uuid, None)
         shutil.rmtree(self.table.layout.domain_dir(dom.record.uuid), ignore_errors=True)
         self.table.set_state(dom, State.DYING, "destroyed")
         for hook in self.gone_hooks:
@@ -174,23 +187,45 @@ class Lifecycle:
         if self.table.pool is not None:  # no longer runs here: the pool may start it
             await self.table.pool.release(dom.name, dom.record.uuid)
 
-    async def drop_copy(self, dom: Domain, why: str) -> None:
-        """Remove this host's copy of a domain that runs elsewhere now (``why``: it
-        migrated away, or moved while the agent was away). Unlike :meth:`teardown`, a
-        destroy that fails is not passed over (that would leave an untracked paused
-        copy in the hypervisor): the copy stays in the table, dying (no verb admitted,
-        ``destroy`` included: this retry is what removes it), is destroyed again every
-        :data:`DROP_RETRY_S` until it is gone, and the failure is raised to the caller."""
+    async def drop_copy(self, dom: Domain, why: str, *, destroy: Destroy | None = None,
+                        what: str = "stopped copy") -> None:
+        """Remove this host's copy of a domain that must not run here (``why``: it
+        migrated away, moved while the agent was away, or its incoming migration was
+        given up; ``destroy``: how, by default the instance's destroy). Unlike
+        :meth:`teardown`, a destroy that fails is not passed over (that would leave an
+        untracked copy in the hypervisor): the copy stays in the table, dying (it can
+        never run again: no verb but ``destroy`` is admitted, and that one tries the
+        destroy again at once), its hold in the pool is let go, it is destroyed again
+        every :data:`DROP_RETRY_S` until it is gone, and the failure is raised."""
+        kill = destroy or functools.partial(self._destroy_strict, dom)
         try:
-            await self._destroy_strict(dom)
+            await kill()
         except SanvisorError as exc:
             log.error("%s: %s, but its copy here could not be destroyed: %s; trying "
                       "again every %.0fs", dom.name, why, exc, DROP_RETRY_S)
             self.table.set_state(dom, State.DYING, f"{why}; destroy failed, retrying: {exc}")
-            self._spawn(self._drop_later(dom, why))
-            raise HypervisorError(f"{dom.name}: {why}, but its stopped copy on this host "
-                                  f"could not be destroyed ({exc}); the agent tries again "
+            self.dying[dom.record.uuid] = kill
+            if self.table.pool is not None:  # it never runs again: the pool may run it
+                await self.table.pool.release(dom.name, dom.record.uuid)
+            self._spawn(self._drop_later(dom, kill))
+            raise HypervisorError(f"{dom.name}: {why}, but its {what} on this host could "
+                                  f"not be destroyed ({exc}); the agent tries again every "
+                                  f"{DROP_RETRY_S:.0f}s", domain=dom.name) from None
+        await self.teardown(dom)
+
+    async def destroy_dying(self, dom: Domain) -> None:
+        """`destroy` of a dying copy (the caller holds its lock): the destroy
+        :meth:`drop_copy` retries, tried again now; its failure is raised, and the copy
+        stays dying (and retried)."""
+        kill = self.dying.get(dom.record.uuid) or functools.partial(self._destroy_strict,
+                                                                     dom)
+        try:
+            await kill()
+        except SanvisorError as exc:
+            raise HypervisorError(f"{dom.name} is dying (d): its copy on this host still "
+                                  f"cannot be destroyed ({exc}); the agent tries again "
                                   f"every {DROP_RETRY_S:.0f}s", domain=dom.name) from None
+        log.info("%s: the dying copy is destroyed (on request)", dom.name)
         await self.teardown(dom)
 
     async def _destroy_strict(self, dom: Domain) -> None:
@@ -203,14 +238,14 @@ class Lifecycle:
             if (await dom.inst.status()).status != "gone":
                 raise
 
-    async def _drop_later(self, dom: Domain, why: str) -> None:
+    async def _drop_later(self, dom: Domain, kill: Destroy) -> None:
         while dom in self.table:
             await asyncio.sleep(DROP_RETRY_S)  # a period, not a wait for an event
             async with dom.lock:
                 if dom not in self.table:
                     return
                 try:
-                    await self._destroy_strict(dom)
+                    await kill()
                 except SanvisorError as exc:
                     log.warning("%s: destroy of the stale copy failed again: %s",
                                 dom.name, exc)

@@ -40,7 +40,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from sanvisor.agent.incoming import MIGRATE_TIMEOUT, IncomingMigrations, modes
+from sanvisor.agent.incoming import IncomingMigrations, MigrationSettings, modes
 from sanvisor.agent.service import HostService
 from sanvisor.agent.table import Domain
 from sanvisor.api.client import AgentClient
@@ -63,8 +63,9 @@ log = logging.getLogger("sanvisor.agent")
 class Migrations(IncomingMigrations):
     """This host's migrations: the ones leaving it (here) and arriving (the base)."""
 
-    def __init__(self, svc: HostService) -> None:
-        super().__init__(svc)
+    def __init__(self, svc: HostService, settings: MigrationSettings | None = None
+                 ) -> None:
+        super().__init__(svc, settings)
         self.progress: dict[str, dict[str, Any]] = {}  # uuid -> the source's progress
 
     # ---- source ----------------------------------------------------------------------
@@ -128,7 +129,7 @@ class Migrations(IncomingMigrations):
         try:
             report = await inst.migrate_to(str(prep["address"]), live=live,
                                            policy=policy, progress=progress.update,
-                                           timeout=MIGRATE_TIMEOUT,
+                                           timeout=self.settings.timeout,
                                            switchover=switchover, tls=stream)
             info: dict[str, Any] = await asyncio.to_thread(
                 target.call, "POST", f"/v1/migrate/{rec.uuid}/finish", hand)

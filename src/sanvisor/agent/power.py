@@ -86,7 +86,12 @@ class PowerVerbs(VerbBase):
         return rows
 
     async def destroy(self, ref: str) -> dict[str, Any]:
+        """Pull the plug. A dying copy (one whose destroy failed, kept and retried by
+        the agent) is destroyed again at once, and a failure is said, not passed over."""
         dom = self.find(ref)
         async with dom.lock:
-            await self.life.teardown(dom)
+            if dom.state is State.DYING and dom in self.table:
+                await self.life.destroy_dying(dom)
+            else:
+                await self.life.teardown(dom)
         return self.view(dom)

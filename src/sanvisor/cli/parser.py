@@ -219,7 +219,11 @@ def _host_verbs(verb: Any, sub: Any, only: str | None) -> None:
                  "default build/engine/sanvisor-engine, made by scripts/setup.sh: the agent "
                  "does not start without it), SANVISOR_ENGINE_WATCHDOG=SECONDS (an engine "
                  "that does not answer a ping within this is killed and restarted; default "
-                 "2, 0: off). " + GLOBALS_EPILOG)
+                 "2, 0: off), SANVISOR_MIGRATE_TIMEOUT=SECONDS (a migration's transfer is "
+                 "given up after this; default 600), SANVISOR_MIGRATE_EXPIRY=SECONDS (an "
+                 "incoming migration neither finished nor aborted this long after it was "
+                 "prepared is removed; default the timeout + 60; docs/migration.md). "
+                 + GLOBALS_EPILOG)
     from sanvisor.cli import array_verbs
 
     if only in (None, "array"):

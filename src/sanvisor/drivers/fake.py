@@ -6,7 +6,9 @@ what a feature is called done on: real guests prove that.
 
 Faults for tests: ``FakeDriver.fail_next[verb] = error`` makes the next call of
 that verb raise; :meth:`FakeInstance.guest` injects what a guest would do (power
-off, reboot, panic); :meth:`FakeInstance.vanish` is its process dying.
+off, reboot, panic); :meth:`FakeInstance.vanish` is its process dying. It receives
+migrations (:class:`FakeIncoming`: the target side, for the agent's target logic) but
+sends none.
 """
 
 from __future__ import annotations
@@ -21,16 +23,19 @@ from typing import Any
 from sanvisor.drivers.base import (
     Driver,
     EventSink,
+    IncomingMigration,
     Instance,
     LaunchPlan,
     NicPlan,
     RunStatus,
     Stats,
+    StreamTls,
     VcpuInfo,
 )
 from sanvisor.errors import HypervisorError
 from sanvisor.model.domain import DiskSpec
 from sanvisor.model.lifecycle import DomainEvent, EventKind
+from sanvisor.model.migration import ConvergencePolicy
 
 STATE_FILE = "fake.json"
 _PIDS = itertools.count(1_000_000)
@@ -208,6 +213,28 @@ class FakeInstance(Instance):
         self.drv.live.pop(self.pid, None)
 
 
+class FakeIncoming(IncomingMigration):
+    """A migration arriving: the domain's copy, paused, that ``finish`` hands over and
+    ``abort`` destroys (``fail_next["abort"]``: that abort fails, the copy stays)."""
+
+    def __init__(self, inst: FakeInstance) -> None:
+        self.inst = inst
+        self.pid = inst.pid
+        self.address = f"fake:{inst.plan.rundir}"
+
+    async def finish(self, timeout: float) -> Instance:
+        self.inst._verb("finish")
+        return self.inst
+
+    async def abort(self) -> None:
+        self.inst.drv.calls.append((self.inst.plan.spec.name, "abort"))
+        err = self.inst.drv.fail_next.pop("abort", None)
+        if err is not None:
+            raise err
+        if self.inst.st["status"] != "gone":
+            await self.inst.destroy()
+
+
 class FakeDriver(Driver):
     name = "fake"
 
@@ -247,6 +274,13 @@ class FakeDriver(Driver):
         inst._save()
         self.live[inst.pid] = inst
         return inst
+
+    async def incoming(self, plan: LaunchPlan, events: EventSink, *, live: bool,
+                       policy: ConvergencePolicy,
+                       tls: StreamTls | None = None) -> IncomingMigration:
+        inst = await self.launch(plan, events)  # plan.incoming: paused
+        assert isinstance(inst, FakeInstance)
+        return FakeIncoming(inst)
 
     async def reattach(self, plan: LaunchPlan, pid: int, events: EventSink
                        ) -> Instance | None:

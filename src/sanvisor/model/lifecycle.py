@@ -120,7 +120,8 @@ ADMITS: dict[str, frozenset[State]] = {
     "unpause": frozenset((State.PAUSED,)),
     "shutdown": LIVE,
     "reboot": LIVE,
-    "destroy": _ALL_BUT_DYING,
+    # a dying copy too: its destroy failed, the agent retries it, and so may its user
+    "destroy": frozenset(State),
     "save": LIVE,
     "migrate": LIVE,
     "mem-set": LIVE,
@@ -169,6 +170,8 @@ def check(verb: str, state: State, name: str) -> None:
     hint = ""
     if state in _PRESERVED or state is State.LOST:
         hint = "; destroy it to clear it"
+    elif state is State.DYING:
+        hint = "; its destroy failed and is retried (destroy tries it again now)"
     elif verb in ("block-detach", "network-detach") and state is State.PAUSED:
         hint = "; unpause it first"
     raise ConflictError(f"{name} is {_WORDS[state]} ({letter}): {verb} needs "
