@@ -36,6 +36,7 @@ from sanvisor.waiting import wait_until_async
 
 log = logging.getLogger(__name__)
 QMP_TIMEOUT = 30.0
+KILL_WAIT_S = 5.0  # s a QEMU has to exit after `quit`, then after SIGKILL
 _CR0 = re.compile(r"\bCR0=([0-9a-fA-F]+)")
 _CR0_PG = 1 << 31
 _IP = re.compile(r"\b[RE]IP=([0-9a-fA-F]+)")
@@ -212,13 +213,18 @@ class QemuInstance(QemuExtras, Instance):
         await self.qmp("system_reset")
 
     async def destroy(self) -> None:
+        """QEMU gone: `quit`, else SIGKILL. One that outlives SIGKILL (stuck in the
+        kernel) is said, not passed over: its caller keeps the copy (agent/life.py)."""
         if not self.exited:
             with contextlib.suppress(HypervisorError, TimeoutError_):
-                await self.qmp("quit", timeout=5)
-            if not await self.wait_exit(5):
+                await self.qmp("quit", timeout=KILL_WAIT_S)
+            if not await self.wait_exit(KILL_WAIT_S):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self.pid, 9)
-                await self.wait_exit(5)
+                if not await self.wait_exit(KILL_WAIT_S):
+                    raise HypervisorError(f"{self.plan.spec.name}: its QEMU (pid "
+                                          f"{self.pid}) is still there {KILL_WAIT_S:.0f}s "
+                                          "after SIGKILL", domain=self.plan.spec.name)
         self.drop_credit()  # its cgroup (sched-credit), once its process is gone
 
     def qmp_events(self, listener: EventListener) -> Any:
