@@ -152,27 +152,16 @@ async def serve(layout: Layout) -> None:
 
         driver = FakeDriver()
         log.info("driver: fake (no hypervisor)")
-    elif host.get("driver") == "xen" and not host.get("ctl"):
-        # a real Xen host: the agent runs in dom0 and calls xl itself
-        from sanvisor.drivers.xen.driver import XenDriver
-        from sanvisor.drivers.xen.local import LocalDom0
-
-        dom0 = LocalDom0()
-        driver = XenDriver(dom0.run, dom0.put_file, spawn=dom0.spawn)
-        kit_args = "console=hvc0 quiet"
-        log.info("driver: xen, in this dom0 (xl run locally)")
     elif host.get("driver") == "xen":
-        # a lab host: a nested Xen whose dom0 is reached through its command channel
-        from sanvisor.drivers.xen.driver import XenDriver
-        from sanvisor.xenhost.build import DOMU_KERNEL, DOMU_RAMDISK
-        from sanvisor.xenhost.link import Dom0Link
+        # in dom0, xl run locally (a real Xen host), or another transport to dom0
+        from sanvisor.drivers.xen.transport import guest_kit, xen_driver
 
-        link = Dom0Link(str(host["ctl"]))
-        driver = XenDriver(lambda argv, stdin: link.run(argv, stdin), link.put_file,
-                           spawn=link.spawn)
-        kit_cache.append((Path(DOMU_KERNEL), Path(DOMU_RAMDISK)))  # inside dom0
+        where = str(layout.home / "host.json")
+        driver, how = xen_driver(host, where)
+        if (paths := guest_kit(host, where)) is not None:
+            kit_cache.append(paths)  # inside dom0
         kit_args = "console=hvc0 quiet"
-        log.info("driver: xen, dom0 through %s", host["ctl"])
+        log.info("driver: xen, %s", how)
     else:
         # one probe per host boot for every agent of the machine (lab hosts included):
         # the guest kit booted under KVM, now rather than in the first create

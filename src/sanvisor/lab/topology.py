@@ -217,10 +217,10 @@ def _start(state: LabState, array_netns: str | None, listens: list[str],
     _wait_array(state)
 
 
-def _host_conf(state: LabState, h: HostSpec) -> None:
+def _host_conf(state: LabState, h: HostSpec, **extra: object) -> None:
     """host.json: what the host's agent knows of itself (its name, its driver, the pool
     it belongs to: its home, where the pool's store is)."""
-    conf = {**asdict(h), "pool": str(state.root)}
+    conf = {**asdict(h), "pool": str(state.root), **extra}
     (Path(h.home) / "host.json").write_text(json.dumps(conf, indent=1))
 
 
@@ -277,6 +277,7 @@ def _add_xen_host(state: LabState, i: int) -> None:
     """Boot a nested Xen (Xen 4.17 + a PV dom0 under QEMU) and give it an agent that
     drives dom0's xl through the host's command channel."""
     from sanvisor.xenhost import XenHost, build_xen_kit
+    from sanvisor.xenhost.build import DOMU_KERNEL, DOMU_RAMDISK
 
     home = Path(state.root) / f"xen{i}"
     vm = XenHost(build_xen_kit(), home / "vm", name=f"xen{i}")
@@ -291,7 +292,8 @@ def _add_xen_host(state: LabState, i: int) -> None:
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     write_pool(state)
     credentials.issue(Path(state.root), state.name, [(h.name, h.home, h.address)])
-    _host_conf(state, h)
+    # the kit its dom0 holds: what a domain boots when its config names no kernel
+    _host_conf(state, h, guest_kit={"kernel": DOMU_KERNEL, "initrd": DOMU_RAMDISK})
     _sv(None, "--home", str(home), "agent", "start")
 
 
