@@ -17,7 +17,7 @@ def add_parser(sub: Any) -> None:
     ar = sub.add_parser("array", help="the disk array (LUNs over NBD, zoning)",
                         description="Manage the disk array: LUNs, initiators, zoning.")
     ar.add_argument("--array-home", type=Path, help="array state directory "
-                    "(default $SANVISOR_ARRAY_HOME, else HOME/array)")
+                    "(default $SANVISOR_ARRAY_HOME, else the pool's array, else HOME/array)")
     ar.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
     asub = ar.add_subparsers(dest="array_cmd", metavar="CMD", required=True)
     sv = asub.add_parser("serve", help="run the array daemon (NBD) in the foreground")
@@ -73,14 +73,18 @@ def add_parser(sub: Any) -> None:
 
 
 def _default_home(home: Path) -> Path:
-    """$SANVISOR_ARRAY_HOME, else the running lab's array, else HOME/array."""
-    from sanvisor.lab.topology import lab_root
+    """$SANVISOR_ARRAY_HOME, else the pool's array (pool.json's "array": the lab
+    writes it), else HOME/array."""
+    from sanvisor.errors import NotFoundError
+    from sanvisor.pool.config import PoolConfig
 
     if env := os.environ.get("SANVISOR_ARRAY_HOME"):
         return Path(env)
-    if (lab_root() / "lab.json").exists():
-        return lab_root() / "array"
-    return home / "array"
+    try:
+        array = PoolConfig.load().array  # a malformed pool.json is said, not passed over
+    except NotFoundError:  # no pool here
+        array = ""
+    return Path(array) if array else home / "array"
 
 
 def parse_size(text: str) -> int:

@@ -231,7 +231,8 @@ def write_pool(state: LabState) -> None:
 
     PoolConfig(state.name, {h.name: PoolHost(h.name, h.home, h.driver, h.lan, h.address,
                                              h.port)
-                            for h in state.hosts}).save(Path(state.root) / "pool.json")
+                            for h in state.hosts},
+               array=str(state.array_home)).save(Path(state.root) / "pool.json")
 
 
 def _free_port(addresses: list[str]) -> int:

@@ -48,6 +48,7 @@ class PoolConfig:
     name: str
     hosts: dict[str, PoolHost] = field(default_factory=dict)
     store: str = ""  # the state store's URL ("": sqlite:<pool home>/store.db)
+    array: str = ""  # the home of the pool's disk array daemon on this machine, if any
 
     def host(self, name: str) -> PoolHost:
         try:
@@ -64,6 +65,8 @@ class PoolConfig:
             n: asdict(h) for n, h in self.hosts.items()}}
         if self.store:
             data["store"] = self.store
+        if self.array:
+            data["array"] = self.array
         tmp.write_text(json.dumps(data, indent=1) + "\n")
         os.replace(tmp, path)
         return path
@@ -77,7 +80,10 @@ class PoolConfig:
             store = data.get("store") or ""
             if not isinstance(store, str):
                 raise TypeError(f"store must be a URL, not {store!r}")
-            return cls(name=str(data["name"]), hosts=hosts, store=store)
+            array = data.get("array") or ""
+            if not isinstance(array, str):
+                raise TypeError(f"array must be a directory, not {array!r}")
+            return cls(name=str(data["name"]), hosts=hosts, store=store, array=array)
         except FileNotFoundError:
             raise NotFoundError(f"no pool at {path.parent} (build one with 'sanvisor lab "
                                 "up', or write its pool.json)", path=str(path)) from None
