@@ -90,7 +90,8 @@ def _lock(layout: Layout) -> int:
 
 
 def _host_conf(layout: Layout) -> dict[str, Any]:
-    """host.json: what the lab says this host is (HBAs; driver and dom0 channel)."""
+    """host.json: what this host is (its name, HBAs, driver, how it reaches dom0 and the
+    guest kit there: drivers/xen/transport.py); the lab writes it for its hosts."""
     import json
 
     try:
