@@ -100,3 +100,25 @@ def test_forward_carries_a_connection_both_ways(tmp_path: Path, until_eof: bool)
         assert not local.exists()
     finally:
         next(server, None)
+
+
+def test_the_agent_bundle_carries_what_the_agent_needs_and_no_more() -> None:
+    """What xenhost/agentbundle.py sends to a nested dom0 (the Xen test runs it there)."""
+    from sanvisor.xenhost import agentbundle
+
+    files = agentbundle.files()
+    dests = set(files.values())
+    lib = f"opt/sanvisor/lib/python{sys.version_info.major}.{sys.version_info.minor}"
+    for needed in ("os.py", "asyncio/__init__.py", "site-packages/sanvisor/__init__.py",
+                   "site-packages/sanvisor/drivers/xen/local.py",
+                   "site-packages/uvicorn/__init__.py", "site-packages/fastapi/__init__.py"):
+        assert f"{lib}/{needed}" in dests, needed
+    assert agentbundle.ENGINE[1:] in dests  # the data path: no agent starts without it
+    assert not [d for d in dests if f"{lib}/test/" in d or "/tkinter/" in d]
+    assert not [d for d in dests if "/site-packages/pytest/" in d]  # not imported
+    libs = {Path(d).name for d in dests if d.startswith("opt/sanvisor/libs/")}
+    assert "libssl.so.3" in libs and not {"libc.so.6", "libm.so.6"} & libs
+    assert all(src.is_file() for src in files)
+    argv = agentbundle.python_argv("-m", "sanvisor")
+    assert argv[:5] == ["env", "-u", "PYTHONPATH", "-u", "PYTHONDONTWRITEBYTECODE"]
+    assert "PYTHONHOME=/opt/sanvisor" in argv and argv[-2:] == ["-m", "sanvisor"]
