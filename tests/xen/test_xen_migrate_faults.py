@@ -2,17 +2,20 @@
 restored the domain ends with exactly one copy in the pool, running, its memory intact
 (a /run/mark written before): (a) the target's finish fails, (b) the source's destroy
 of its stopped copy fails, (c) the source's agent dies after the stream ended and never
-calls back. The dom0 faults are real (xenhost/faults.py: the agents of this module run
-with the test-only SANVISOR_TEST_DOM0_FAULTS), the agent is SIGKILLed for real. Every
+calls back, (d) the same, its agent kept away until the target's incoming copy
+expired (whose `xl destroy` fails at first: kept dying). The dom0 faults are real
+(xenhost/faults.py: the agents of this module run with the test-only
+SANVISOR_TEST_DOM0_FAULTS), the agent is SIGKILLed for real. Every
 test counts the domain's copies in both dom0s (`list` shows xl's whole `xl list`,
 domains the agent does not track included, as "foreign") and reads the mark. One
 guest for the module, moved by the tests in turn: xen1 -> (a) xen1 -> (b) xen2 -> (c)
-xen2."""
+xen2 -> (d) xen2."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +28,10 @@ from tests.guest.helpers import Sanvisor, wait_until
 pytestmark = pytest.mark.xen
 NAME = "mgf"
 MARK = "written-before-the-move"
+RESTORED = "the incoming stream ended: xl restore exited with status 0"
+#: s: (d)'s target expires an incoming migration this long after preparing it; it
+#: must cover the stop-and-copy (~15-25 s here) with room to spare
+EXPIRY = 45
 
 
 class Host(Sanvisor):
@@ -35,9 +42,9 @@ class Host(Sanvisor):
         self.faults = faults
         self.held = faults.with_name(faults.name + ".held")
 
-    def restart_agent(self, *, faults: bool) -> None:
+    def restart_agent(self, *, faults: bool, **extra: str) -> None:
         self.run("agent", "stop", check=False)
-        env = dict(os.environ)
+        env = dict(os.environ, **extra)
         if faults:
             env.update(SANVISOR_TEST_DOM0_FAULTS=str(self.faults),
                        SANVISOR_MIGRATE_WATCH_S="0.5")
@@ -49,6 +56,10 @@ class Host(Sanvisor):
     def copies(self) -> list[str]:
         """The states of NAME's copies in this dom0 (xl list, tracked or not)."""
         return [str(r["state"]) for r in self.json("list") if r["name"] == NAME]
+
+    def restored(self) -> int:
+        """How many incoming streams this host's agent restored so far."""
+        return (self.home / "agent.log").read_text().count(RESTORED)
 
     def shell(self) -> GuestShell:
         return GuestShell(self.domain(NAME)["console_socket"])
@@ -132,15 +143,12 @@ def test_source_agent_killed_after_the_stream_keeps_one_copy(hosts: tuple[Host, 
     change, destroys the copy it restored."""
     a, b = hosts  # the guest is on b (xen2) now: b is the source
     b.faults.write_text(f"hold rm -rf /run/sv-migrate/{NAME}\n")
-    log = a.home / "agent.log"
-    seen = log.read_text().count("the incoming stream ended: xl restore exited with "
-                                 "status 0")
+    seen = a.restored()
     mig = subprocess.Popen(b.argv("migrate", NAME, str(a.home)), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
     try:
         wait_until("the source's stream ended (held)", b.held.exists, 180)
-        wait_until("the target restored it", lambda: log.read_text().count(
-            "the incoming stream ended: xl restore exited with status 0") > seen, 120)
+        wait_until("the target restored it", lambda: a.restored() > seen, 120)
         assert a.copies() == ["paused"] and len(b.copies()) == 1, (a.copies(), b.copies())
         b.kill_agent()
         _, err = mig.communicate(timeout=60)
@@ -150,6 +158,50 @@ def test_source_agent_killed_after_the_stream_keeps_one_copy(hosts: tuple[Host, 
             mig.kill()
             mig.wait()
         b.faults.write_text("")
+    b.restart_agent(faults=True)
+    wait_until("one copy, running on xen2", lambda: _running(b.copies()) and not a.copies(),
+               60)
+    assert b.shell().run("cat /run/mark") == MARK
+
+
+def test_source_agent_kept_away_the_target_copy_expires(hosts: tuple[Host, Host]) -> None:
+    """As (c), but the source's agent stays away: the target's incoming copy expires
+    (SANVISOR_MIGRATE_EXPIRY) and is destroyed; its `xl destroy` failing at first, the
+    copy is kept dying (never untracked), `destroy` says dom0's refusal, and the copy
+    goes once dom0 lets it. The source's copy, left paused, is the only one: its agent,
+    back, runs it on."""
+    a, b = hosts  # the guest is on b (xen2): b is the source, a (xen1) the target
+    a.restart_agent(faults=True, SANVISOR_MIGRATE_EXPIRY=str(EXPIRY))
+    a.faults.write_text(f"fail xl destroy {NAME}\n")
+    b.faults.write_text(f"hold rm -rf /run/sv-migrate/{NAME}\n")
+    seen = a.restored()
+    began = time.monotonic()
+    mig = subprocess.Popen(b.argv("migrate", NAME, str(a.home)), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until("the source's stream ended (held)", b.held.exists, EXPIRY)
+        wait_until("the target restored it", lambda: a.restored() > seen, 60)
+        took = time.monotonic() - began
+        assert took < EXPIRY - 5, f"the move took {took:.0f}s: EXPIRY is too short"
+        assert a.copies() == ["paused"], a.copies()
+        b.kill_agent()  # and not started again until the target expired its copy
+        _, err = mig.communicate(timeout=60)
+        assert mig.returncode != 0, err
+    finally:
+        if mig.poll() is None:
+            mig.kill()
+            mig.wait()
+        b.faults.write_text("")
+    try:
+        wait_until("the incoming copy expired, kept dying", lambda: a.copies() == ["dying"],
+                   EXPIRY + 30)
+        line = a.fail("destroy", NAME)  # tried again at once: dom0 still refuses
+        assert "still cannot be destroyed" in line and "TEST FAULT" in line, line
+        assert "is dying (d)" in a.fail("unpause", NAME)
+        assert a.copies() == ["dying"]
+    finally:
+        a.faults.write_text("")
+    wait_until("the dying copy destroyed", lambda: not a.copies(), 30)
     b.restart_agent(faults=True)
     wait_until("one copy, running on xen2", lambda: _running(b.copies()) and not a.copies(),
                60)

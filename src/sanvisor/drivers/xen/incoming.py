@@ -5,13 +5,12 @@ fed from a one-shot unix socket the source's stream arrives on."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from typing import TYPE_CHECKING
 
 from sanvisor.drivers.base import EventSink, IncomingMigration, Instance, LaunchPlan
 from sanvisor.drivers.xen.migrate import Receiver, receive_argv
-from sanvisor.errors import HypervisorError
+from sanvisor.errors import HypervisorError, SanvisorError
 
 if TYPE_CHECKING:
     from sanvisor.drivers.xen.driver import XenDriver
@@ -56,8 +55,11 @@ class XenIncoming(IncomingMigration):
         info = await asyncio.to_thread(self.drv.xl.info, name)
         if info is not None:
             log.warning("migrate: destroying the unfinished copy of %s", name)
-            await asyncio.to_thread(functools.partial(self.drv.xl, "destroy", name,
-                                                      check=False))
+            why = "xl destroy failed"
+            try:
+                await asyncio.to_thread(self.drv.xl, "destroy", name)
+            except SanvisorError as exc:  # gone all the same, or said below
+                why = str(exc)
             if await asyncio.to_thread(self.drv.xl.info, name) is not None:
                 raise HypervisorError(f"migrate: the unfinished copy of {name} could not "
-                                      "be destroyed (xl destroy failed)", domain=name)
+                                      f"be destroyed ({why})", domain=name)
