@@ -38,11 +38,16 @@ def _until(what: str, fn: Callable[[], object], timeout: float = 120) -> None:
 
 
 def _what_xg1_shows(xlab: XLab) -> str:
-    """xg1's row and its console's last lines: what a hung shutdown leaves to read."""
-    rows = xlab.js("-H", "xen1", "list", "xg1")
-    log = next((r["console_log"] for r in rows if r.get("console_log")), "")
-    tail = Path(log).read_text(errors="replace")[-400:] if log else "no log"
-    return f"rows={rows!r} console tail={tail!r}"
+    """What a hung shutdown leaves to read: xg1's row, its vCPUs (which physical CPU,
+    their state and time: a vCPU stuck running on one CPU points below the guest),
+    its console's last lines, and the nested Xen's own console."""
+    rows = xlab.sv("--json", "-H", "xen1", "list", "xg1", check=False).stdout
+    vcpus = xlab.sv("--json", "-H", "xen1", "vcpu-list", "xg1", check=False).stdout
+    log = xlab.root / "xen1" / "vm" / "console.log"
+    xen = log.read_text(errors="replace")[-600:] if log.exists() else "no log"
+    guest = xlab.sv("-H", "xen1", "console", "--history", "xg1", check=False).stdout
+    return (f"rows={rows.strip()!r} vcpus={vcpus.strip()!r} "
+            f"console tail={guest[-400:]!r} xen console tail={xen!r}")
 
 
 def test_xm_verbs_on_a_xen_host(xlab: XLab, tmp_path: Path) -> None:
