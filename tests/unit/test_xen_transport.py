@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import stat
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -23,6 +24,19 @@ def test_no_transport_named_means_xl_in_this_dom0() -> None:
     driver, how = xen_driver({"driver": "xen", "name": "x"})
     assert how == "in this dom0 (xl run locally)"
     assert driver.run(["echo", "local"], None) == (0, "local\n", "")
+
+
+def test_a_real_xen_host_imports_nothing_of_the_lab() -> None:
+    """docs/architecture.md: what only the lab has (lab/, xenhost/) is never imported
+    by what a real host runs; here, the agent's Xen driver over local xl."""
+    code = ("import sys, sanvisor.agent.daemon, sanvisor.cli.main\n"
+            "from sanvisor.drivers.xen.transport import xen_driver, guest_kit\n"
+            "xen_driver({'driver': 'xen'}); guest_kit({})\n"
+            "print(' '.join(m for m in sys.modules\n"
+            "               if m.startswith(('sanvisor.lab', 'sanvisor.xenhost'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    assert out.split() == []
 
 
 def test_a_channel_socket_is_one_transport_among_others(tmp_path: Path) -> None:
