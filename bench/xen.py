@@ -1,5 +1,6 @@
-"""Xen: time to bring a nested Xen host up, and per-verb latency of sanvisor's Xen
-driver against xl run directly in the same dom0 (same run, same domain).
+"""Xen: time to bring a nested Xen host up and its QEMU's memory (RSS), and per-verb
+latency of sanvisor's Xen driver against xl run directly in the same dom0 (same run,
+same domain).
 
 "xl in dom0" is timed inside dom0 (date before and after, in one shell); "via the
 channel" is the same xl command timed from the outer host (what any caller of
@@ -22,6 +23,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def rss_mib(pid: int) -> int:
+    """A process's resident memory (VmRSS), MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
 def main() -> int:
     from sanvisor.drivers.base import LaunchPlan
     from sanvisor.drivers.xen.driver import XenDriver
@@ -42,6 +51,9 @@ def main() -> int:
         t0 = time.monotonic()
         host.start(timeout=240)
         results["host_up_s"] = time.monotonic() - t0
+        assert host.proc is not None
+        pid = host.proc.pid
+        results["rss_boot_mib"] = rss_mib(pid)
         drv = XenDriver(lambda a, s: host.run(a, stdin=s), host.put_file, spawn=host.spawn,
                         poll=3600)
         spec = parse_config("name='xb'\nmemory=128\nmaxmem=256\n").spec
@@ -88,13 +100,20 @@ def main() -> int:
         loop.run_until_complete(inst.close())
         results["noop_channel_ms"] = statistics.median(
             [timed(lambda: host.run(["true"])) for _ in range(args.runs)])
+        results["rss_after_mib"] = rss_mib(pid)
+        # the driver's xl watcher sleeps between polls: end it, not leave it pending
+        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for task in pending:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
     finally:
         loop.close()
         host.stop()
         shutil.rmtree(work, ignore_errors=True)
-    print(f"nested Xen host up: {results['host_up_s']:.1f} s; create of a 128 MiB PV "
-          f"domU through the driver: {results['create_s']:.1f} s; empty channel round "
-          f"trip: {results['noop_channel_ms']:.0f} ms\n")
+    print(f"nested Xen host up: {results['host_up_s']:.1f} s (QEMU RSS "
+          f"{results['rss_boot_mib']} MiB; after the verbs {results['rss_after_mib']} MiB); "
+          f"create of a 128 MiB PV domU through the driver: {results['create_s']:.1f} s; "
+          f"empty channel round trip: {results['noop_channel_ms']:.0f} ms\n")
     print(f"{'verb':<10} {'xl in dom0':>12} {'xl via channel':>15} {'sanvisor driver':>16} "
           f"{'overhead':>9}")
     for r in results["verbs"]:

@@ -23,12 +23,22 @@ from sanvisor.xenhost.channel import (
 from sanvisor.xenhost.packages import XenHostError
 
 QEMU = "qemu-system-x86_64"
+#: TCG's translation cache: QEMU's default is 1 GiB, resident once filled; 128 MiB is as
+#: fast here (Xen, dom0 and a few domUs; docs/xen.md has the measurements)
+TB_MIB = 128
+#: The nested host's RAM, and dom0's share (it holds its ~120 MiB initramfs in tmpfs,
+#: and save images and cores pass through its tmpfs). Only what is used is resident
+#: on the outer host: Xen does not scrub its free memory at boot (bootscrub=0).
+MEMORY_MIB = 2048
+DOM0_MIB = 768
 
 
 def xen_cmdline(dom0_mib: int) -> str:
-    """Xen's own options (its console on COM1, the console log)."""
+    """Xen's own options (its console on COM1, the console log). ``bootscrub=0``: a
+    fresh QEMU's RAM is zero already, and scrubbing it would touch (hence make
+    resident on the outer host) every page of the nested host, used or not."""
     return (f"console=com1 com1=115200,8n1 dom0_mem={dom0_mib}M,max:{dom0_mib}M"
-            " dom0_max_vcpus=2 noreboot")
+            " dom0_max_vcpus=2 noreboot bootscrub=0")
 
 
 def dom0_cmdline(name: str) -> str:
@@ -44,14 +54,15 @@ def pv_config(name: str, memory_mib: int = 128, vcpus: int = 1) -> str:
 
 
 def qemu_argv(kit: XenKit, workdir: Path, name: str, memory_mib: int,
-              dom0_mib: int) -> list[str]:
+              dom0_mib: int, tb_mib: int = TB_MIB) -> list[str]:
     for part in (str(kit.dom0_kernel), str(kit.dom0_initrd), dom0_cmdline(name)):
         if "," in part:
             raise XenHostError(f"QEMU -initrd cannot carry a comma: {part!r}")
     return [
         # +npt: Xen then has hardware-assisted paging (HAP), hence log-dirty for PVH
         # guests and their live migration (this Xen is built without shadow paging)
-        QEMU, "-name", name, "-accel", "tcg,thread=multi", "-cpu", "qemu64,+svm,+npt",
+        QEMU, "-name", name, "-accel", f"tcg,thread=multi,tb-size={tb_mib}",
+        "-cpu", "qemu64,+svm,+npt",
         "-m", str(memory_mib), "-smp", "2", "-nographic", "-no-reboot", "-monitor", "none",
         "-kernel", str(kit.xen), "-append", xen_cmdline(dom0_mib),
         "-initrd", f"{kit.dom0_kernel} {dom0_cmdline(name)},{kit.dom0_initrd}",
@@ -68,8 +79,10 @@ class XenHost:
     """One nested Xen host. ``start`` boots it, ``run`` runs commands in dom0."""
 
     def __init__(self, kit: XenKit, workdir: Path, *, name: str = "xen1",
-                 memory_mib: int = 3072, dom0_mib: int = 1536) -> None:
+                 memory_mib: int = MEMORY_MIB, dom0_mib: int = DOM0_MIB,
+                 tb_mib: int = TB_MIB) -> None:
         self.kit = kit
+        self.tb_mib = tb_mib
         self.workdir = Path(workdir)
         self.name = name
         self.memory_mib = memory_mib
@@ -129,7 +142,8 @@ class XenHost:
         except (OSError, ValueError) as exc:
             raise XenHostError(f"{self.name}: the kit's channel key: {exc}",
                                path=str(self.kit.key)) from None
-        argv = qemu_argv(self.kit, self.workdir, self.name, self.memory_mib, self.dom0_mib)
+        argv = qemu_argv(self.kit, self.workdir, self.name, self.memory_mib, self.dom0_mib,
+                         self.tb_mib)
         (self.workdir / "qemu.cmd").write_text(shlex.join(argv) + "\n")
         t0 = time.monotonic()
         deadline = t0 + timeout
