@@ -1,5 +1,7 @@
-"""Move one guest back and forth until it breaks (or N moves): the reproducer of the
-known TCG problem in docs/migration.md ("one live move in nine of an idling guest").
+"""Move one guest back and forth until it breaks (or N moves): the reproducer of
+docs/migration.md's "QEMU 7.2 and live migration" (about one live move in nine of an
+idling guest broke it on 7.2; none in 125 on QEMU 10, the default now; set
+SANVISOR_QEMU=/usr/bin/qemu-system-x86_64 to run the system's 7.2).
 
 The SAN lab with two hosts (bench.migratekit.Lab), one 128 MiB guest-kit guest on
 the LUN with a NIC on the lab's LAN, rewriting 16 MiB of its memory then sleeping 1 s
@@ -157,10 +159,21 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
             moves.append(move)
             print(json.dumps(move), flush=True)
             if not move["intact"]:
+                if not any(r["name"] == NAME for r in lab.js("-H", host, "list")):
+                    result["lost"] = {"move": i + 1, "logs": _tails(root, 60)}  # it died
+                    print(json.dumps(result["lost"], indent=1), flush=True)
+                    break
                 result["hung"] = {"move": i + 1, "host": host, **diagnose(lab, host)}
                 print(json.dumps(result["hung"], indent=1), flush=True)
                 break
     finally:
+        if result["hung"] or result["lost"]:  # the whole logs, kept for reading
+            keep = Path(tempfile.mkdtemp(prefix="soak-logs-", dir="/tmp"))
+            for log in [*root.glob("host*/agent.log"), *root.glob("host*/dom/*/*.log")]:
+                dest = keep / log.relative_to(root)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(log, dest)
+            print(f"logs kept in {keep}", flush=True)
         try:
             lab.sv("lab", "down")
         except Exception as exc:  # say it; the rest is removed by hand

@@ -44,5 +44,10 @@ fi
 # where the agent looks for it. make rebuilds it only when a source changed (~3 s when it does).
 make -s -C engine OUT="$PWD/build/engine"
 
+# The guests' QEMU: where the system's is Debian 12's 7.2 (it corrupts about one TCG guest
+# in ten that it migrates live), QEMU 10 from bookworm-backports, unpacked in build/qemu
+# with a private apt state (the system's QEMU and apt sources stay as they are).
+./scripts/fetch-qemu.sh
+
 # The guest kit (Debian kernel + busybox initramfs): built once, cached.
 .venv/bin/sanvisor guest-kit build >/dev/null

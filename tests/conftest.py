@@ -47,16 +47,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_report_header(config: pytest.Config) -> list[str]:
     """Which accelerator this run's guests use, and why (CI prints it)."""
     try:
+        from sanvisor.drivers.qemu.binary import qemu_binary, qemu_version
         from sanvisor.drivers.qemu.probe import AccelProbe
         from sanvisor.guestkit import build_kit, default_cache_dir
 
         kit = build_kit()
-        choice = AccelProbe(lambda: (kit.kernel, kit.initrd), qemu="qemu-system-x86_64",
+        qemu = qemu_binary()
+        choice = AccelProbe(lambda: (kit.kernel, kit.initrd), qemu=qemu,
                             cache_dir=default_cache_dir().parent).decide()
     except Exception as exc:  # a header must not stop the run
         return [f"accelerator: unknown ({type(exc).__name__}: {exc})"]
     extra = f"; warning: {choice.warning}" if choice.warning else ""
-    return [f"accelerator: {choice.accel} ({choice.reason}){extra}"]
+    return [f"accelerator: {choice.accel} ({choice.reason}){extra}",
+            f"guests' QEMU: {qemu} ({qemu_version(qemu) or 'version unknown'})"]
 
 
 @pytest.fixture(scope="session")

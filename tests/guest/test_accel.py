@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from sanvisor.drivers.qemu.binary import qemu_binary
 from sanvisor.drivers.qemu.probe import AccelProbe, BootResult, boot_kit, kvm_module
 from tests.guest.conftest import write_config
 from tests.guest.helpers import Sanvisor, qemu_pids
 
 pytestmark = pytest.mark.guest
-QEMU = "qemu-system-x86_64"
+QEMU = qemu_binary()
 
 
 def test_the_probe_chooses_what_boots_the_kit(kit: object) -> None:

@@ -169,7 +169,8 @@ async def serve(layout: Layout) -> None:
         qemu = QemuDriver(kit=kit, cache_dir=default_cache_dir().parent)
         qemu.life_timeout = life_timeout()
         choice = await asyncio.to_thread(lambda: qemu.choice)
-        log.info("accelerator: %s (%s)", choice.accel, choice.reason)
+        log.info("accelerator: %s (%s); QEMU %s", choice.accel, choice.reason,
+                 qemu.host_facts()["qemu_version"] or qemu.qemu)
         if choice.warning:
             log.warning("warning: %s", choice.warning)
         driver = qemu

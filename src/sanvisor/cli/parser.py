@@ -222,7 +222,9 @@ def _host_verbs(verb: Any, sub: Any, only: str | None) -> None:
                  "2, 0: off), SANVISOR_MIGRATE_TIMEOUT=SECONDS (a migration's transfer is "
                  "given up after this; default 600), SANVISOR_MIGRATE_EXPIRY=SECONDS (an "
                  "incoming migration neither finished nor aborted this long after it was "
-                 "prepared is removed; default the timeout + 60; docs/migration.md). "
+                 "prepared is removed; default the timeout + 60; docs/migration.md), "
+                 "SANVISOR_QEMU=PATH (the guests' QEMU; default build/qemu's, fetched by "
+                 "scripts/setup.sh where the system's is 7.2, else the system's). "
                  + GLOBALS_EPILOG)
     from sanvisor.cli import array_verbs
 

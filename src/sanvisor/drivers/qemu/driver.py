@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from sanvisor.drivers.base import (
     StreamTls,
 )
 from sanvisor.drivers.qemu.argv import build_argv
+from sanvisor.drivers.qemu.binary import QEMU_BINARY, qemu_binary, qemu_version
 from sanvisor.drivers.qemu.instance import QemuInstance
 from sanvisor.drivers.qemu.probe import AccelChoice, AccelProbe, Kit
 from sanvisor.errors import HypervisorError
@@ -26,7 +26,6 @@ from sanvisor.model.migration import ConvergencePolicy
 from sanvisor.waiting import wait_until_async
 
 log = logging.getLogger(__name__)
-QEMU_BINARY = "qemu-system-x86_64"
 START_TIMEOUT = 60.0
 
 
@@ -66,7 +65,7 @@ class QemuDriver(Driver):
                  accel: str | None = None, cache_dir: Path | None = None) -> None:
         """``kit``: the guest kit's (kernel, initrd), booted by the accelerator probe.
         ``accel``: skip the probe (tests, or a caller that decided already)."""
-        self.qemu = qemu or shutil.which(QEMU_BINARY) or QEMU_BINARY
+        self.qemu = qemu or qemu_binary()
         self._choice = AccelChoice(accel, "given by the caller") if accel else None
         self._probe = AccelProbe(kit, qemu=self.qemu, cache_dir=cache_dir) if kit else None
         self._children: dict[int, subprocess.Popen[bytes]] = {}
@@ -88,6 +87,14 @@ class QemuDriver(Driver):
 
     def accelerator(self) -> dict[str, object]:
         return self.choice.to_dict()
+
+    def hypervisor_version(self) -> str:
+        return qemu_version(self.qemu)
+
+    def host_facts(self) -> dict[str, object]:
+        """Which QEMU runs the guests (drivers/qemu/binary.py), as `xm info` names Xen's
+        version."""
+        return {"qemu": self.qemu, "qemu_version": self.hypervisor_version()}
 
     def argv(self, plan: LaunchPlan) -> list[str]:
         plan.accel = self.accel
