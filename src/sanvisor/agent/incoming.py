@@ -155,6 +155,11 @@ class IncomingMigrations:
             raise ConflictError(f"migrate: the target's CPUs run under {accel}, the "
                                 f"source's under {body.get('accelerator')} (not the same "
                                 "CPU model)")
+        mine, theirs = drv.hypervisor_version(), str(body.get("hypervisor_version") or "")
+        if mine and theirs and theirs != mine:  # `-M pc` is each QEMU's newest machine
+            raise ConflictError(f"migrate: the target runs {drv.name} {mine}, the source "
+                                f"{drv.name} {theirs} (both ends must run the same; "
+                                "SANVISOR_QEMU, docs/migration.md)")
         try:
             policy = ConvergencePolicy.from_dict(body.get("policy"))
         except ValueError as exc:

@@ -113,6 +113,7 @@ class Migrations(IncomingMigrations):
             {"record": rec.to_dict(), "disks": ids, "live": live,
              "policy": policy.to_dict(), "driver": drv.name,
              "accelerator": drv.accelerator()["accel"], "source": source,
+             "hypervisor_version": drv.hypervisor_version(),
              "token": token})
         was_running = rec.state is State.RUNNING
         hand = {"resume": was_running, "source": source, "token": token}

@@ -281,9 +281,14 @@ class Driver(abc.ABC):
         """What runs the guests' CPUs here, and why (``sanvisor info``)."""
         return {"accel": self.name, "reason": f"domains run under {self.name}"}
 
+    def hypervisor_version(self) -> str:
+        """The hypervisor program's version where both ends of a migration must run the
+        same one (QEMU: its ``--version``); "" when it does not matter or is unknown."""
+        return ""
+
     def host_facts(self) -> dict[str, object]:
         """Facts the hypervisor knows better than the host's /proc (Xen: `xl info`);
-        blocking. QEMU: none."""
+        blocking. QEMU: which QEMU."""
         return {}
 
     def host_cpus(self) -> int:
