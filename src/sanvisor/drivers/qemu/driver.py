@@ -165,8 +165,10 @@ class QemuDriver(Driver):
             return await QemuIncoming.listen(inst, live and policy.postcopy_after_s
                                              is not None, tls)
         except BaseException:
-            await inst.destroy()
-            await inst.close()
+            try:  # a QEMU that outlives SIGKILL is said (the first error as its context)
+                await inst.destroy()
+            finally:
+                await inst.close()
             raise
 
     def _reap(self, pid: int) -> None:
