@@ -1,7 +1,8 @@
 """`migrate` between the lab's two nested Xen hosts: refusals (a name that runs on the
 other host, live migration of a PV guest without log-dirty), then the guest moved with
 its memory (a tmpfs mark survives), its MAC and its disk; and a PVH guest moved live
-(the nested hosts have HAP: log-dirty works for it)."""
+(the nested hosts have HAP: log-dirty works for it). Both streams go dom0 to dom0 over
+the lab's LAN (drivers/xen/migrate.py), as the source agent's log says."""
 
 from __future__ import annotations
 
@@ -16,6 +17,12 @@ from tests.guest.helpers import Sanvisor
 pytestmark = pytest.mark.xen
 NAME = "mg1"
 PVH = "mp1"
+
+
+def _lan_moves(home: Path, name: str) -> int:
+    """How many of ``name``'s moves from this host sent xl's stream over the LAN."""
+    text = (home / "agent.log").read_text()
+    return text.count(f"{name}: xl's stream goes to 10.213.100.")
 
 
 def test_migrate_moves_a_running_guest(xen_lab: Path, tmp_path: Path) -> None:
@@ -56,6 +63,9 @@ def test_migrate_moves_a_running_guest(xen_lab: Path, tmp_path: Path) -> None:
         assert moved.run("cat /run/mark") == "moved-not-rebooted"  # its memory came along
         assert moved.counter() >= c1
         assert moved.run("dd if=/dev/xvda bs=6 count=1 2>/dev/null") == "070701"
+        # xl's stream went dom0 to dom0 over the lab's LAN, not through the agents (the
+        # refused -l above had set up its stream too)
+        assert _lan_moves(xen_lab / "xen1", NAME) == 2
 
         # PVH on HAP: xl migrate live, the guest running all along
         pcfg = write_config(tmp_path / "mp1.cfg", name=PVH, type="pvh", memory=128,
@@ -75,6 +85,7 @@ def test_migrate_moves_a_running_guest(xen_lab: Path, tmp_path: Path) -> None:
         pv = GuestShell(there["console_socket"])
         assert pv.run("cat /run/mark") == "live"
         assert pv.counter() >= c2
+        assert _lan_moves(xen_lab / "xen1", PVH) == 1
     finally:
         for name in (NAME, PVH):
             a.run("destroy", name, check=False)

@@ -26,7 +26,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sanvisor import where
 from sanvisor.command import run
@@ -39,9 +39,12 @@ from sanvisor.errors import (
     UsageError,
 )
 from sanvisor.lab import credentials
-from sanvisor.lab.lan import build_lan, lan_address
+from sanvisor.lab.lan import LAN_BRIDGE, LAN_PREFIX, build_lan, lan_address
 from sanvisor.pool.tls import AGENT_PORT
 from sanvisor.waiting import wait_until
+
+if TYPE_CHECKING:
+    from sanvisor.xenhost.host import XenLan
 
 ARRAY_PORT = 10809
 FABRICS = ("fabA", "fabB")
@@ -281,7 +284,7 @@ def _add_xen_host(state: LabState, i: int) -> None:
     from sanvisor.xenhost.build import DOMU_KERNEL, DOMU_RAMDISK
 
     home = Path(state.root) / f"xen{i}"
-    vm = XenHost(build_xen_kit(), home / "vm", name=f"xen{i}")
+    vm = XenHost(build_xen_kit(), home / "vm", name=f"xen{i}", lan=_xen_lan(state, i))
     vm.start(timeout=240, attempts=4)
     vm.detach()
     h = HostSpec(name=f"xen{i}", netns="", home=str(home), driver="xen",
@@ -296,6 +299,23 @@ def _add_xen_host(state: LabState, i: int) -> None:
     # the kit its dom0 holds: what a domain boots when its config names no kernel
     _host_conf(state, h, guest_kit={"kernel": DOMU_KERNEL, "initrd": DOMU_RAMDISK})
     _sv(None, "--home", str(home), "agent", "start")
+
+
+def _xen_lan(state: LabState, i: int) -> XenLan | None:
+    """Xen host i's NIC on the lab's LAN (lab/lan.py; made here if the lab has none
+    yet): dom0 at 10.213.100.<40+i>, its xenbr0 bridging the NIC, so migration streams
+    go dom0 to dom0 and the guests are on the LAN. None without root (no namespaces):
+    the host then has no NIC and its migrations use the command channel."""
+    from sanvisor.xenhost.host import XenLan
+
+    if os.geteuid() != 0:
+        return None
+    if not state.lan_netns:
+        state.lan_netns = f"{state.name}-lan"
+        state.save()
+        build_lan(_ip, state.lan_netns, [])
+    return XenLan(netns=state.lan_netns, bridge=LAN_BRIDGE, tap=f"xen{i}",
+                  mac=f"52:54:00:5a:00:{i:02x}", address=f"{LAN_PREFIX}.{40 + i}/24")
 
 
 def _wait_array(state: LabState, timeout: float = 20.0) -> None:

@@ -42,6 +42,7 @@ DOM0_MODULES: tuple[str, ...] = (
     "xen_blkback", "xen_netback", "bridge", "tun",
     "virtio_pci", "virtio_console",  # the command channel's port (sanvisor.ctl)
     "loop",  # file-backed disks for domUs
+    "virtio_net",  # the host's NIC on the lab's LAN (migration streams, xenbr0's uplink)
 )
 #: Binaries whose shared libraries (ldd) are copied into dom0.
 LDD_BINARIES = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from sanvisor.errors import TimeoutError_
@@ -41,8 +42,22 @@ def xen_cmdline(dom0_mib: int) -> str:
             " dom0_max_vcpus=2 noreboot bootscrub=0")
 
 
-def dom0_cmdline(name: str) -> str:
-    return f"console=hvc0 earlyprintk=xen rdinit=/init sv.hostname={name}"
+@dataclass(frozen=True)
+class XenLan:
+    """A nested host's NIC on a LAN: a tap in ``bridge`` of namespace ``netns`` (QEMU
+    runs in that namespace), dom0's ``address`` (IP/PREFIX) on its xenbr0, which
+    bridges the NIC (the guests' vifs are on that LAN too)."""
+
+    netns: str
+    bridge: str
+    tap: str
+    mac: str
+    address: str
+
+
+def dom0_cmdline(name: str, lan: XenLan | None = None) -> str:
+    line = f"console=hvc0 earlyprintk=xen rdinit=/init sv.hostname={name}"
+    return f"{line} sv.lan={lan.address}" if lan else line
 
 
 def pv_config(name: str, memory_mib: int = 128, vcpus: int = 1) -> str:
@@ -54,8 +69,8 @@ def pv_config(name: str, memory_mib: int = 128, vcpus: int = 1) -> str:
 
 
 def qemu_argv(kit: XenKit, workdir: Path, name: str, memory_mib: int,
-              dom0_mib: int, tb_mib: int = TB_MIB) -> list[str]:
-    for part in (str(kit.dom0_kernel), str(kit.dom0_initrd), dom0_cmdline(name)):
+              dom0_mib: int, tb_mib: int = TB_MIB, lan: XenLan | None = None) -> list[str]:
+    for part in (str(kit.dom0_kernel), str(kit.dom0_initrd), dom0_cmdline(name, lan)):
         if "," in part:
             raise XenHostError(f"QEMU -initrd cannot carry a comma: {part!r}")
     return [
@@ -65,24 +80,33 @@ def qemu_argv(kit: XenKit, workdir: Path, name: str, memory_mib: int,
         "-cpu", "qemu64,+svm,+npt",
         "-m", str(memory_mib), "-smp", "2", "-nographic", "-no-reboot", "-monitor", "none",
         "-kernel", str(kit.xen), "-append", xen_cmdline(dom0_mib),
-        "-initrd", f"{kit.dom0_kernel} {dom0_cmdline(name)},{kit.dom0_initrd}",
+        "-initrd", f"{kit.dom0_kernel} {dom0_cmdline(name, lan)},{kit.dom0_initrd}",
         "-chardev", f"file,id=con0,path={workdir / 'console.log'}",
         "-serial", "chardev:con0",
         "-device", "virtio-serial-pci,id=vser0",
         "-chardev", f"socket,id=ctl,path={workdir / 'ctl.sock'},server=on,wait=off",
         "-device", f"virtserialport,bus=vser0.0,chardev=ctl,name={scripts.CTL_PORT_NAME}",
-        "-net", "none",
+        *(["-netdev", f"tap,id=lan0,ifname={lan.tap},script=no,downscript=no",
+            "-device", f"virtio-net-pci,netdev=lan0,mac={lan.mac},romfile="]
+          if lan else ["-net", "none"]),
     ]
+
+
+def _ip(*args: str) -> None:
+    res = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise XenHostError(f"ip {' '.join(args)}: {res.stderr.strip()}")
 
 
 class XenHost:
     """One nested Xen host. ``start`` boots it, ``run`` runs commands in dom0."""
 
     def __init__(self, kit: XenKit, workdir: Path, *, name: str = "xen1",
-                 memory_mib: int = MEMORY_MIB, dom0_mib: int = DOM0_MIB,
-                 tb_mib: int = TB_MIB) -> None:
+                 memory_mib: int = MEMORY_MIB, dom0_mib: int = DOM0_MIB, tb_mib: int = TB_MIB,
+                 lan: XenLan | None = None) -> None:
         self.kit = kit
         self.tb_mib = tb_mib
+        self.lan = lan
         self.workdir = Path(workdir)
         self.name = name
         self.memory_mib = memory_mib
@@ -143,7 +167,14 @@ class XenHost:
             raise XenHostError(f"{self.name}: the kit's channel key: {exc}",
                                path=str(self.kit.key)) from None
         argv = qemu_argv(self.kit, self.workdir, self.name, self.memory_mib, self.dom0_mib,
-                         self.tb_mib)
+                         self.tb_mib, self.lan)
+        if self.lan is not None:  # QEMU in the LAN's namespace, on a tap in its bridge
+            lan = self.lan
+            subprocess.run(["ip", "-n", lan.netns, "link", "del", lan.tap],
+                           capture_output=True, check=False)
+            _ip("-n", lan.netns, "tuntap", "add", "dev", lan.tap, "mode", "tap")
+            _ip("-n", lan.netns, "link", "set", lan.tap, "master", lan.bridge, "up")
+            argv = ["ip", "netns", "exec", lan.netns, *argv]
         (self.workdir / "qemu.cmd").write_text(shlex.join(argv) + "\n")
         t0 = time.monotonic()
         deadline = t0 + timeout
@@ -210,6 +241,9 @@ class XenHost:
             self.proc = None
         (self.workdir / "ctl.sock").unlink(missing_ok=True)
         key_path(self.workdir / "ctl.sock").unlink(missing_ok=True)
+        if self.lan is not None:
+            subprocess.run(["ip", "-n", self.lan.netns, "link", "del", self.lan.tap],
+                           capture_output=True, check=False)
 
     def __enter__(self) -> XenHost:
         return self

@@ -21,7 +21,9 @@ from sanvisor.errors import XenHostError
 PYTHON_HOME = "/usr/lib/sv-python"
 SERVER_PATH = "/usr/lib/sv-dom0"
 SERVER_MODULE = "sanvisor.xenhost.dom0server"
-_SERVER_FILES = ("wire.py", "dom0server.py")
+#: mignet: dom0's end of a migration stream over the LAN (``python3 -S MIGNET ...``)
+_SERVER_FILES = ("wire.py", "dom0server.py", "mignet.py")
+MIGNET = f"{SERVER_PATH}/sanvisor/xenhost/mignet.py"
 _PKG_DIRS = ("sanvisor", "sanvisor/xenhost")
 
 
@@ -40,6 +42,7 @@ def server_files() -> dict[str, bytes]:
 
 def _imported_files(python: Path, root: Path) -> list[str]:
     code = (f"import sys; sys.path.insert(0, {str(root)!r}); import {SERVER_MODULE}; "
+            "import sanvisor.xenhost.mignet; "
             "print('\\n'.join(sorted({getattr(m, '__file__', None) or '' "
             "for m in list(sys.modules.values())})))")
     res = run([str(python), "-S", "-E", "-c", code], check=False)

@@ -1,4 +1,5 @@
-"""dom0's ``/init``: mounts, Xen daemons, then the command server
+"""dom0's ``/init``: mounts, Xen daemons, its LAN (``sv.lan=IP/PREFIX`` on its command
+line: the NIC in ``xenbr0``, the address on the bridge), then the command server
 (:mod:`sanvisor.xenhost.dom0server`) on the virtio-serial port named ``sanvisor.ctl``.
 """
 
@@ -9,6 +10,8 @@ from sanvisor.xenhost import pybundle
 READY_MARKER = "SANVISOR-XEN-READY"
 CTL_PORT_NAME = "sanvisor.ctl"
 XEN_BIN = "/usr/lib/xen-4.17/bin"
+#: dom0's address on the lab's LAN (``IP/PREFIX``), when it has one: see mignet.py
+LAN_FILE = "/run/sv-lan"
 
 INIT = r"""#!/bin/busybox sh
 # dom0 /init: mounts, Xen modules, xenstored, xen-init-dom0, xenconsoled, command server.
@@ -38,6 +41,19 @@ for _ in $(seq 100); do  # ports are announced by the device after the driver bi
     [ -n "$port" ] && [ -e "$port" ] && break
     sleep 0.05
 done
+lan=$(sed -n 's/.*sv\.lan=\([^ ]*\).*/\1/p' /proc/cmdline)
+if [ -n "$lan" ]; then  # the host's NIC on the lab's LAN, in xenbr0 (the seed's bridging)
+    nic=
+    for _ in $(seq 100); do
+        for n in /sys/class/net/*; do [ -e "$n/device" ] && nic=${n##*/}; done
+        [ -n "$nic" ] && break
+        sleep 0.05
+    done
+    brctl addbr xenbr0 && brctl setfd xenbr0 0 && brctl stp xenbr0 off
+    ip link set "$nic" up && brctl addif xenbr0 "$nic" \
+        && ip addr add "$lan" dev xenbr0 && ip link set xenbr0 up \
+        && echo "$lan" > @LAN_FILE@ || echo "sv-init: no LAN (nic ${nic:-none})"
+fi
 echo "@READY@ $(hostname) ${port:-no-control-port}"
 while true; do  # pid 1 must not exit: restart the server should it die
     @PYTHON_HOME@/bin/python3 -S @SERVER_PATH@/sanvisor/xenhost/dom0server.py "$port"
@@ -48,7 +64,7 @@ done
 
 def init_script() -> str:
     return (INIT.replace("@XEN_BIN@", XEN_BIN).replace("@READY@", READY_MARKER)
-            .replace("@CTL_PORT@", CTL_PORT_NAME)
+            .replace("@CTL_PORT@", CTL_PORT_NAME).replace("@LAN_FILE@", LAN_FILE)
             .replace("@PYTHON_HOME@", pybundle.PYTHON_HOME)
             .replace("@SERVER_PATH@", pybundle.SERVER_PATH))
 

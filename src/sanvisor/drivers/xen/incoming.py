@@ -1,6 +1,7 @@
 """The target side of a Xen migration, behind the driver interface: the domain's
 xl.cfg written into dom0, `xl migrate-receive` (live) or `xl restore -p` (not live)
-fed from a one-shot unix socket the source's stream arrives on."""
+fed from a one-shot TCP listener in dom0 on the LAN (or, when dom0 has no LAN, a
+one-shot unix socket of the agent's) that the source's stream arrives on."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from sanvisor.drivers.base import EventSink, IncomingMigration, Instance, LaunchPlan
-from sanvisor.drivers.xen.migrate import Receiver, receive_argv
+from sanvisor.drivers.xen.migrate import NetReceiver, Receiver, dom0_lan, receive_argv
 from sanvisor.errors import HypervisorError, SanvisorError
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ class XenIncoming(IncomingMigration):
         self.plan = plan
         self.events = events
         self.receiver = receiver
-        self.address = str(receiver.sock_path)
+        self.address = receiver.address
 
     @classmethod
     async def listen(cls, drv: XenDriver, plan: LaunchPlan, events: EventSink,
@@ -33,8 +34,13 @@ class XenIncoming(IncomingMigration):
         plan.rundir.mkdir(parents=True, exist_ok=True, mode=0o700)
         cfg = await asyncio.to_thread(drv.write_config, plan)
         assert drv.spawn is not None
-        recv = await asyncio.to_thread(Receiver, drv.spawn, plan.rundir / "migrate-in.sock",
-                                       receive_argv(live, cfg))
+        argv = receive_argv(live, cfg)
+        recv: Receiver
+        if await asyncio.to_thread(dom0_lan, drv.run):  # dom0 to dom0 over the LAN
+            recv = await asyncio.to_thread(NetReceiver, drv.spawn, argv, live)
+        else:  # through the agents and the command channels
+            recv = await asyncio.to_thread(Receiver, drv.spawn,
+                                           plan.rundir / "migrate-in.sock", argv)
         return cls(drv, plan, events, recv)
 
     async def finish(self, timeout: float) -> Instance:
