@@ -64,8 +64,8 @@ class XenAct:
               "; guest type:", shell.run("cat /sys/hypervisor/guest_type"))
         t0 = time.monotonic()
         self.sv("-H", "xen1", "migrate", "-l", "xdemo", "xen2")
-        print(f"# moved live in {time.monotonic() - t0:.0f} s (xl's stream through the "
-              "two agents)")
+        print(f"# moved live in {time.monotonic() - t0:.0f} s (xl's stream dom0 to dom0 "
+              "over the lab's LAN, the agents arranging it)")
         self.sv("-H", "xen1", "list")
         self.sv("-H", "xen2", "list")
         moved = GuestShell(self.info("xen2")["console_socket"])
