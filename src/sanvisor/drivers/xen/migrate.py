@@ -111,8 +111,7 @@ class Receiver:
             feeder.start()
             self.rc = proc.wait()
             self.error = bytes(proc.err).decode(errors="replace")
-            log.info("the incoming stream ended: %s exited with status %s",
-                     "xl migrate-receive" if self.argv[0] == "xl" else "xl restore", self.rc)
+            self._said_end()
         except Exception as exc:  # no sender came, or the channel broke
             self.error = str(exc)
         finally:
@@ -123,6 +122,10 @@ class Receiver:
             self._listener.close()
             self.sock_path.unlink(missing_ok=True)
             self._done.set()
+
+    def _said_end(self) -> None:
+        log.info("the incoming stream ended: %s exited with status %s",
+                 "xl migrate-receive" if self.argv[0] == "xl" else "xl restore", self.rc)
 
     def cancel(self) -> None:
         """The source gave up: no sender is taken any more, and a receiving xl is killed
@@ -194,8 +197,7 @@ class NetReceiver(Receiver):
         try:
             self.rc = self._proc.wait()
             self.error = bytes(self._proc.err).decode(errors="replace")
-            log.info("the incoming stream ended: %s exited with status %s",
-                     "xl migrate-receive" if self.argv[0] == "xl" else "xl restore", self.rc)
+            self._said_end()
         except Exception as exc:  # the channel broke
             self.error = str(exc)
         finally:
@@ -318,6 +320,7 @@ def send(run: Run, spawn: Callable[..., Any], name: str, peer_sock: str,
             argv = _relay(spawn, conn, peer_sock, d, name, live, procs)
         if live:  # xl's debug lines date the guest's suspension (not shown otherwise)
             argv = ["xl", "-vvv", *argv[1:]]
+        verb = "migrate" if live else "save"
         xl_log = XlLog()
         xl = spawn(argv, timeout=timeout, on_err=xl_log)
         procs.append(xl)
@@ -329,13 +332,12 @@ def send(run: Run, spawn: Callable[..., Any], name: str, peer_sock: str,
             log.info("xl migrate %s: downtime %.0f ms by xl's log", name, down * 1000)
         if rc != 0:
             err_text = xl_log.text() or bytes(xl.err).decode(errors="replace")
-            log.warning("xl %s %s failed (rc %s):\n%s", argv[-4] if live else argv[1], name,
-                        rc, err_text)
+            log.warning("xl %s %s failed (rc %s):\n%s", verb, name, rc, err_text)
             if "Failed to enable logdirty" in err_text:
                 raise HypervisorError(f"xl migrate failed: {LOGDIRTY_HINT}")
             said = "\n".join(ln for ln in err_text.splitlines()  # not -vvv's debug lines
                              if ": debug:" not in ln and "xc: detail:" not in ln)
-            why = f"xl {'migrate' if live else 'save'} failed: {xl_reason(said, '', rc)}"
+            why = f"xl {verb} failed: {xl_reason(said, '', rc)}"
             if live and NOT_SUSPENDED in err_text and _runs(run, name):
                 raise MigrationNotStartedError(why, domain=name)
             raise HypervisorError(why)
